@@ -1,0 +1,210 @@
+"""Checks that a decoded graph only uses registry ops, well-formed arguments and allowed sizes.
+
+Usage::
+
+    validate_graph(graph, Limits(max_nodes=1000), tensor_names={"t0"}, module_paths=paths)
+
+Raises GraphError with a message that names the node, its op and, where known, the user's line.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from .ir import DType, Graph, Node, Ref, TensorRef
+from .ops import DTYPES, OPS, TENSOR_ATTRIBUTES
+
+
+class GraphError(ValueError):
+    """A graph or envelope that must not be executed. `node` is the offending node's id, if any."""
+
+    def __init__(self, message: str, node: int | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_nodes: int = 10_000
+    max_depth: int = 32
+    max_invokes: int = 256
+    max_header_bytes: int = 16 << 20
+    max_tensor_bytes: int = 256 << 20
+    max_envelope_bytes: int = 300 << 20
+    max_new_tokens: int = 1024
+
+
+_SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def check_safetensors(blob: bytes, limits: Limits) -> dict[str, tuple[str, list[int]]]:
+    """Validate a safetensors blob's header without torch; return {name: (dtype, shape)}."""
+    if not blob:
+        return {}
+    if len(blob) > limits.max_tensor_bytes + limits.max_header_bytes:
+        raise GraphError(f"tensors of {len(blob)} bytes exceed the limit of {limits.max_tensor_bytes}")
+    if len(blob) < 8:
+        raise GraphError("tensor blob is truncated")
+    (size,) = struct.unpack("<Q", blob[:8])
+    if size > min(limits.max_header_bytes, len(blob) - 8):
+        raise GraphError("tensor blob header is truncated or too large")
+    try:
+        header = json.loads(blob[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise GraphError("tensor blob header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise GraphError("tensor blob header must be an object")
+    data_len = len(blob) - 8 - size
+    found: dict[str, tuple[str, list[int]]] = {}
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (
+            isinstance(info, dict)
+            and info.get("dtype") in _SAFETENSORS_DTYPES
+            and isinstance(info.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and all(isinstance(o, int) for o in info["data_offsets"])
+        )
+        if not ok:
+            raise GraphError(f"tensor {name!r}: malformed entry in the tensor blob")
+        start, end = info["data_offsets"]
+        count = 1
+        for d in info["shape"]:
+            count *= d
+        if not 0 <= start <= end <= data_len or end - start != count * _SAFETENSORS_DTYPES[info["dtype"]]:
+            raise GraphError(f"tensor {name!r}: data offsets do not match its shape and dtype")
+        total += end - start
+        found[name] = (info["dtype"], info["shape"])
+    if total > limits.max_tensor_bytes:
+        raise GraphError(f"tensors of {total} bytes exceed the limit of {limits.max_tensor_bytes}")
+    return found
+
+
+def _where(node: Node) -> str:
+    where = f"node {node.id} ({node.op})"
+    if node.line is not None:
+        where += f' at {node.line.file}:{node.line.line} "{node.line.code}"'
+    return where
+
+
+def _check_value(value: Any, node: Node, tensor_names: set[str] | None) -> None:
+    if isinstance(value, Ref):
+        if value.id >= node.id:
+            raise GraphError(
+                f"{_where(node)} refers to node {value.id}, which is not earlier in the graph "
+                "(forward references and cycles are not allowed)",
+                node.id,
+            )
+    elif isinstance(value, TensorRef):
+        if tensor_names is not None and value.name not in tensor_names:
+            raise GraphError(f"{_where(node)} refers to tensor {value.name!r}, which is not in the blob", node.id)
+    elif isinstance(value, DType):
+        if value.name not in DTYPES:
+            raise GraphError(f"{_where(node)} uses unknown dtype {value.name!r}", node.id)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_value(item, node, tensor_names)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_value(item, node, tensor_names)
+    elif isinstance(value, slice):
+        _check_value([value.start, value.stop, value.step], node, tensor_names)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_node(node: Node, graph: Graph, tensor_names: set[str] | None, module_paths: set[str] | None) -> None:
+    spec = OPS.get(node.op)
+    if spec is None:
+        raise GraphError(f"node {node.id}: unknown op {node.op!r}", node.id)
+    if not spec.min_args <= len(node.args) <= spec.max_args:
+        raise GraphError(
+            f"{_where(node)} takes {spec.min_args}..{spec.max_args} arguments, got {len(node.args)}", node.id
+        )
+    if not 0 <= node.invoke < len(graph.invokes):
+        raise GraphError(f"{_where(node)} belongs to invoke {node.invoke}, which does not exist", node.id)
+    if spec.name_arg is not None:
+        name = node.args[spec.name_arg]
+        if not isinstance(name, str) or name not in spec.names:
+            raise GraphError(f"{_where(node)}: {name!r} is not an allowed {node.op} name", node.id)
+    if spec.module_event or node.op == "call_module":
+        path = node.args[0]
+        if not isinstance(path, str):
+            raise GraphError(f"{_where(node)}: module path must be a string", node.id)
+        if module_paths is not None and path not in module_paths:
+            raise GraphError(f"{_where(node)}: the model has no module {path!r}", node.id)
+    if spec.module_event:
+        step, call = node.args[1], node.args[2]
+        if not (_is_int(step) and step >= 0 and _is_int(call) and call >= 0):
+            raise GraphError(f"{_where(node)}: step and call index must be non-negative integers", node.id)
+    if node.op == "getattr":
+        name = node.args[1]
+        if not isinstance(name, str) or name.startswith("_"):
+            raise GraphError(f"{_where(node)}: attribute {name!r} may not be read", node.id)
+        if not (name in TENSOR_ATTRIBUTES or name.isidentifier()):
+            raise GraphError(f"{_where(node)}: attribute {name!r} may not be read", node.id)
+    if node.op in ("setitem", "set_grad", "grad", "append") and not isinstance(node.args[0], Ref):
+        raise GraphError(f"{_where(node)}: its first argument must be a node reference", node.id)
+    _check_value(node.args, node, tensor_names)
+    _check_value(node.kwargs, node, tensor_names)
+
+
+def validate_graph(
+    graph: Graph,
+    limits: Limits | None = None,
+    *,
+    tensor_names: set[str] | None = None,
+    module_paths: set[str] | None = None,
+) -> None:
+    """Raise GraphError unless the graph is safe and well formed. `None` skips that check."""
+    limits = limits or Limits()
+    if len(graph.nodes) > limits.max_nodes:
+        raise GraphError(f"graph has {len(graph.nodes)} nodes, over the limit of {limits.max_nodes}")
+    if not 1 <= len(graph.invokes) <= limits.max_invokes:
+        raise GraphError(f"graph needs 1..{limits.max_invokes} invokes, has {len(graph.invokes)}")
+    for index, node in enumerate(graph.nodes):
+        if node.id != index:
+            raise GraphError(f"node at position {index} has id {node.id}")
+        validate_node(node, graph, tensor_names, module_paths)
+    for save in graph.saves:
+        if not 0 <= save < len(graph.nodes):
+            raise GraphError(f"saved node {save} does not exist")
+    for index, inv in enumerate(graph.invokes):
+        dummy = Node("literal", [None], id=len(graph.nodes) + 1)
+        for value in (inv.args or [], inv.kwargs):
+            try:
+                _check_value(value, dummy, tensor_names)
+            except GraphError:
+                raise GraphError(f"invoke {index}: inputs refer to a missing tensor or node") from None
+    if graph.kind == "generate":
+        n = graph.options.get("max_new_tokens")
+        if not _is_int(n) or not 1 <= n <= limits.max_new_tokens:
+            raise GraphError(f"max_new_tokens must be an integer in 1..{limits.max_new_tokens}, got {n!r}")
+    for key, value in graph.options.items():
+        if key not in _OPTIONS:
+            raise GraphError(f"unknown option {key!r}; allowed: {sorted(_OPTIONS)}")
+        if not isinstance(value, _OPTIONS[key]) or isinstance(value, bool) and _OPTIONS[key] is not bool:
+            raise GraphError(f"option {key!r} has the wrong type {type(value).__name__}")
+
+
+_OPTIONS: dict[str, type | tuple[type, ...]] = {
+    "max_new_tokens": int,
+    "do_sample": bool,
+    "temperature": (int, float),
+    "top_k": int,
+    "top_p": (int, float),
+    "seed": int,
+    "model": str,
+}

@@ -1,0 +1,161 @@
+"""The models a researcher traces: any torch module, or a Hugging Face causal language model.
+
+Usage::
+
+    model = nnfabric.LanguageModel("openai-community/gpt2")      # or a local dir / built model
+    with model.trace("The Eiffel Tower is in the city of"):
+        hidden = model.transformer.h[5].output[0].save()
+    with model.generate("Paris is", max_new_tokens=3) as tracer:
+        tokens = tracer.output.save()
+
+    net = nnfabric.Model(torch.nn.Sequential(...))
+    with net.trace(torch.randn(2, 4)):
+        first = net[0].output.save()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import InterventionError
+from .graph.validate import GraphError, Limits, validate_graph
+from .tracing.envoy import Envoy
+from .tracing.tracer import Tracer
+from .tracing.tree import ModuleTree
+
+
+class Model:
+    """Wraps a torch module; attribute access mirrors its module tree.
+
+    `Model.wire_roundtrip = True` runs local traces through the wire codec exactly as remote
+    ones travel (the test suite turns it on).
+    """
+
+    wire_roundtrip = False
+
+    def __init__(self, module: Any = None, *, tree: ModuleTree | None = None) -> None:
+        self._module = module
+        self._tree = tree if tree is not None else ModuleTree.from_module(module)
+        self._tracer: Tracer | None = None
+        self._envoy = Envoy(self, self._tree)
+        self._adapter: Any = None
+
+    # -- the tree --------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._envoy, name)
+
+    def __getitem__(self, index: int) -> Envoy:
+        return self._envoy[index]
+
+    def __len__(self) -> int:
+        return len(self._envoy)
+
+    def __iter__(self) -> Any:
+        return iter(self._envoy)
+
+    def __repr__(self) -> str:
+        return self._tree.render()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input", "inputs"):
+            setattr(self._envoy, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    @property
+    def output(self) -> Any:
+        return self._envoy.output
+
+    @property
+    def input(self) -> Any:
+        return self._envoy.input
+
+    @property
+    def inputs(self) -> Any:
+        return self._envoy.inputs
+
+    def _module_at(self, path: str) -> Any:
+        if self._module is None:
+            return None
+        return self._module.get_submodule(path)
+
+    # -- tracing ---------------------------------------------------------------------------
+    def trace(self, *inputs: Any, remote: bool = False, blocking: bool = True, **kwargs: Any) -> Tracer:
+        """Open a trace: `with model.trace(inputs) as tracer:`; several prompts via tracer.invoke."""
+        return Tracer(self, inputs, kwargs, kind="trace", remote=remote, blocking=blocking)
+
+    def _prepare_invoke_inputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        return list(inputs), dict(kwargs)
+
+    def _get_adapter(self) -> Any:
+        if self._adapter is None:
+            from .runtime.adapters import ModuleAdapter
+
+            self._adapter = ModuleAdapter(self._module)
+        return self._adapter
+
+    def _run_trace(self, tracer: Tracer) -> None:
+        graph = tracer._graph
+        if tracer._remote:
+            from .remote.client import run_remote
+
+            run_remote(self, tracer)
+            return
+        try:
+            validate_graph(graph, Limits(max_nodes=1 << 30, max_new_tokens=1 << 30), module_paths=self._tree.paths())
+        except GraphError as exc:
+            node = graph.nodes[exc.node] if exc.node is not None else None
+            raise InterventionError(str(exc), node.line if node else None, exc.node) from None
+        from .runtime.execute import run_graph
+
+        if self.wire_roundtrip:
+            from .runtime.wire import pack_request, pack_result, unpack_request, unpack_result
+
+            wire_graph, tensors = unpack_request(pack_request(graph, tracer._tensors))
+            saved = unpack_result(pack_result(run_graph(wire_graph, tensors, self._get_adapter())))
+        else:
+            saved = run_graph(graph, tracer._tensors, self._get_adapter())
+        tracer._resolve(saved)
+
+
+class LanguageModel(Model):
+    """A Hugging Face causal LM: `source` is a repo id, a local directory, or a built model."""
+
+    def __init__(self, source: Any = None, tokenizer: Any = None, *, tree: ModuleTree | None = None, **hf_kwargs: Any) -> None:
+        module = None
+        if tree is None:
+            if isinstance(source, str):
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                module = AutoModelForCausalLM.from_pretrained(source, **hf_kwargs)
+                tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source)
+            else:
+                if tokenizer is None:
+                    raise ValueError("a model object needs tokenizer=: LanguageModel(model, tokenizer=tok)")
+                module = source
+            module.eval()
+        super().__init__(module, tree=tree)
+        object.__setattr__(self, "tokenizer", tokenizer)
+
+    def generate(self, *inputs: Any, max_new_tokens: int = 20, remote: bool = False, blocking: bool = True, **options: Any) -> Tracer:
+        """Open a generation trace; `tracer.iter[...]`/`tracer.all()` address its steps."""
+        options = {"max_new_tokens": max_new_tokens, **options}
+        return Tracer(self, inputs, {}, kind="generate", options=options, remote=remote, blocking=blocking)
+
+    def _prepare_invoke_inputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        if len(inputs) == 1 and isinstance(inputs[0], dict) and not kwargs:
+            return [], dict(inputs[0])
+        if kwargs:
+            return [], dict(kwargs)
+        if len(inputs) != 1:
+            raise ValueError("pass one input per invoke: text, a list of texts, token ids, or a dict of tensors")
+        return [inputs[0]], {}
+
+    def _get_adapter(self) -> Any:
+        if self._adapter is None:
+            from .runtime.adapters import CausalLMAdapter
+
+            self._adapter = CausalLMAdapter(self._module, self.tokenizer)
+        return self._adapter

@@ -1,0 +1,163 @@
+"""How each kind of model turns the invokes' inputs into one batch and runs it.
+
+Usage::
+
+    adapter = CausalLMAdapter(hf_model, tokenizer)      # or ModuleAdapter(torch_module)
+    batch = adapter.batch(invoke_inputs)                # one forward pass for all invokes
+    output = adapter.forward(batch)                     # or adapter.generate(batch, options)
+
+Language models left-pad every invoke's prompts to one length, with an attention mask and
+position ids that ignore the padding, so a padded row computes what it would alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Batch:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rows: list[tuple[int, int] | None]
+    size: int
+    lengths: list[int] = field(default_factory=list)
+
+
+def _rows_of(sizes: list[int | None]) -> tuple[list[tuple[int, int] | None], int]:
+    """Row ranges per invoke: an invoke with no input (None) covers the whole batch."""
+    rows: list[tuple[int, int] | None] = []
+    start = 0
+    for size in sizes:
+        if size is None:
+            rows.append(None)
+        else:
+            rows.append((start, start + size))
+            start += size
+    if start == 0:
+        raise ValueError("the trace has no inputs: pass them to trace()/generate() or to tracer.invoke(...)")
+    if sum(1 for s in sizes if s is not None) == 1:
+        # A single input invoke covers the whole batch: no slicing, no copies.
+        rows = [None] * len(sizes)
+    return rows, start
+
+
+class ModuleAdapter:
+    """Any torch module: each invoke's positional tensors are concatenated along dim 0."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.root = module
+
+    def batch(self, invokes: list[tuple[list[Any] | None, dict[str, Any]]]) -> Batch:
+        given = [(a, k) for a, k in invokes if a is not None]
+        sizes = [None if a is None else _batch_size(a, k) for a, k in invokes]
+        rows, total = _rows_of(sizes)
+        if len(given) == 1:
+            return Batch(tuple(given[0][0]), dict(given[0][1]), rows, total)
+        arity = {len(a) for a, _ in given}
+        if len(arity) != 1:
+            raise ValueError("every invoke must pass the same number of inputs")
+        args = tuple(_concat([a[i] for a, _ in given]) for i in range(arity.pop()))
+        kwargs = {name: _concat([k[name] for _, k in given]) for name in given[0][1]}
+        return Batch(args, kwargs, rows, total)
+
+    def forward(self, batch: Batch) -> Any:
+        return self.root(*batch.args, **batch.kwargs)
+
+    def generate(self, batch: Batch, options: dict[str, Any]) -> Any:
+        raise TypeError("generate() needs a language model; use trace() for a plain module")
+
+
+def _batch_size(args: list[Any], kwargs: dict[str, Any]) -> int:
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError("an invoke's inputs need at least one tensor with a batch dimension")
+
+
+def _concat(values: list[Any]) -> Any:
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return torch.cat(values, dim=0)
+    if all(v == values[0] for v in values):
+        return values[0]
+    raise ValueError("non-tensor inputs must be equal across invokes to batch them")
+
+
+class CausalLMAdapter:
+    """A Hugging Face causal LM and its tokenizer."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.root = model
+        self.tokenizer = tokenizer
+        self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        pad = tokenizer.pad_token_id if tokenizer is not None else None
+        if pad is None:
+            pad = getattr(model.config, "pad_token_id", None) or getattr(model.config, "eos_token_id", None) or 0
+        self.pad_id = int(pad[0] if isinstance(pad, list) else pad)
+
+    def rows_for(self, args: list[Any], kwargs: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+        """One invoke's inputs -> rows of (token ids, attention mask)."""
+        if kwargs:
+            ids = kwargs.get("input_ids")
+            if ids is None:
+                raise ValueError("dict inputs need 'input_ids'")
+            mask = kwargs.get("attention_mask")
+            ids_t = torch.as_tensor(ids).reshape(-1, torch.as_tensor(ids).shape[-1])
+            mask_t = torch.ones_like(ids_t) if mask is None else torch.as_tensor(mask).reshape(ids_t.shape)
+            return [(i.tolist(), m.tolist()) for i, m in zip(ids_t, mask_t, strict=True)]
+        if len(args) != 1:
+            raise ValueError("a language model invoke takes one input: text, a list of texts, or token ids")
+        value = args[0]
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ValueError("a language model input must be text, a list of texts, or token ids")
+        rows = []
+        for item in value:
+            if isinstance(item, str):
+                if self.tokenizer is None:
+                    raise ValueError("this model has no tokenizer: pass token ids")
+                ids = list(self.tokenizer(item)["input_ids"])
+            elif isinstance(item, list) and all(isinstance(v, int) for v in item):
+                ids = item
+            else:
+                raise ValueError(f"cannot use {type(item).__name__} as a prompt")
+            if not ids:
+                raise ValueError("a prompt must have at least one token")
+            rows.append((ids, [1] * len(ids)))
+        return rows
+
+    def batch(self, invokes: list[tuple[list[Any] | None, dict[str, Any]]]) -> Batch:
+        per_invoke = [None if a is None else self.rows_for(a, k) for a, k in invokes]
+        rows, total = _rows_of([None if r is None else len(r) for r in per_invoke])
+        all_rows = [row for r in per_invoke if r is not None for row in r]
+        width = max(len(ids) for ids, _ in all_rows)
+        padded = any(len(ids) < width or 0 in mask for ids, mask in all_rows)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids, _ in all_rows])
+        mask = torch.tensor([[0] * (width - len(m)) + m for _, m in all_rows])
+        kwargs: dict[str, Any] = {"input_ids": input_ids}
+        if padded:
+            kwargs["attention_mask"] = mask
+            if self._takes_position_ids:
+                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return Batch((), kwargs, rows, total, lengths=[len(ids) for ids, _ in all_rows])
+
+    def forward(self, batch: Batch) -> Any:
+        return self.root(*batch.args, **batch.kwargs)
+
+    def generate(self, batch: Batch, options: dict[str, Any]) -> Any:
+        kwargs = {k: v for k, v in batch.kwargs.items() if k != "position_ids"}
+        kwargs.setdefault("attention_mask", torch.ones_like(kwargs["input_ids"]))
+        settings = {k: v for k, v in options.items() if k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")}
+        settings.setdefault("do_sample", False)
+        if "seed" in options:
+            torch.manual_seed(int(options["seed"]))
+        return self.root.generate(**kwargs, **settings, pad_token_id=self.pad_id)

@@ -1,0 +1,463 @@
+"""Runs an intervention graph alongside the model's own forward pass, from module hooks.
+
+Usage::
+
+    with Interleaver(graph, tensors, root, rows, batch_size) as run:
+        output = run.call(lambda: root(**batch_kwargs))
+    saved = run.saved()
+
+Each invoke is a thread of nodes in program order with its own position. When the model
+reaches a module the graph touches, a hook hands the value to the interleaver, which advances
+every thread as far as the values available allow. A node pinned to a module event runs only
+while that event is live; one whose event has passed fails fast at the user's line. Nodes that
+need gradients run from tensor hooks while `.backward()` runs. Hooks sit only on the modules
+the graph touches and are removed, in reverse order, when the run ends.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import InterventionError
+from ..graph.ir import DType, Graph, Node, Ref, TensorRef
+from .torch_ops import apply_simple, dtype_of
+
+_MISSING: Any = object()
+_SKIPPED: Any = object()
+
+EventKey = tuple[Any, ...]
+_END: EventKey = ("", "end", 0, 0)
+_READS = {"output": "out", "input": "in", "inputs": "in"}
+_WRITES = {"set_output": "out", "set_input": "in", "set_inputs": "in"}
+_GRAD_OPS = {"grad", "set_grad"}
+
+
+class EarlyStop(Exception):
+    """Raised from a hook by `tracer.stop()` to end the forward pass."""
+
+
+class _Thread:
+    __slots__ = ("nodes", "pc")
+
+    def __init__(self) -> None:
+        self.nodes: list[int] = []
+        self.pc = 0
+
+
+def _describe(key: EventKey) -> str:
+    path, side, step, call = key
+    where = f"model.{path}" if path else "the model"
+    what = "output" if side == "out" else "input"
+    detail = f"call {call}" + (f", generation step {step}" if step else "")
+    return f"{where} {what} ({detail})"
+
+
+class Interleaver:
+    def __init__(
+        self,
+        graph: Graph,
+        tensors: dict[str, torch.Tensor],
+        root: torch.nn.Module,
+        rows: list[tuple[int, int] | None],
+        batch_size: int,
+    ) -> None:
+        self.graph = graph
+        self.nodes = graph.nodes
+        self.tensors = tensors
+        self.root = root
+        self.rows = rows
+        self.batch_size = batch_size
+        count = len(self.nodes)
+        self.values: list[Any] = [_MISSING] * count
+        self.pin: list[EventKey | None] = [None] * count
+        self.deps: list[list[int]] = [n.refs() for n in self.nodes]
+        self.threads: list[_Thread] = [_Thread() for _ in graph.invokes]
+        self.grad_threads: list[_Thread] = [_Thread() for _ in graph.invokes]
+        self.fired: set[EventKey] = set()
+        self.live: set[EventKey] = set()
+        self.step = 0
+        self.counts: dict[tuple[str, str], int] = {}
+        self.bypass = False
+        self.ending = False
+        self.final_output: Any = None
+        self._event_value: Any = None
+        self._grads: dict[int, Any] = {}  # source node -> its live gradient (rows)
+        self._grad_state: dict[str, Any] = {}
+        self._row_base: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        self._keep: list[Any] = []
+        self._handles: list[Any] = []
+        self.wanted: set[EventKey] = set()
+        self.needs_grad = any(n.op in _GRAD_OPS or n.op == "backward" for n in self.nodes)
+        self._plan()
+
+    # -- planning ------------------------------------------------------------------------
+    def _plan(self) -> None:
+        anchor: list[EventKey | None] = [None] * len(self.nodes)
+        deferred = [False] * len(self.nodes)
+        for node in self.nodes:
+            nid = node.id
+            if node.op in _READS or node.op in _WRITES:
+                side = _READS.get(node.op) or _WRITES[node.op]
+                key: EventKey = (node.args[0], side, node.args[1], node.args[2])
+                self.pin[nid] = key
+                self.wanted.add(key)
+                if node.op in _READS:
+                    anchor[nid] = key
+            elif node.op in ("getitem", "getattr") and isinstance(node.args[0], Ref):
+                anchor[nid] = anchor[node.args[0].id]
+            elif node.op == "setitem" and isinstance(node.args[0], Ref):
+                # An in-place edit of an activation must happen while the model holds it.
+                self.pin[nid] = anchor[node.args[0].id]
+            elif node.op == "model_output":
+                self.pin[nid] = _END
+            if node.op in _GRAD_OPS:
+                self.pin[nid] = ("grad", node.args[0].id)
+                deferred[nid] = True
+            elif any(deferred[d] for d in self.deps[nid]):
+                deferred[nid] = True
+            (self.grad_threads if deferred[nid] else self.threads)[node.invoke].nodes.append(nid)
+
+    # -- running -------------------------------------------------------------------------
+    def __enter__(self) -> Interleaver:
+        root = self.root
+        if self.graph.kind == "generate":
+            self._handles.append(root.register_forward_pre_hook(self._step_hook, prepend=True))
+        sides: dict[str, set[str]] = {}
+        for path, side, _, _ in self.wanted:
+            sides.setdefault(path, set()).add(side)
+        for path, which in sides.items():
+            module = root.get_submodule(path)
+            if "in" in which:
+                hook = functools.partial(self._input_hook, path)
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            if "out" in which:
+                self._handles.append(module.register_forward_hook(functools.partial(self._output_hook, path)))
+        if self.graph.kind == "generate":
+            self.step = -1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles.clear()
+
+    def call(self, run_model: Callable[[], Any]) -> Any:
+        """Run the model, then everything left in the graph; return the model's output."""
+        grad = torch.enable_grad() if self.needs_grad else torch.no_grad()
+        output = None
+        with grad:
+            try:
+                output = run_model()
+            except EarlyStop:
+                pass
+            self.final_output = output
+            self._finish()
+        return output
+
+    def saved(self) -> dict[int, Any]:
+        found = {}
+        for nid in self.graph.saves:
+            value = self.values[nid]
+            if value is not _MISSING and value is not _SKIPPED:
+                found[nid] = value
+        return found
+
+    def _finish(self) -> None:
+        self.ending = True
+        self.live = {_END}
+        self.fired.add(_END)
+        self._advance(self.threads)
+        self._advance(self.grad_threads)
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _step_hook(self, module: Any, args: Any) -> None:
+        if not self.bypass:
+            self.step += 1
+            self.counts.clear()
+
+    def _count(self, path: str, side: str) -> EventKey:
+        slot = (path, side)
+        call = self.counts.get(slot, 0)
+        self.counts[slot] = call + 1
+        return (path, side, max(self.step, 0), call)
+
+    def _input_hook(self, path: str, module: Any, args: Any, kwargs: Any) -> Any:
+        if self.bypass:
+            return None
+        key = self._count(path, "in")
+        if key not in self.wanted:
+            return None
+        original = (args, kwargs)
+        result = self._event(key, original)
+        return None if result is original else result
+
+    def _output_hook(self, path: str, module: Any, args: Any, output: Any) -> Any:
+        if self.bypass:
+            return None
+        key = self._count(path, "out")
+        if key not in self.wanted:
+            return None
+        return self._event(key, output)
+
+    def _event(self, key: EventKey, value: Any) -> Any:
+        outer_live, outer_value = self.live, self._event_value
+        self.live = {key}
+        self._event_value = value
+        self.fired.add(key)
+        try:
+            self._advance(self.threads)
+            for thread in self.threads:
+                if thread.pc < len(thread.nodes) and self.pin[thread.nodes[thread.pc]] == key:
+                    self._stuck(thread.nodes[thread.pc], key)
+            return self._event_value
+        finally:
+            self.live, self._event_value = outer_live, outer_value
+
+    def _stuck(self, nid: int, key: EventKey) -> None:
+        missing = [d for d in self.deps[nid] if self.values[d] is _MISSING]
+        node = self.nodes[nid]
+        if missing:
+            src = self.nodes[missing[0]]
+            where = f" (line {src.line.line})" if src.line else ""
+            raise self._error(
+                node,
+                f"this line needs a value{where} that is not available yet when the model reaches "
+                f"{_describe(key)}; a value can only be used at or after the point where the model "
+                "produces it",
+            )
+        raise self._error(node, f"this line could not run at {_describe(key)}")
+
+    # -- the threads -----------------------------------------------------------------------
+    def _advance(self, threads: list[_Thread]) -> None:
+        progress = True
+        while progress:
+            progress = False
+            for thread in threads:
+                nodes = thread.nodes
+                while thread.pc < len(nodes):
+                    if not self._try(nodes[thread.pc]):
+                        break
+                    thread.pc += 1
+                    progress = True
+
+    def _try(self, nid: int) -> bool:
+        node = self.nodes[nid]
+        key = self.pin[nid]
+        if key is not None and key not in self.live:
+            if not self.ending and key not in self.fired:
+                return False
+            if node.optional and key not in self.fired:
+                self.values[nid] = _SKIPPED
+                return True
+            raise self._error(node, self._why_not_live(node, key))
+        for dep in self.deps[nid]:
+            value = self.values[dep]
+            if value is _MISSING:
+                if not self.ending:
+                    return False
+                src = self.nodes[dep]
+                where = f" from line {src.line.line}" if src.line else ""
+                raise self._error(node, f"this line needs a value{where} that was never computed")
+            if value is _SKIPPED:
+                if node.optional:
+                    self.values[nid] = _SKIPPED
+                    return True
+                raise self._error(node, "this line uses a value from a generation step that did not happen")
+        self.values[nid] = self._execute(node)
+        return True
+
+    def _why_not_live(self, node: Node, key: EventKey) -> str:
+        if key[0] == "grad":
+            return (
+                "this gradient was never computed: call .backward() inside the trace on a value "
+                "that depends on this activation"
+            )
+        if key in self.fired:
+            if node.op == "setitem":
+                return f"this edit comes too late: {_describe(key)} has already been used by the model"
+            return (
+                f"{_describe(key)} was already computed when this line ran: within one invoke, "
+                "read modules in the order the model calls them"
+            )
+        return f"{_describe(key)} never happened: the model did not reach it in this run"
+
+    def _error(self, node: Node, message: str) -> InterventionError:
+        return InterventionError(message, node.line, node.id)
+
+    # -- executing one node -------------------------------------------------------------------
+    def _resolve(self, value: Any) -> Any:
+        if isinstance(value, Ref):
+            return self.values[value.id]
+        if isinstance(value, TensorRef):
+            return self.tensors[value.name]
+        if isinstance(value, DType):
+            return dtype_of(value.name)
+        if isinstance(value, list):
+            return [self._resolve(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(self._resolve(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._resolve(v) for k, v in value.items()}
+        if isinstance(value, slice):
+            return slice(self._resolve(value.start), self._resolve(value.stop), self._resolve(value.step))
+        return value
+
+    def _execute(self, node: Node) -> Any:
+        try:
+            args = [self._resolve(a) for a in node.args]
+            kwargs = {k: self._resolve(v) for k, v in node.kwargs.items()}
+            return self._dispatch(node, args, kwargs)
+        except (EarlyStop, InterventionError):
+            raise
+        except Exception as exc:
+            raise self._error(node, f"{type(exc).__name__}: {exc}") from exc
+
+    def _dispatch(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        op = node.op
+        rows = self.rows[node.invoke]
+        if op == "output":
+            return self._slice_rows(self._event_value, rows)
+        if op == "input":
+            call_args, call_kwargs = self._event_value
+            first = call_args[0] if call_args else next(iter(call_kwargs.values()))
+            return self._slice_rows(first, rows)
+        if op == "inputs":
+            return self._slice_rows(self._event_value, rows)
+        if op == "set_output" or op == "set_inputs":
+            self._event_value = self._merge_rows(self._event_value, args[3], rows)
+            return None
+        if op == "set_input":
+            call_args, call_kwargs = self._event_value
+            if call_args:
+                call_args = (self._merge_rows(call_args[0], args[3], rows), *call_args[1:])
+            else:
+                name = next(iter(call_kwargs))
+                call_kwargs = {**call_kwargs, name: self._merge_rows(call_kwargs[name], args[3], rows)}
+            self._event_value = (call_args, call_kwargs)
+            return None
+        if op == "call_module":
+            module = self.root.get_submodule(args[0])
+            self.bypass = True
+            try:
+                return module(*args[1:], **kwargs)
+            finally:
+                self.bypass = False
+        if op == "model_output":
+            return self._slice_rows(self.final_output, rows)
+        if op == "stop":
+            raise EarlyStop()
+        if op == "backward":
+            self._backward(node, args)
+            return None
+        if op == "grad":
+            return self._grads[node.args[0].id]
+        if op == "set_grad":
+            self._set_grad(node.args[0].id, args[1])
+            return None
+        return apply_simple(op, args, kwargs)
+
+    # -- batch rows ----------------------------------------------------------------------------
+    def _slice_rows(self, value: Any, rows: tuple[int, int] | None) -> Any:
+        if rows is None:
+            return value
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0 or value.shape[0] != self.batch_size:
+                return value
+            view = value[rows[0] : rows[1]]
+            self._row_base[id(view)] = (value, rows)
+            self._keep.append(view)
+            return view
+        if isinstance(value, tuple):
+            return tuple(self._slice_rows(v, rows) for v in value)
+        if isinstance(value, list):
+            return [self._slice_rows(v, rows) for v in value]
+        if isinstance(value, dict):
+            return {k: self._slice_rows(v, rows) for k, v in value.items()}
+        return value
+
+    def _merge_rows(self, current: Any, new: Any, rows: tuple[int, int] | None) -> Any:
+        if rows is None:
+            return new
+        if isinstance(current, torch.Tensor):
+            if current.dim() == 0 or current.shape[0] != self.batch_size:
+                return new
+            merged = current.clone()
+            merged[rows[0] : rows[1]] = new
+            return merged
+        if isinstance(current, (tuple, list)) and isinstance(new, (tuple, list)) and len(current) == len(new):
+            return type(current)(self._merge_rows(c, n, rows) for c, n in zip(current, new, strict=True))
+        if isinstance(current, dict) and isinstance(new, dict):
+            merged_dict = dict(current)
+            for name, item in new.items():
+                merged_dict[name] = self._merge_rows(current.get(name), item, rows)
+            return merged_dict
+        raise TypeError(
+            f"cannot write a {type(new).__name__} into one invoke's rows of a {type(current).__name__}"
+        )
+
+    # -- gradients -------------------------------------------------------------------------------
+    def _backward(self, node: Node, args: list[Any]) -> None:
+        loss = args[0]
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            raise TypeError("backward() needs a tensor that depends on the model's activations")
+        sources: dict[int, tuple[torch.Tensor, list[tuple[int, tuple[int, int] | None]]]] = {}
+        for nid in [n for t in self.grad_threads for n in t.nodes]:
+            grad_node = self.nodes[nid]
+            if grad_node.op not in _GRAD_OPS:
+                continue
+            src = grad_node.args[0].id
+            value = self.values[src]
+            if value is _MISSING or value is _SKIPPED or ("grad", src) in self.fired:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise self._error(grad_node, f".grad needs a tensor, got {type(value).__name__}")
+            base, rows = self._row_base.get(id(value), (value, None))
+            if not base.requires_grad:
+                raise self._error(grad_node, ".grad of a value that does not require grad")
+            entry = sources.setdefault(id(base), (base, []))
+            if all(s != src for s, _ in entry[1]):
+                entry[1].append((src, rows))
+        if not sources:
+            return
+        handles = [
+            base.register_hook(functools.partial(self._grad_hook, srcs)) for base, srcs in sources.values()
+        ]
+        retain = sum(1 for n in self.nodes if n.op == "backward") > 1
+        try:
+            torch.autograd.grad(
+                loss,
+                [base for base, _ in sources.values()],
+                grad_outputs=args[1] if len(args) > 1 else None,
+                allow_unused=True,
+                retain_graph=retain,
+            )
+        finally:
+            for handle in reversed(handles):
+                handle.remove()
+
+    def _grad_hook(self, sources: list[tuple[int, tuple[int, int] | None]], grad: torch.Tensor) -> Any:
+        outer_live = self.live
+        self._grad_state = {"full": grad, "rows": dict(sources)}
+        self.live = set()
+        for src, rows in sources:
+            key = ("grad", src)
+            self.live.add(key)
+            self.fired.add(key)
+            self._grads[src] = grad if rows is None else grad[rows[0] : rows[1]]
+        try:
+            self._advance(self.grad_threads)
+            return self._grad_state["full"]
+        finally:
+            self.live = outer_live
+
+    def _set_grad(self, src: int, value: Any) -> None:
+        rows = self._grad_state["rows"][src]
+        full = self._grad_state["full"]
+        self._grad_state["full"] = self._merge_rows(full, value, rows)
+        current = self._grad_state["full"]
+        self._grads[src] = current if rows is None else current[rows[0] : rows[1]]
+

@@ -1,0 +1,137 @@
+"""The torch side of the op registry: what each allowed name does, and how calls are recorded.
+
+Usage::
+
+    FUNCTIONS["torch.cat"]                   # the callable behind an allowed function name
+    apply_simple("binary", ["add", a, b], {})
+
+Names map to callables through fixed tables built here from the registry's constants; a name
+from a request only ever selects an entry of these tables.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..graph.ops import BINARY_OPERATORS, DTYPES, TENSOR_ATTRIBUTES, TENSOR_METHODS, TORCH_FUNCTIONS, UNARY_OPERATORS
+
+
+def _lookup(dotted: str) -> Any:
+    target: Any = torch
+    for part in dotted.split(".")[1:]:
+        target = getattr(target, part)
+    return target
+
+
+FUNCTIONS: dict[str, Any] = {name: _lookup(name) for name in sorted(TORCH_FUNCTIONS)}
+_FUNCTION_NAMES: dict[Any, str] = {fn: name for name, fn in FUNCTIONS.items()}
+BINARY: dict[str, Any] = {name: getattr(operator, name) for name in BINARY_OPERATORS}
+UNARY: dict[str, Any] = {name: getattr(operator, name) for name in UNARY_OPERATORS}
+
+# Tensor dunders reached through __torch_function__ when a real tensor meets a proxy.
+_DUNDER_BINARY = {
+    "add": "add", "sub": "sub", "mul": "mul", "truediv": "truediv", "div": "truediv",
+    "floordiv": "floordiv", "mod": "mod", "pow": "pow", "matmul": "matmul", "and": "and_",
+    "or": "or_", "xor": "xor", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
+}  # fmt: skip
+
+
+def record_torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Turn a torch call that met a Proxy into a graph node, or say why it cannot be."""
+    from ..tracing.proxy import Proxy
+
+    tracer = _find_tracer(args, kwargs)
+    if tracer is None:
+        raise TypeError(f"{getattr(func, '__name__', func)} got a proxy from an ended trace")
+    name = _FUNCTION_NAMES.get(func)
+    if name is not None:
+        return tracer._record("call_function", [name, *args], kwargs)
+    fname = getattr(func, "__name__", "")
+    if fname.startswith("__") and fname.endswith("__"):
+        core = fname[2:-2]
+        reflected = core.startswith("r") and core[1:] in _DUNDER_BINARY
+        key = core[1:] if reflected else core
+        if key in _DUNDER_BINARY and len(args) == 2:
+            left, right = (args[1], args[0]) if reflected else args
+            return tracer._record("binary", [_DUNDER_BINARY[key], left, right], {})
+        if core == "getitem":
+            return tracer._record("getitem", list(args), {})
+    if fname in TENSOR_METHODS and args and not isinstance(args[0], Proxy):
+        return tracer._record("call_method", [fname, *args], kwargs)
+    raise TypeError(
+        f"{getattr(func, '__qualname__', func)} is not an allowed operation inside a trace; "
+        "see nnfabric.graph.ops for the allowed functions and methods"
+    )
+
+
+def _find_tracer(args: Any, kwargs: Any) -> Any:
+    from ..tracing.proxy import Proxy
+
+    stack: list[Any] = [args, kwargs]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Proxy):
+            return item._tracer
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return None
+
+
+_DTYPE_TABLE: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in _DTYPE_TABLE:
+        raise ValueError(f"unknown dtype {name!r}")
+    return _DTYPE_TABLE[name]
+
+
+def apply_simple(op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """Ops whose result depends only on their (resolved) arguments."""
+    if op == "binary":
+        return BINARY[args[0]](args[1], args[2])
+    if op == "unary":
+        return UNARY[args[0]](args[1])
+    if op == "call_method":
+        name, target = args[0], args[1]
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f".{name}() needs a tensor, got {type(target).__name__}")
+        return getattr(target, name)(*args[2:], **kwargs)
+    if op == "call_function":
+        return FUNCTIONS[args[0]](*args[1:], **kwargs)
+    if op == "getitem":
+        return args[0][args[1]]
+    if op == "setitem":
+        args[0][args[1]] = args[2]
+        return None
+    if op == "getattr":
+        return read_attribute(args[0], args[1])
+    if op == "literal":
+        return args[0]
+    if op == "list":
+        return []
+    if op == "append":
+        if not isinstance(args[0], list):
+            raise TypeError(f".append() needs a list from tracer.list(), got {type(args[0]).__name__}")
+        args[0].append(args[1])
+        return None
+    raise KeyError(op)
+
+
+def read_attribute(target: Any, name: str) -> Any:
+    """Attribute reads are limited to tensor metadata and keys of mapping-like model outputs."""
+    if isinstance(target, torch.Tensor):
+        if name not in TENSOR_ATTRIBUTES:
+            raise AttributeError(f"tensor attribute {name!r} cannot be read in a graph")
+        return getattr(target, name)
+    if isinstance(target, Mapping):
+        if name not in target:
+            raise AttributeError(f"the value has no field {name!r}; it has {sorted(target)}")
+        return target[name]
+    raise AttributeError(f"cannot read {name!r} from a value of type {type(target).__name__}")

@@ -1,0 +1,197 @@
+"""Proxy: a stand-in for a value the model will produce; every operation on it records a node.
+
+Usage::
+
+    with model.trace("Hello") as tracer:
+        h = model.transformer.h[0].output[0]     # a Proxy
+        top = (h * 2).softmax(-1).save()         # more Proxies, one node each
+    top.value                                    # the real tensor, after the block
+    top.shape                                    # forwarded to the value
+
+Inside the block a proxy has no value; `bool()`, `len()` and iteration are refused with a
+message saying why. After the block, a saved proxy behaves like its value.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..graph.ops import TENSOR_METHODS
+
+if TYPE_CHECKING:
+    from .tracer import Tracer
+
+_PENDING = object()
+
+
+class Proxy:
+    __slots__ = ("_tracer", "_id", "_value")
+
+    def __init__(self, tracer: Tracer, node_id: int) -> None:
+        object.__setattr__(self, "_tracer", tracer)
+        object.__setattr__(self, "_id", node_id)
+        object.__setattr__(self, "_value", _PENDING)
+
+    # -- results ---------------------------------------------------------------------------
+    def save(self) -> Proxy:
+        """Keep this value after the trace; read it with `.value`."""
+        self._tracer._save(self)
+        return self
+
+    @property
+    def value(self) -> Any:
+        if self._value is _PENDING:
+            if self._tracer._active:
+                raise ValueError("a proxy has no value inside the trace block; read .value after it")
+            if self._id not in self._tracer._graph.saves:
+                raise ValueError("this value was not saved: call .save() on it inside the trace")
+            raise ValueError("this value was never computed (the trace did not run or failed)")
+        return self._value
+
+    def _resolved(self) -> bool:
+        return self._value is not _PENDING
+
+    def _record(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        if self._resolved():
+            raise RuntimeError("the trace has ended; operate on .value instead")
+        return self._tracer._record(op, list(args), kwargs)
+
+    # -- recording ---------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if self._resolved():
+            return getattr(self._value, name)
+        if name in TENSOR_METHODS:
+            return _Method(self, name)
+        if name == "grad":
+            return self._tracer._record("grad", [self], {})
+        if name.startswith("_"):
+            raise AttributeError(f"private attribute {name!r} cannot be traced")
+        return self._record("getattr", self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "grad":
+            self._record("set_grad", self, value)
+            return
+        raise AttributeError(f"cannot set attribute {name!r} on a traced value; only .grad can be set")
+
+    def backward(self, gradient: Any = None) -> None:
+        """Backpropagate from this value inside the trace; read `.grad` of activations."""
+        args = [self] if gradient is None else [self, gradient]
+        self._record("backward", *args)
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._resolved():
+            return self._value[key]
+        return self._record("getitem", self, key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self._resolved():
+            self._value[key] = value
+            return
+        self._record("setitem", self, key, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a traced value is not callable")
+
+    def __bool__(self) -> bool:
+        if self._resolved():
+            return bool(self._value)
+        raise TypeError(
+            "a traced value has no truth value inside the trace: Python `if`/`while` run while the "
+            "graph is built, before the model runs. Use torch.where(...) instead"
+        )
+
+    def __len__(self) -> int:
+        if self._resolved():
+            return len(self._value)
+        raise TypeError("len() of a traced value is unknown inside the trace; use .shape[0] or .size(0)")
+
+    def __iter__(self) -> Any:
+        if self._resolved():
+            return iter(self._value)
+        raise TypeError("a traced value cannot be iterated inside the trace; index it instead")
+
+    def __repr__(self) -> str:
+        if self._resolved():
+            return repr(self._value)
+        node = self._tracer._graph.nodes[self._id]
+        return f"<nnfabric.Proxy node {self._id}: {node.op}>"
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec) if self._resolved() else repr(self)
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def __int__(self) -> int:
+        return int(self.value)
+
+    def __index__(self) -> int:
+        return int(self.value)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        from ..runtime.torch_ops import record_torch_function
+
+        return record_torch_function(func, args, kwargs or {})
+
+    # Proxies are graph handles, so identity hashing keeps them usable as dict keys.
+    __hash__ = object.__hash__
+
+
+class _Method:
+    """A bound tensor method awaiting its call: `h.softmax` then `(-1)`."""
+
+    __slots__ = ("_proxy", "_name")
+
+    def __init__(self, proxy: Proxy, name: str) -> None:
+        self._proxy = proxy
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._proxy._record("call_method", self._name, self._proxy, *args, **kwargs)
+
+
+def _binary(name: str, reflected: bool = False) -> Any:
+    import operator
+
+    op = getattr(operator, name)
+
+    def method(self: Proxy, other: Any) -> Any:
+        if self._resolved():
+            return op(other, self._value) if reflected else op(self._value, other)
+        if reflected:
+            return self._record("binary", name, other, self)
+        return self._record("binary", name, self, other)
+
+    return method
+
+
+def _unary(name: str) -> Any:
+    import operator
+
+    op = getattr(operator, name)
+
+    def method(self: Proxy) -> Any:
+        if self._resolved():
+            return op(self._value)
+        return self._record("unary", name, self)
+
+    return method
+
+
+for _name, _dunder in [
+    ("add", "add"), ("sub", "sub"), ("mul", "mul"), ("truediv", "truediv"),
+    ("floordiv", "floordiv"), ("mod", "mod"), ("pow", "pow"), ("matmul", "matmul"),
+    ("and_", "and"), ("or_", "or"), ("xor", "xor"),
+]:  # fmt: skip
+    setattr(Proxy, f"__{_dunder}__", _binary(_name))
+    setattr(Proxy, f"__r{_dunder}__", _binary(_name, reflected=True))
+    # In-place operators record a new value; `a[k] += v` then becomes a setitem of it.
+    setattr(Proxy, f"__i{_dunder}__", _binary(_name))
+for _name in ("eq", "ne", "lt", "le", "gt", "ge"):
+    setattr(Proxy, f"__{_name}__", _binary(_name))
+for _name in ("neg", "pos", "abs", "invert"):
+    setattr(Proxy, f"__{_name}__", _unary(_name))

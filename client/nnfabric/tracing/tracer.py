@@ -1,0 +1,332 @@
+"""Tracer: the `with model.trace(...)` block that records an intervention graph, then runs it.
+
+Usage::
+
+    with model.trace() as tracer:
+        with tracer.invoke("The Eiffel Tower is in"):
+            clean = model.transformer.h[3].output[0][:, -1].save()
+        with tracer.invoke("The Colosseum is in"):
+            model.transformer.h[3].output[0][:, -1] = clean
+            logits = model.output.logits.save()
+
+On exit the graph runs (locally or on the fabric) and saved proxies receive their values.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+import types
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..errors import InterventionError
+from ..graph.ir import DType, Graph, Invoke, Node, Ref, SourceLine, TensorRef
+from .proxy import Proxy
+
+if TYPE_CHECKING:
+    from .envoy import Envoy
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Tracer:
+    def __init__(
+        self,
+        model: Any,
+        inputs: tuple[Any, ...],
+        input_kwargs: dict[str, Any],
+        kind: Literal["trace", "generate"] = "trace",
+        options: dict[str, Any] | None = None,
+        remote: bool = False,
+        blocking: bool = True,
+    ) -> None:
+        self._model = model
+        self._graph = Graph(kind=kind, options=dict(options or {}))
+        self._tensors: dict[str, Any] = {}
+        self._tensor_ids: dict[int, str] = {}
+        self._proxies: list[Proxy] = []
+        self._active = False
+        self._remote = remote
+        self._blocking = blocking
+        self._step = 0
+        self._frame: types.FrameType | None = None
+        self._invoke: int | None = None
+        self._implicit = bool(inputs) or bool(input_kwargs)
+        self.job: Any = None
+        if self._implicit:
+            self._graph.invokes.append(self._make_invoke(inputs, input_kwargs))
+            self._invoke = 0
+
+    # -- the block -----------------------------------------------------------------------
+    def __enter__(self) -> Tracer:
+        if self._model._tracer is not None:
+            raise RuntimeError("a trace on this model is already open; nested traces are not supported")
+        self._frame = sys._getframe(1)
+        self._model._tracer = self
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._model._tracer = None
+        self._active = False
+        if exc_type is not None:
+            return
+        if not self._graph.invokes:
+            raise ValueError("the trace has no inputs: pass them to trace()/generate() or use tracer.invoke(...)")
+        try:
+            self._model._run_trace(self)
+        except InterventionError as error:
+            raise self._at_user_line(error) from error.__cause__
+        finally:
+            self._frame = None
+
+    def invoke(self, *inputs: Any, **kwargs: Any) -> _InvokeBlock:
+        """A batch group: its reads and writes touch only its own rows. No input: the whole batch."""
+        if self._implicit:
+            raise ValueError("inputs were given to trace() already; pass them to tracer.invoke() instead")
+        return _InvokeBlock(self, inputs, kwargs)
+
+    @property
+    def iter(self) -> _IterIndexer:
+        """`for step in tracer.iter[0:3]:` or `with tracer.iter[1:]:` address generation steps."""
+        return _IterIndexer(self)
+
+    def all(self) -> _Steps:
+        """Apply the block to every generation step (those that happen)."""
+        return _Steps(self, 0, self._max_steps(), optional=True)
+
+    def stop(self) -> None:
+        """End the model's forward pass here; everything recorded before still runs."""
+        self._record("stop", [], {})
+
+    @property
+    def output(self) -> Proxy:
+        """The model's result: its output for trace(), the generated token ids for generate()."""
+        result: Proxy = self._record("model_output", [], {})
+        return result
+
+    def list(self) -> Proxy:
+        """An empty list to `.append` values to, e.g. one per generation step."""
+        result: Proxy = self._record("list", [], {})
+        return result
+
+    # -- recording -------------------------------------------------------------------------
+    def _record(self, op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if not self._active:
+            raise RuntimeError("the trace block has ended; this value can no longer be recorded")
+        if self._invoke is None:
+            # Nodes outside any invoke address the whole batch.
+            self._graph.invokes.append(Invoke(args=None))
+            self._invoke = len(self._graph.invokes) - 1
+        node = Node(
+            op=op,
+            args=[self._encode(a) for a in args],
+            kwargs={k: self._encode(v) for k, v in kwargs.items()},
+            invoke=self._invoke,
+            line=_user_line(),
+        )
+        self._graph.add(node)
+        if op in ("setitem", "set_grad", "set_output", "set_input", "set_inputs", "backward", "stop", "append"):
+            return None
+        proxy = Proxy(self, node.id)
+        self._proxies.append(proxy)
+        return proxy
+
+    def _encode(self, value: Any) -> Any:
+        import torch
+
+        if isinstance(value, Proxy):
+            if value._tracer is not self:
+                raise ValueError("a value from another trace cannot be used here; .save() it and use .value")
+            if value._resolved():
+                return self._encode(value._value)
+            return Ref(value._id)
+        if isinstance(value, torch.Tensor):
+            name = self._tensor_ids.get(id(value))
+            if name is None:
+                name = f"t{len(self._tensors)}"
+                self._tensors[name] = value
+                self._tensor_ids[id(value)] = name
+            return TensorRef(name)
+        if isinstance(value, torch.dtype):
+            return DType(str(value).removeprefix("torch."))
+        if isinstance(value, torch.Size):
+            return tuple(value)
+        if isinstance(value, tuple):
+            return tuple(self._encode(v) for v in value)
+        if isinstance(value, list):
+            return [self._encode(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): self._encode(v) for k, v in value.items()}
+        if isinstance(value, slice):
+            return slice(self._encode(value.start), self._encode(value.stop), self._encode(value.step))
+        if value is None or value is Ellipsis or isinstance(value, (bool, int, float, str)):
+            return value
+        from .envoy import Envoy
+
+        if isinstance(value, Envoy):
+            raise TypeError(f"{value._path or 'the model'} is a module; use its .output or .input")
+        raise TypeError(f"a value of type {type(value).__name__} cannot be used inside a trace")
+
+    def _make_invoke(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Invoke:
+        if len(inputs) == 0 and not kwargs:
+            return Invoke(args=None)
+        prepared = self._model._prepare_invoke_inputs(inputs, kwargs)
+        return Invoke(args=[self._encode(a) for a in prepared[0]], kwargs={k: self._encode(v) for k, v in prepared[1].items()})
+
+    def _save(self, proxy: Proxy) -> None:
+        if proxy._id not in self._graph.saves:
+            self._graph.saves.append(proxy._id)
+
+    def _module_event(self, op: str, envoy: Envoy, value: Any = None, with_value: bool = False) -> Any:
+        args: list[Any] = [envoy._path, self._step, envoy._call]
+        if with_value:
+            args.append(value)
+        return self._record(op, args, {})
+
+    def _max_steps(self) -> int:
+        if self._graph.kind != "generate":
+            return 1
+        return int(self._graph.options.get("max_new_tokens", 1))
+
+    def _resolve(self, values: dict[int, Any]) -> None:
+        for proxy in self._proxies:
+            if proxy._id in values:
+                object.__setattr__(proxy, "_value", values[proxy._id])
+
+    def _at_user_line(self, error: InterventionError) -> InterventionError:
+        """Give the error a traceback that ends at the user's own line in the `with` block."""
+        frame = self._frame
+        line = error.line
+        if frame is not None and line is not None and frame.f_code.co_filename == line.file:
+            tb = types.TracebackType(None, frame, frame.f_lasti, line.line)
+            return error.with_traceback(tb)
+        return error
+
+
+class _InvokeBlock:
+    def __init__(self, tracer: Tracer, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._tracer = tracer
+        self._inputs = inputs
+        self._kwargs = kwargs
+        self._previous: int | None = None
+
+    def __enter__(self) -> Tracer:
+        tracer = self._tracer
+        self._previous = tracer._invoke
+        tracer._graph.invokes.append(tracer._make_invoke(self._inputs, self._kwargs))
+        tracer._invoke = len(tracer._graph.invokes) - 1
+        return tracer
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tracer._invoke = None
+
+
+class _IterIndexer:
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    def __getitem__(self, key: int | slice) -> _Steps:
+        limit = self._tracer._max_steps()
+        if isinstance(key, int):
+            if not 0 <= key < limit:
+                raise IndexError(f"step {key} is out of range: this run has {limit} steps (0..{limit - 1})")
+            return _Steps(self._tracer, key, key + 1, optional=False)
+        start, stop, step = key.indices(limit)
+        if step != 1:
+            raise ValueError("tracer.iter takes contiguous steps, e.g. tracer.iter[1:4]")
+        return _Steps(self._tracer, start, stop, optional=False)
+
+
+class _Steps:
+    """Generation steps. Iterate it to unroll a loop body per step, or use it as a `with` block."""
+
+    def __init__(self, tracer: Tracer, start: int, stop: int, optional: bool) -> None:
+        self._tracer = tracer
+        self._start = start
+        self._stop = stop
+        self._optional = optional
+        self._first = 0
+        self._saved_step = 0
+
+    def __iter__(self) -> Iterator[int]:
+        tracer = self._tracer
+        previous = tracer._step
+        try:
+            for step in range(self._start, self._stop):
+                tracer._step = step
+                yield step
+        finally:
+            tracer._step = previous
+
+    def __enter__(self) -> _Steps:
+        self._saved_step = self._tracer._step
+        self._tracer._step = self._start
+        self._first = len(self._tracer._graph.nodes)
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        tracer = self._tracer
+        tracer._step = self._saved_step
+        if exc_type is not None:
+            return
+        _replicate(tracer, self._first, self._start, self._stop, self._optional)
+
+
+def _replicate(tracer: Tracer, first: int, start: int, stop: int, optional: bool) -> None:
+    """Copy the nodes recorded in a steps block once per further step, shifting their step."""
+    from ..graph.ops import OPS
+
+    graph = tracer._graph
+    block = graph.nodes[first:]
+    last_copy: dict[int, int] = {n.id: n.id for n in block}
+    for step in range(start + 1, stop):
+        mapping: dict[int, int] = {}
+        for node in block:
+            args = [_remap(a, mapping) for a in node.args]
+            if OPS[node.op].module_event:
+                args[1] = step
+            copy = graph.add(
+                Node(
+                    op=node.op,
+                    args=args,
+                    kwargs={k: _remap(v, mapping) for k, v in node.kwargs.items()},
+                    invoke=node.invoke,
+                    line=node.line,
+                    optional=optional,
+                )
+            )
+            mapping[node.id] = copy.id
+            last_copy[node.id] = copy.id
+    # A value saved inside the block means its value at the last step, as a proxy shows it.
+    graph.saves = [last_copy.get(s, s) for s in graph.saves]
+    for proxy in tracer._proxies:
+        if proxy._id in last_copy:
+            object.__setattr__(proxy, "_id", last_copy[proxy._id])
+
+
+def _remap(value: Any, mapping: dict[int, int]) -> Any:
+    if isinstance(value, Ref):
+        return Ref(mapping.get(value.id, value.id))
+    if isinstance(value, tuple):
+        return tuple(_remap(v, mapping) for v in value)
+    if isinstance(value, list):
+        return [_remap(v, mapping) for v in value]
+    if isinstance(value, dict):
+        return {k: _remap(v, mapping) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_remap(value.start, mapping), _remap(value.stop, mapping), _remap(value.step, mapping))
+    return value
+
+
+def _user_line() -> SourceLine | None:
+    frame: types.FrameType | None = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    filename = frame.f_code.co_filename
+    lineno = frame.f_lineno
+    return SourceLine(filename, lineno, linecache.getline(filename, lineno).strip())
