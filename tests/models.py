@@ -33,8 +33,16 @@ def build_gpt2(directory: Path, layers: int = 2, width: int = 64, vocab: int = 3
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=layers, n_embd=width, n_head=4, vocab_size=vocab, n_positions=128,
-                        pad_token_id=1, eos_token_id=2, bos_token_id=2)
+    config = GPT2Config(
+        n_layer=layers,
+        n_embd=width,
+        n_head=4,
+        vocab_size=vocab,
+        n_positions=128,
+        pad_token_id=1,
+        eos_token_id=2,
+        bos_token_id=2,
+    )
     GPT2LMHeadModel(config).eval().save_pretrained(directory)
     train_tokenizer(directory)
 
@@ -43,9 +51,18 @@ def build_llama(directory: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128,
-                         pad_token_id=1, eos_token_id=2, bos_token_id=2)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        eos_token_id=2,
+        bos_token_id=2,
+    )
     LlamaForCausalLM(config).eval().save_pretrained(directory)
     train_tokenizer(directory)
 

@@ -86,7 +86,9 @@ class Model:
         """Open a trace: `with model.trace(inputs) as tracer:`; several prompts via tracer.invoke."""
         return Tracer(self, inputs, kwargs, kind="trace", remote=remote, blocking=blocking)
 
-    def _prepare_invoke_inputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    def _prepare_invoke_inputs(
+        self, inputs: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
         return list(inputs), dict(kwargs)
 
     def _get_adapter(self) -> Any:
@@ -123,7 +125,9 @@ class Model:
 class LanguageModel(Model):
     """A Hugging Face causal LM: `source` is a repo id, a local directory, or a built model."""
 
-    def __init__(self, source: Any = None, tokenizer: Any = None, *, tree: ModuleTree | None = None, **hf_kwargs: Any) -> None:
+    def __init__(
+        self, source: Any = None, tokenizer: Any = None, *, tree: ModuleTree | None = None, **hf_kwargs: Any
+    ) -> None:
         module = None
         if tree is None:
             if isinstance(source, str):
@@ -135,16 +139,20 @@ class LanguageModel(Model):
                 if tokenizer is None:
                     raise ValueError("a model object needs tokenizer=: LanguageModel(model, tokenizer=tok)")
                 module = source
-            module.eval()
+            module.train(False)  # inference mode (dropout off)
         super().__init__(module, tree=tree)
         object.__setattr__(self, "tokenizer", tokenizer)
 
-    def generate(self, *inputs: Any, max_new_tokens: int = 20, remote: bool = False, blocking: bool = True, **options: Any) -> Tracer:
+    def generate(
+        self, *inputs: Any, max_new_tokens: int = 20, remote: bool = False, blocking: bool = True, **options: Any
+    ) -> Tracer:
         """Open a generation trace; `tracer.iter[...]`/`tracer.all()` address its steps."""
         options = {"max_new_tokens": max_new_tokens, **options}
         return Tracer(self, inputs, {}, kind="generate", options=options, remote=remote, blocking=blocking)
 
-    def _prepare_invoke_inputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    def _prepare_invoke_inputs(
+        self, inputs: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
         if len(inputs) == 1 and isinstance(inputs[0], dict) and not kwargs:
             return [], dict(inputs[0])
         if kwargs:

@@ -98,7 +98,7 @@ def decode_value(data: Any, depth: int = 0, max_depth: int = 32) -> Any:
         if not isinstance(body, list) or len(body) != 3:
             raise GraphError("a slice needs [start, stop, step]")
         parts = [decode_value(v, depth + 1, max_depth) for v in body]
-        if not all(p is None or isinstance(p, (int, Ref)) and not isinstance(p, bool) for p in parts):
+        if not all(p is None or (isinstance(p, (int, Ref)) and not isinstance(p, bool)) for p in parts):
             raise GraphError("slice bounds must be integers, node references or null")
         return slice(*parts)
     if tag == "$tuple":
@@ -225,7 +225,9 @@ def graph_from_json(data: Any, limits: Limits) -> Graph:
         graph.add(node)
     invokes = data.get("invokes")
     _expect(isinstance(invokes, list) and len(invokes) >= 1, "graph.invokes must be a non-empty list")
-    _expect(len(invokes) <= limits.max_invokes, f"graph has {len(invokes)} invokes, over the limit of {limits.max_invokes}")
+    _expect(
+        len(invokes) <= limits.max_invokes, f"graph has {len(invokes)} invokes, over the limit of {limits.max_invokes}"
+    )
     for index, inv in enumerate(invokes):
         _expect(isinstance(inv, dict), f"invoke {index} must be an object")
         args = inv.get("args")
@@ -239,7 +241,10 @@ def graph_from_json(data: Any, limits: Limits) -> Graph:
             )
         )
     saves = data.get("saves", [])
-    _expect(isinstance(saves, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in saves), "graph.saves must be a list of node ids")
+    _expect(
+        isinstance(saves, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in saves),
+        "graph.saves must be a list of node ids",
+    )
     graph.saves = list(saves)
     options = data.get("options", {})
     _expect(isinstance(options, dict), "graph.options must be an object")

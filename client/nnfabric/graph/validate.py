@@ -190,12 +190,12 @@ def validate_graph(
                 raise GraphError(f"invoke {index}: inputs refer to a missing tensor or node") from None
     if graph.kind == "generate":
         n = graph.options.get("max_new_tokens")
-        if not _is_int(n) or not 1 <= n <= limits.max_new_tokens:
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limits.max_new_tokens:
             raise GraphError(f"max_new_tokens must be an integer in 1..{limits.max_new_tokens}, got {n!r}")
     for key, value in graph.options.items():
         if key not in _OPTIONS:
             raise GraphError(f"unknown option {key!r}; allowed: {sorted(_OPTIONS)}")
-        if not isinstance(value, _OPTIONS[key]) or isinstance(value, bool) and _OPTIONS[key] is not bool:
+        if not isinstance(value, _OPTIONS[key]) or (isinstance(value, bool) and _OPTIONS[key] is not bool):
             raise GraphError(f"option {key!r} has the wrong type {type(value).__name__}")
 
 

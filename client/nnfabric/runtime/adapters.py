@@ -156,7 +156,9 @@ class CausalLMAdapter:
     def generate(self, batch: Batch, options: dict[str, Any]) -> Any:
         kwargs = {k: v for k, v in batch.kwargs.items() if k != "position_ids"}
         kwargs.setdefault("attention_mask", torch.ones_like(kwargs["input_ids"]))
-        settings = {k: v for k, v in options.items() if k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")}
+        settings = {
+            k: v for k, v in options.items() if k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
+        }
         settings.setdefault("do_sample", False)
         if "seed" in options:
             torch.manual_seed(int(options["seed"]))

@@ -16,6 +16,7 @@ the graph touches and are removed, in reverse order, when the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -150,10 +151,8 @@ class Interleaver:
         grad = torch.enable_grad() if self.needs_grad else torch.no_grad()
         output = None
         with grad:
-            try:
+            with contextlib.suppress(EarlyStop):
                 output = run_model()
-            except EarlyStop:
-                pass
             self.final_output = output
             self._finish()
         return output
@@ -171,7 +170,7 @@ class Interleaver:
         self.live = {_END}
         self.fired.add(_END)
         self._advance(self.threads)
-        self._advance(self.grad_threads)
+        self._advance_dataflow(self.grad_threads)
 
     # -- hooks ---------------------------------------------------------------------------
     def _step_hook(self, module: Any, args: Any) -> None:
@@ -244,7 +243,19 @@ class Interleaver:
                     thread.pc += 1
                     progress = True
 
+    def _advance_dataflow(self, threads: list[_Thread]) -> None:
+        """Gradient nodes run as their gradients arrive, which is the reverse of program order."""
+        progress = True
+        while progress:
+            progress = False
+            for thread in threads:
+                waiting = [nid for nid in thread.nodes if not self._try(nid)]
+                progress = progress or len(waiting) < len(thread.nodes)
+                thread.nodes = waiting
+
     def _try(self, nid: int) -> bool:
+        if self.values[nid] is not _MISSING:
+            return True  # a stop node that already ended the forward pass
         node = self.nodes[nid]
         key = self.pin[nid]
         if key is not None and key not in self.live:
@@ -349,6 +360,7 @@ class Interleaver:
         if op == "model_output":
             return self._slice_rows(self.final_output, rows)
         if op == "stop":
+            self.values[node.id] = None
             raise EarlyStop()
         if op == "backward":
             self._backward(node, args)
@@ -395,9 +407,7 @@ class Interleaver:
             for name, item in new.items():
                 merged_dict[name] = self._merge_rows(current.get(name), item, rows)
             return merged_dict
-        raise TypeError(
-            f"cannot write a {type(new).__name__} into one invoke's rows of a {type(current).__name__}"
-        )
+        raise TypeError(f"cannot write a {type(new).__name__} into one invoke's rows of a {type(current).__name__}")
 
     # -- gradients -------------------------------------------------------------------------------
     def _backward(self, node: Node, args: list[Any]) -> None:
@@ -423,9 +433,7 @@ class Interleaver:
                 entry[1].append((src, rows))
         if not sources:
             return
-        handles = [
-            base.register_hook(functools.partial(self._grad_hook, srcs)) for base, srcs in sources.values()
-        ]
+        handles = [base.register_hook(functools.partial(self._grad_hook, srcs)) for base, srcs in sources.values()]
         retain = sum(1 for n in self.nodes if n.op == "backward") > 1
         try:
             torch.autograd.grad(
@@ -449,7 +457,7 @@ class Interleaver:
             self.fired.add(key)
             self._grads[src] = grad if rows is None else grad[rows[0] : rows[1]]
         try:
-            self._advance(self.grad_threads)
+            self._advance_dataflow(self.grad_threads)
             return self._grad_state["full"]
         finally:
             self.live = outer_live
@@ -460,4 +468,3 @@ class Interleaver:
         self._grad_state["full"] = self._merge_rows(full, value, rows)
         current = self._grad_state["full"]
         self._grads[src] = current if rows is None else current[rows[0] : rows[1]]
-

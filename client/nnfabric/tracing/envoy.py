@@ -20,9 +20,8 @@ if TYPE_CHECKING:
     from .tracer import Tracer
 
 
-
 class Envoy:
-    __slots__ = ("_owner", "_tree", "_call")
+    __slots__ = ("_call", "_owner", "_tree")
 
     def __init__(self, owner: Any, tree: ModuleTree, call: int = 0) -> None:
         object.__setattr__(self, "_owner", owner)

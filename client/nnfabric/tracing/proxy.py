@@ -25,7 +25,7 @@ _PENDING = object()
 
 
 class Proxy:
-    __slots__ = ("_tracer", "_id", "_value")
+    __slots__ = ("_id", "_tracer", "_value")
 
     def __init__(self, tracer: Tracer, node_id: int) -> None:
         object.__setattr__(self, "_tracer", tracer)
@@ -80,6 +80,13 @@ class Proxy:
         """Backpropagate from this value inside the trace; read `.grad` of activations."""
         args = [self] if gradient is None else [self, gradient]
         self._record("backward", *args)
+
+    def append(self, item: Any) -> None:
+        """Append to a list made with `tracer.list()`, e.g. one value per generation step."""
+        if self._resolved():
+            self._value.append(item)
+            return
+        self._record("append", self, item)
 
     def __getitem__(self, key: Any) -> Any:
         if self._resolved():
@@ -144,7 +151,7 @@ class Proxy:
 class _Method:
     """A bound tensor method awaiting its call: `h.softmax` then `(-1)`."""
 
-    __slots__ = ("_proxy", "_name")
+    __slots__ = ("_name", "_proxy")
 
     def __init__(self, proxy: Proxy, name: str) -> None:
         self._proxy = proxy

@@ -28,6 +28,7 @@ from .proxy import Proxy
 if TYPE_CHECKING:
     from .envoy import Envoy
 
+ArgList = list[Any]  # `Tracer.list` shadows the builtin inside the class
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -113,7 +114,7 @@ class Tracer:
         return result
 
     # -- recording -------------------------------------------------------------------------
-    def _record(self, op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    def _record(self, op: str, args: ArgList, kwargs: dict[str, Any]) -> Any:
         if not self._active:
             raise RuntimeError("the trace block has ended; this value can no longer be recorded")
         if self._invoke is None:
@@ -174,14 +175,16 @@ class Tracer:
         if len(inputs) == 0 and not kwargs:
             return Invoke(args=None)
         prepared = self._model._prepare_invoke_inputs(inputs, kwargs)
-        return Invoke(args=[self._encode(a) for a in prepared[0]], kwargs={k: self._encode(v) for k, v in prepared[1].items()})
+        return Invoke(
+            args=[self._encode(a) for a in prepared[0]], kwargs={k: self._encode(v) for k, v in prepared[1].items()}
+        )
 
     def _save(self, proxy: Proxy) -> None:
         if proxy._id not in self._graph.saves:
             self._graph.saves.append(proxy._id)
 
     def _module_event(self, op: str, envoy: Envoy, value: Any = None, with_value: bool = False) -> Any:
-        args: list[Any] = [envoy._path, self._step, envoy._call]
+        args: ArgList = [envoy._path, self._step, envoy._call]
         if with_value:
             args.append(value)
         return self._record(op, args, {})
@@ -201,7 +204,7 @@ class Tracer:
         frame = self._frame
         line = error.line
         if frame is not None and line is not None and frame.f_code.co_filename == line.file:
-            tb = types.TracebackType(None, frame, frame.f_lasti, line.line)
+            tb = types.TracebackType(None, frame, _instruction_at(frame.f_code, line.line), line.line)
             return error.with_traceback(tb)
         return error
 
@@ -319,6 +322,14 @@ def _remap(value: Any, mapping: dict[int, int]) -> Any:
     if isinstance(value, slice):
         return slice(_remap(value.start, mapping), _remap(value.stop, mapping), _remap(value.step, mapping))
     return value
+
+
+def _instruction_at(code: types.CodeType, lineno: int) -> int:
+    """An instruction offset on `lineno`: tracebacks take their line (and columns) from it."""
+    for index, (start, *_rest) in enumerate(code.co_positions()):
+        if start == lineno:
+            return index * 2
+    return -1
 
 
 def _user_line() -> SourceLine | None:

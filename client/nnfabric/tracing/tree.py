@@ -51,7 +51,7 @@ class ModuleTree:
             return self.children[name]
         here = self.path or "the model"
         close = difflib.get_close_matches(name, list(self.children), n=1)
-        hint = f"; did you mean {self._show(close[0])}?" if close else ""
+        hint = f"; did you mean '{self._show(close[0])}'?" if close else ""
         if not self.children:
             hint = f"; {here} ({self.type_name}) has no submodules"
         raise AttributeError(f"{here} has no module {name!r}{hint}")
@@ -61,9 +61,7 @@ class ModuleTree:
             raise TypeError(f"{self.path or 'the model'} ({self.type_name}) is not a list of modules")
         size = len(self.children)
         if not -size <= index < size:
-            raise IndexError(
-                f"{self.path}[{index}] is out of range: {self.path} has {size} modules (0..{size - 1})"
-            )
+            raise IndexError(f"{self.path}[{index}] is out of range: {self.path} has {size} modules (0..{size - 1})")
         return self.children[str(index % size)]
 
     def _show(self, name: str) -> str:

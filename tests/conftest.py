@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import nnfabric
+from models import build_gpt2, build_llama, build_mlp
+
+
+@pytest.fixture(autouse=True)
+def _through_the_wire(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every local trace in the suite travels encode -> decode -> execute -> encode -> decode,
+    # exactly as a remote job does, so each test also checks the codec round trip.
+    monkeypatch.setattr(nnfabric.Model, "wire_roundtrip", True)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("gpt2")
+    build_gpt2(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("llama")
+    build_llama(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_dir: Path) -> nnfabric.LanguageModel:
+    return nnfabric.LanguageModel(str(gpt2_dir))
+
+
+@pytest.fixture(scope="session")
+def llama(llama_dir: Path) -> nnfabric.LanguageModel:
+    return nnfabric.LanguageModel(str(llama_dir))
+
+
+@pytest.fixture
+def mlp() -> nnfabric.Model:
+    return nnfabric.Model(build_mlp())
+
+
+def ids(model: nnfabric.LanguageModel, text: str) -> torch.Tensor:
+    return torch.tensor([model.tokenizer(text)["input_ids"]])
+
+
+def plain_logits(model: nnfabric.LanguageModel, text: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model._module(ids(model, text)).logits
+
+
+class Hook:
+    """A hand-written forward hook: the independent oracle for reads and edits."""
+
+    def __init__(self, module: torch.nn.Module, edit=None) -> None:  # type: ignore[no-untyped-def]
+        self.seen: list = []
+        self.edit = edit
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):  # type: ignore[no-untyped-def]
+        self.seen.append(output)
+        return self.edit(output) if self.edit else None
+
+    def __enter__(self) -> Hook:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
