@@ -74,3 +74,19 @@ class Hook:
 
     def __exit__(self, *exc: object) -> None:
         self.handle.remove()
+
+
+@pytest.fixture(scope="session")
+def fabric(tmp_path_factory: pytest.TempPathFactory, gpt2_dir: Path):
+    from fabric import start_fabric, stop_fabric
+
+    running = start_fabric(tmp_path_factory.mktemp("fabric"), gpt2_dir)
+    yield running
+    stop_fabric(running)
+
+
+@pytest.fixture
+def alice(fabric, gpt2_dir):
+    """A local model object that runs on the fabric when asked (remote=True)."""
+    nnfabric.connect(fabric.url, fabric.keys["alice"], progress=False)
+    return nnfabric.LanguageModel(str(gpt2_dir), remote_name="tiny-gpt2")

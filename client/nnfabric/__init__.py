@@ -11,7 +11,17 @@ with `remote=True`.
 
 from .errors import GraphError, InterventionError, RemoteError
 from .models import LanguageModel, Model
+from .remote.client import Session, connect
 
 __version__ = "0.1.0"
 
-__all__ = ["GraphError", "InterventionError", "LanguageModel", "Model", "RemoteError", "__version__"]
+__all__ = [
+    "GraphError",
+    "InterventionError",
+    "LanguageModel",
+    "Model",
+    "RemoteError",
+    "Session",
+    "__version__",
+    "connect",
+]

@@ -100,6 +100,8 @@ class Model:
 
     def _run_trace(self, tracer: Tracer) -> None:
         graph = tracer._graph
+        if self._module is None and not tracer._remote:
+            raise InterventionError("this model is hosted on the fabric: trace it with remote=True")
         if tracer._remote:
             from .remote.client import run_remote
 
@@ -126,7 +128,13 @@ class LanguageModel(Model):
     """A Hugging Face causal LM: `source` is a repo id, a local directory, or a built model."""
 
     def __init__(
-        self, source: Any = None, tokenizer: Any = None, *, tree: ModuleTree | None = None, **hf_kwargs: Any
+        self,
+        source: Any = None,
+        tokenizer: Any = None,
+        *,
+        tree: ModuleTree | None = None,
+        remote_name: str | None = None,
+        **hf_kwargs: Any,
     ) -> None:
         module = None
         if tree is None:
@@ -142,6 +150,8 @@ class LanguageModel(Model):
             module.train(False)  # inference mode (dropout off)
         super().__init__(module, tree=tree)
         object.__setattr__(self, "tokenizer", tokenizer)
+        # The model's name on the fabric for remote=True (a repo id names itself).
+        object.__setattr__(self, "_remote_name", remote_name or (source if isinstance(source, str) else None))
 
     def generate(
         self, *inputs: Any, max_new_tokens: int = 20, remote: bool = False, blocking: bool = True, **options: Any

@@ -40,7 +40,9 @@ def _inputs(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def run_graph(graph: Graph, tensors: dict[str, torch.Tensor], adapter: Adapter) -> dict[int, Any]:
+def run_graph(
+    graph: Graph, tensors: dict[str, torch.Tensor], adapter: Adapter, deadline: float | None = None
+) -> dict[int, Any]:
     """Execute `graph` in one batched forward pass (or one generation); return saved values."""
     invokes = [
         (None if inv.args is None else _inputs(inv.args, tensors), _inputs(inv.kwargs, tensors))
@@ -50,7 +52,7 @@ def run_graph(graph: Graph, tensors: dict[str, torch.Tensor], adapter: Adapter) 
         batch = adapter.batch(invokes)
     except (ValueError, TypeError) as exc:
         raise InterventionError(f"bad inputs: {exc}") from exc
-    with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size) as run:
+    with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, deadline) as run:
         if graph.kind == "generate":
             run.call(lambda: adapter.generate(batch, graph.options))
         else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -65,8 +66,10 @@ class Interleaver:
         root: torch.nn.Module,
         rows: list[tuple[int, int] | None],
         batch_size: int,
+        deadline: float | None = None,
     ) -> None:
         self.graph = graph
+        self.deadline = deadline
         self.nodes = graph.nodes
         self.tensors = tensors
         self.root = root
@@ -203,6 +206,8 @@ class Interleaver:
         return self._event(key, output)
 
     def _event(self, key: EventKey, value: Any) -> Any:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise InterventionError("the job ran past its time limit and was stopped")
         outer_live, outer_value = self.live, self._event_value
         self.live = {key}
         self._event_value = value

@@ -1,0 +1,245 @@
+"""Talking to the fabric: submit a trace's graph, follow its events, fetch its saved values.
+
+Usage::
+
+    fabric = nnfabric.connect("http://127.0.0.1:8000", api_key="nnf_...")   # or NNFABRIC_URL/_API_KEY
+    model = fabric.model("gpt2")            # module tree + tokenizer from the API; no weights
+    with model.trace("The Eiffel Tower is in", remote=True):
+        hidden = model.transformer.h[5].output.save()
+
+A local `LanguageModel(..., remote_name="gpt2")` runs the same block remotely too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from ..errors import RemoteError
+from ..graph.ir import SourceLine
+
+if TYPE_CHECKING:
+    from ..models import Model
+    from ..tracing.tracer import Tracer
+
+_default: Session | None = None
+_TERMINAL = {"completed", "failed", "cancelled"}
+
+
+class Session:
+    """A connection to one fabric with one API key."""
+
+    def __init__(self, url: str, api_key: str, timeout: float = 30.0, progress: bool | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+
+    def model(self, name: str) -> Any:
+        """A thin LanguageModel for a hosted model: its module tree and tokenizer, no weights."""
+        from ..models import LanguageModel
+        from ..tracing.tree import ModuleTree
+
+        tree = ModuleTree.from_json(self._get(f"/v1/models/{name}/structure")["tree"])
+        files = self._get(f"/v1/models/{name}/tokenizer")["files"]
+        tokenizer = _tokenizer_from_files(files)
+        model = LanguageModel(tree=tree, tokenizer=tokenizer, remote_name=name)
+        object.__setattr__(model, "_session", self)
+        return model
+
+    def models(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._get("/v1/models")
+        return result
+
+    def _get(self, path: str) -> Any:
+        response = self.http.get(path)
+        _raise_for(response)
+        return response.json()
+
+    # -- jobs ----------------------------------------------------------------------------
+    def submit(self, body: bytes) -> dict[str, Any]:
+        response = self.http.post("/v1/jobs", content=body, headers={"Content-Type": "application/octet-stream"})
+        _raise_for(response)
+        result: dict[str, Any] = response.json()
+        return result
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._get(f"/v1/jobs/{job_id}")
+        return result
+
+    def result(self, job_id: str) -> bytes:
+        response = self.http.get(f"/v1/jobs/{job_id}/result")
+        _raise_for(response)
+        return response.content
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        response = self.http.delete(f"/v1/jobs/{job_id}")
+        _raise_for(response)
+        result: dict[str, Any] = response.json()
+        return result
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Follow the job's events until it ends (websocket; polling if that fails)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with _Progress(self.progress, job_id) as progress:
+            try:
+                final = self._follow(job_id, deadline, progress)
+            except (OSError, ImportError, RuntimeError) as exc:
+                if isinstance(exc, TimeoutError):
+                    raise
+                final = None
+            if final is None:
+                final = self._poll(job_id, deadline, progress)
+        return final
+
+    def _follow(self, job_id: str, deadline: float | None, progress: _Progress) -> dict[str, Any] | None:
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+
+        ws_url = self.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        after = "0-0"
+        for _attempt in range(5):
+            try:
+                with connect(
+                    f"{ws_url}/v1/jobs/{job_id}/events?after={after}",
+                    additional_headers={"Authorization": f"Bearer {self.api_key}"},
+                    open_timeout=10,
+                ) as ws:
+                    while True:
+                        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                        if remaining == 0.0:
+                            raise TimeoutError(f"job {job_id} did not finish in time")
+                        event = json.loads(ws.recv(timeout=remaining))
+                        after = event["id"]
+                        progress.show(event)
+                        if event["type"] in _TERMINAL:
+                            return dict(event)
+            except ConnectionClosed:
+                continue  # resume from the last event seen: nothing is lost
+        return None
+
+    def _poll(self, job_id: str, deadline: float | None, progress: _Progress) -> dict[str, Any]:
+        delay = 0.05
+        while True:
+            job = self.status(job_id)
+            progress.show({"type": job["state"], "position": job.get("position")})
+            if job["state"] in _TERMINAL:
+                return {"type": job["state"], "message": job.get("error"), "node": _int(job.get("error_node"))}
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} did not finish in time")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class _Progress:
+    """Queue position and state on the terminal, with rich; silent when not a terminal."""
+
+    def __init__(self, enabled: bool, job_id: str) -> None:
+        self.enabled = enabled
+        self.job_id = job_id
+        self._status: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(f"job {self.job_id[:8]}: submitted")
+            self._status.start()
+        return self
+
+    def show(self, event: dict[str, Any]) -> None:
+        if self._status is None:
+            return
+        kind = event.get("type")
+        if kind == "queued":
+            text = f"queued, position {event.get('position')}"
+        elif kind == "log":
+            text = str(event.get("message"))
+        else:
+            text = str(kind)
+        self._status.update(f"job {self.job_id[:8]}: {text}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text}
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    line = body.get("line") if isinstance(body, dict) else None
+    source = SourceLine(line["file"], line["line"], line.get("code", "")) if isinstance(line, dict) else None
+    node = body.get("node") if isinstance(body, dict) else None
+    raise RemoteError(f"{response.status_code}: {detail}", source, node, status=response.status_code)
+
+
+def _tokenizer_from_files(files: dict[str, str]) -> Any:
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            Path(tmp, Path(name).name).write_text(text)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def connect(url: str | None = None, api_key: str | None = None, progress: bool | None = None) -> Session:
+    """Connect to a fabric (defaults: NNFABRIC_URL, NNFABRIC_API_KEY) and make it the default."""
+    global _default
+    url = url or os.environ.get("NNFABRIC_URL")
+    api_key = api_key or os.environ.get("NNFABRIC_API_KEY")
+    if not url or not api_key:
+        raise ValueError("connect() needs a URL and an API key (or NNFABRIC_URL and NNFABRIC_API_KEY)")
+    _default = Session(url, api_key, progress=progress)
+    return _default
+
+
+def _session_for(model: Model) -> Session:
+    session: Session | None = getattr(model, "_session", None) or _default
+    if session is None:
+        return connect()
+    return session
+
+
+def run_remote(model: Model, tracer: Tracer) -> None:
+    """Send the tracer's graph to the fabric, wait, and hand the saved values to its proxies."""
+    from ..runtime.wire import pack_request, unpack_result
+
+    name = getattr(model, "_remote_name", None)
+    if not name:
+        raise RemoteError("this model has no name on the fabric: use fabric.model(name) or LanguageModel(..., remote_name=)")
+    session = _session_for(model)
+    graph = tracer._graph
+    try:
+        job = session.submit(pack_request(graph, tracer._tensors, extra={"model": name}))
+    except RemoteError as error:
+        if error.node is not None and 0 <= error.node < len(graph.nodes):
+            raise RemoteError(error.reason, graph.nodes[error.node].line, error.node, error.status) from None
+        raise
+    tracer.job = job["id"]
+    final = session.wait(job["id"])
+    if final["type"] == "completed":
+        tracer._resolve(unpack_result(session.result(job["id"])))
+        return
+    node = final.get("node")
+    line = graph.nodes[node].line if isinstance(node, int) and 0 <= node < len(graph.nodes) else None
+    message = final.get("message") or f"job {final['type']}"
+    raise RemoteError(f"{message} (job {job['id']})", line, node)

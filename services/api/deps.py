@@ -1,0 +1,51 @@
+"""Request dependencies: the store, the catalog, and API-key authentication."""
+
+from __future__ import annotations
+
+from fastapi import Depends, HTTPException, Request, WebSocket
+
+from ..common.catalog import Catalog
+from ..common.settings import Settings
+from ..common.store import ApiKey, Store
+
+
+def get_store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def get_catalog(request: Request) -> Catalog:
+    catalog: Catalog = request.app.state.catalog
+    return catalog
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _bearer(header: str | None) -> str:
+    if not header or not header.lower().startswith("bearer "):
+        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'")
+    return header[7:].strip()
+
+
+async def require_key(request: Request, store: Store = Depends(get_store)) -> ApiKey:
+    key = await store.lookup_key(_bearer(request.headers.get("authorization")))
+    if key is None:
+        raise HTTPException(401, "unknown API key")
+    retry = await store.rate_limited(key)
+    if retry:
+        raise HTTPException(429, f"rate limit of {key.rate_limit} requests a minute reached", headers={"Retry-After": str(retry)})
+    return key
+
+
+async def websocket_key(websocket: WebSocket) -> ApiKey | None:
+    store: Store = websocket.app.state.store
+    header = websocket.headers.get("authorization")
+    token = websocket.query_params.get("key")
+    try:
+        raw = _bearer(header) if header else (token or "")
+    except HTTPException:
+        return None
+    return await store.lookup_key(raw) if raw else None

@@ -1,0 +1,151 @@
+"""/v1/jobs: submit an envelope, read state and result, cancel, and follow events on a websocket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
+
+from nnfabric.graph.codec import graph_from_json, split_envelope, version_message
+from nnfabric.graph.ir import SCHEMA
+from nnfabric.graph.validate import GraphError, Limits, check_safetensors, validate_graph
+
+from ..common.catalog import Catalog
+from ..common.settings import Settings
+from ..common.store import TERMINAL, ApiKey, Store
+from .deps import get_catalog, get_settings, get_store, require_key, websocket_key
+from .errors import ApiError
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def _line(graph: Any, node: int | None) -> dict[str, Any] | None:
+    if node is None or not 0 <= node < len(graph.nodes) or graph.nodes[node].line is None:
+        return None
+    line = graph.nodes[node].line
+    return {"file": line.file, "line": line.line, "code": line.code}
+
+
+@router.post("", status_code=202)
+async def submit(
+    request: Request,
+    key: ApiKey = Depends(require_key),
+    store: Store = Depends(get_store),
+    catalog: Catalog = Depends(get_catalog),
+    settings: Settings = Depends(get_settings),
+) -> dict[str, Any]:
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > settings.max_envelope_bytes:
+        raise ApiError(413, f"request of {declared} bytes exceeds the limit of {settings.max_envelope_bytes}")
+    body = await request.body()
+    if len(body) > settings.max_envelope_bytes:
+        raise ApiError(413, f"request of {len(body)} bytes exceeds the limit of {settings.max_envelope_bytes}")
+    try:
+        header, blob = split_envelope(body, Limits(max_header_bytes=settings.max_envelope_bytes))
+    except GraphError as exc:
+        raise ApiError(422, str(exc)) from None
+    if header.get("schema") != SCHEMA:
+        raise ApiError(422, version_message(header.get("schema"), SCHEMA))
+    name = header.get("model")
+    spec = catalog.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists the hosted ones")
+    if not key.allows(spec.name):
+        raise ApiError(403, f"this API key may not use model {spec.name!r}")
+    state = await store.model(spec.name)
+    if state.get("state") != "ready" or "structure" not in state:
+        raise ApiError(503, f"model {spec.name!r} is not ready ({state.get('state', 'not started')})", headers={"Retry-After": "5"})
+    limits = Limits(
+        max_nodes=spec.limits.max_nodes,
+        max_tensor_bytes=spec.limits.max_tensor_bytes,
+        max_new_tokens=spec.limits.max_new_tokens,
+        max_header_bytes=settings.max_envelope_bytes,
+    )
+    graph = None
+    try:
+        graph = graph_from_json(header.get("graph"), limits)
+        tensors = check_safetensors(blob, limits)
+        from nnfabric.tracing.tree import ModuleTree
+
+        paths = ModuleTree.from_json(json.loads(state["structure"])).paths()
+        validate_graph(graph, limits, tensor_names=set(tensors), module_paths=paths)
+    except GraphError as exc:
+        status = 413 if "exceed" in str(exc) else 422
+        raise ApiError(status, str(exc), node=exc.node, line=_line(graph, exc.node) if graph else None) from None
+    job_id = uuid.uuid4().hex
+    position = await store.submit(job_id, key.user, spec.name, body, {"kind": graph.kind, "nodes": len(graph.nodes)})
+    await store.remember(job_id)
+    return {
+        "id": job_id,
+        "state": "queued",
+        "model": spec.name,
+        "position": position,
+        "status": f"/v1/jobs/{job_id}",
+        "events": f"/v1/jobs/{job_id}/events",
+        "result": f"/v1/jobs/{job_id}/result",
+    }
+
+
+async def _own_job(job_id: str, key: ApiKey, store: Store) -> dict[str, Any]:
+    job = await store.job(job_id)
+    if job is None or job["user"] != key.user:
+        raise ApiError(404, f"no job {job_id!r}")  # another user's job is indistinguishable from none
+    return job
+
+
+@router.get("/{job_id}")
+async def status(job_id: str, key: ApiKey = Depends(require_key), store: Store = Depends(get_store)) -> dict[str, Any]:
+    job = await _own_job(job_id, key, store)
+    if job.get("error_node") not in (None, "", "None"):
+        job["error_node"] = int(job["error_node"])
+    return job
+
+
+@router.get("/{job_id}/result")
+async def result(job_id: str, key: ApiKey = Depends(require_key), store: Store = Depends(get_store)) -> Response:
+    job = await _own_job(job_id, key, store)
+    if job["state"] != "completed":
+        raise ApiError(409, f"job is {job['state']}; the result exists once it has completed", state=job["state"])
+    data = await store.result(job_id)
+    if data is None:
+        raise ApiError(404, "the result has expired")
+    return Response(data, media_type="application/octet-stream")
+
+
+@router.delete("/{job_id}", status_code=202)
+async def cancel(job_id: str, key: ApiKey = Depends(require_key), store: Store = Depends(get_store)) -> dict[str, Any]:
+    job = await _own_job(job_id, key, store)
+    if job["state"] in TERMINAL or not await store.transition(job_id, "cancelled", {"by": "user"}):
+        raise ApiError(409, f"job already {job['state']}", state=job["state"])
+    return {"id": job_id, "state": "cancelled"}
+
+
+@router.websocket("/{job_id}/events")
+async def events(websocket: WebSocket, job_id: str, after: str = "0-0") -> None:
+    key = await websocket_key(websocket)
+    store: Store = websocket.app.state.store
+    if key is None:
+        await websocket.close(code=4401, reason="unknown or missing API key")
+        return
+    job = await store.job(job_id)
+    if job is None or job["user"] != key.user:
+        await websocket.close(code=4404, reason=f"no job {job_id!r}")
+        return
+    await websocket.accept()
+    cursor = after
+    try:
+        while True:
+            batch = await store.events(job_id, cursor, block_ms=1000)
+            for event_id, event in batch:
+                await websocket.send_json({"id": event_id, **event})
+                cursor = event_id
+                if event["type"] in TERMINAL:
+                    await websocket.close()
+                    return
+            if not batch:
+                await asyncio.sleep(0)
+    except WebSocketDisconnect:
+        return

@@ -1,0 +1,59 @@
+"""The model catalog: the one place an operator declares what the fabric serves.
+
+    catalog = Catalog.load("catalog.yaml")
+    spec = catalog.get("gpt2")            # name, source, dtype, gpus, replicas, limits
+
+YAML:
+    models:
+      - name: gpt2
+        source: openai-community/gpt2      # a repo id, a local directory, or a .gguf file
+        dtype: float32
+        gpus: 0                            # GPUs per replica (the model is sharded over them)
+        replicas: 1
+        limits: {max_batch: 8, max_new_tokens: 256, max_saved_bytes: 268435456, timeout_s: 120}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field
+
+
+class ModelLimits(BaseModel):
+    max_batch: int = Field(8, ge=1, description="jobs packed into one forward pass")
+    max_new_tokens: int = Field(256, ge=1)
+    max_saved_bytes: int = Field(256 << 20, ge=1, description="bytes of saved values one job may return")
+    timeout_s: float = Field(120.0, gt=0, description="execution time of one job")
+    max_nodes: int = Field(10_000, ge=1)
+    max_tensor_bytes: int = Field(64 << 20, ge=0, description="bytes of tensors a job may send")
+
+
+class ModelSpec(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    source: str
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    gpus: int = Field(0, ge=0)
+    replicas: int = Field(1, ge=1)
+    limits: ModelLimits = ModelLimits()  # type: ignore[call-arg]
+
+    @property
+    def deployment(self) -> str:
+        return f"model-{self.name}"
+
+
+class Catalog(BaseModel):
+    models: list[ModelSpec]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Catalog:
+        data = yaml.safe_load(Path(path).read_text())
+        return cls.model_validate(data)
+
+    def get(self, name: str) -> ModelSpec | None:
+        for spec in self.models:
+            if spec.name == name or spec.source == name:
+                return spec
+        return None

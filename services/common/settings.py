@@ -1,0 +1,28 @@
+"""Every service's settings, read from the environment (prefix NNFABRIC_). One source of truth.
+
+    settings = Settings()              # NNFABRIC_REDIS_URL, NNFABRIC_CATALOG, ...
+"""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NNFABRIC_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    catalog: str = "catalog.yaml"
+    # How long payloads, results and event streams are kept after a job ends.
+    result_ttl_s: int = 24 * 3600
+    max_envelope_bytes: int = 64 << 20
+    # A job waiting longer than this in the queue fails instead of running late.
+    queue_timeout_s: float = 3600.0
+    # Ray: "auto" joins a running cluster; "local" starts one in-process.
+    ray_address: str = "local"
+    ray_namespace: str = "nnfabric"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    scheduler_name: str = "scheduler-0"
+    # Entries another scheduler read but left unacknowledged this long are taken over.
+    reclaim_idle_ms: int = 30_000

@@ -1,0 +1,34 @@
+"""`python -m services.scheduler`: run one scheduler process (settings from NNFABRIC_* env)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from redis.asyncio import Redis
+
+from ..common.catalog import Catalog
+from ..common.settings import Settings
+from ..common.store import Store
+from .scheduler import Scheduler, ray_dispatch
+
+
+async def main() -> None:
+    import ray
+
+    settings = Settings()
+    ray.init(address=None if settings.ray_address == "local" else settings.ray_address,
+             namespace=settings.ray_namespace, include_dashboard=False, log_to_driver=False)  # fmt: skip
+    store = Store(Redis.from_url(settings.redis_url), settings.result_ttl_s)
+    scheduler = Scheduler(store, Catalog.load(settings.catalog), ray_dispatch(), name=settings.scheduler_name,
+                          queue_timeout_s=settings.queue_timeout_s, reclaim_idle_ms=settings.reclaim_idle_ms)  # fmt: skip
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, scheduler.stop)
+    await scheduler.run()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(main())

@@ -1,0 +1,215 @@
+"""The scheduler: per-model Redis streams in, fair batches out to the model's Ray Serve replicas.
+
+    scheduler = Scheduler(store, catalog, dispatch=ray_dispatch)
+    await scheduler.run()           # until stop() is called
+
+Each model's stream has one consumer group; every scheduler process is a consumer in it, so
+two can run side by side. An entry is acknowledged only after its job reached a final state,
+so a scheduler that dies loses nothing: its unacknowledged entries are claimed again (by
+itself on restart, or by a peer once they have been idle long enough).
+
+Fair share: waiting jobs are queued per user, and a batch takes one job from each user in
+turn, starting after the user served first last time; a user with 100 jobs waits behind a
+user with 1 only for that one job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from redis.exceptions import ResponseError
+
+from ..common.catalog import Catalog, ModelSpec
+from ..common.store import GROUP, TERMINAL, Store, queue_stream
+
+log = logging.getLogger("nnfabric.scheduler")
+
+Dispatch = Callable[[ModelSpec, list[str]], Awaitable[dict[str, str]]]
+
+
+@dataclass
+class _Entry:
+    stream_id: str
+    job_id: str
+    user: str
+
+
+@dataclass
+class _ModelQueue:
+    spec: ModelSpec
+    users: OrderedDict[str, deque[_Entry]] = field(default_factory=OrderedDict)
+    known: set[str] = field(default_factory=set)
+    in_flight: int = 0
+
+    def add(self, entry: _Entry) -> None:
+        if entry.stream_id in self.known:
+            return
+        self.known.add(entry.stream_id)
+        self.users.setdefault(entry.user, deque()).append(entry)
+
+    def take_batch(self, size: int) -> list[_Entry]:
+        """Round robin over users; the user served first moves to the back."""
+        batch: list[_Entry] = []
+        while len(batch) < size and self.users:
+            for user in list(self.users):
+                if len(batch) >= size:
+                    break
+                queue = self.users.pop(user)
+                batch.append(queue.popleft())
+                if queue:
+                    self.users[user] = queue  # back of the line
+        return batch
+
+    def done(self, entry: _Entry) -> None:
+        self.known.discard(entry.stream_id)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        catalog: Catalog,
+        dispatch: Dispatch,
+        name: str = "scheduler-0",
+        queue_timeout_s: float = 3600.0,
+        reclaim_idle_ms: int = 30_000,
+    ) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.catalog = catalog
+        self.dispatch = dispatch
+        self.name = name
+        self.queue_timeout_s = queue_timeout_s
+        self.reclaim_idle_ms = reclaim_idle_ms
+        self.queues = {spec.name: _ModelQueue(spec) for spec in catalog.models}
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        for spec in self.catalog.models:
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+                await self.redis.xgroup_create(queue_stream(spec.name), GROUP, id="0", mkstream=True)
+            # Entries this consumer had read but not acknowledged before a restart.
+            await self._read(spec.name, "0")
+        last_reclaim = 0.0
+        while not self._stopping.is_set():
+            if time.monotonic() - last_reclaim > min(2.0, self.reclaim_idle_ms / 2000):
+                for name in self.queues:
+                    await self._reclaim(name)
+                await self.store.heartbeat(f"scheduler:{self.name}")
+                last_reclaim = time.monotonic()
+            await self._read_new()
+            for name in self.queues:
+                await self._dispatch_ready(name)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _read_new(self) -> None:
+        streams = {queue_stream(name): ">" for name in self.queues}
+        reply = await self.redis.xreadgroup(GROUP, self.name, streams, count=256, block=100)
+        for stream, entries in reply or []:
+            name = _text(stream).removeprefix("nnf:queue:")
+            self._add(name, entries)
+
+    async def _read(self, name: str, start: str) -> None:
+        reply = await self.redis.xreadgroup(GROUP, self.name, {queue_stream(name): start}, count=10_000)
+        for _stream, entries in reply or []:
+            self._add(name, entries)
+
+    async def _reclaim(self, name: str) -> None:
+        """Take over entries another (dead) consumer read but never acknowledged."""
+        start = "0-0"
+        while True:
+            reply = await self.redis.xautoclaim(
+                queue_stream(name), GROUP, self.name, min_idle_time=self.reclaim_idle_ms, start_id=start, count=100
+            )
+            start, entries = _text(reply[0]), reply[1]
+            self._add(name, entries)
+            if start == "0-0" or not entries:
+                break
+
+    def _add(self, name: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        queue = self.queues[name]
+        for stream_id, fields in entries:
+            if not fields:
+                continue
+            raw = {_text(k): _text(v) for k, v in fields.items()}
+            queue.add(_Entry(_text(stream_id), raw["job"], raw.get("user", "")))
+
+    async def _dispatch_ready(self, name: str) -> None:
+        queue = self.queues[name]
+        while queue.in_flight < queue.spec.replicas and queue.users:
+            batch = await self._live(name, queue.take_batch(queue.spec.limits.max_batch))
+            if not batch:
+                continue
+            queue.in_flight += 1
+            task = asyncio.create_task(self._run_batch(name, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _live(self, name: str, batch: list[_Entry]) -> list[_Entry]:
+        """Drop jobs that were cancelled or ended meanwhile, and fail those past their deadline."""
+        live = []
+        for entry in batch:
+            job = await self.store.job(entry.job_id)
+            if job is None or job["state"] in TERMINAL:
+                await self._ack(name, entry)
+                continue
+            if time.time() - job["created"] > self.queue_timeout_s:
+                await self.store.transition(entry.job_id, "failed", {"message": "the job waited past the queue deadline"}, error="queue deadline passed")
+                await self._ack(name, entry)
+                continue
+            live.append(entry)
+        return live
+
+    async def _run_batch(self, name: str, batch: list[_Entry]) -> None:
+        queue = self.queues[name]
+        try:
+            for entry in batch:
+                await self.store.dequeued(name, entry.job_id)
+            try:
+                await self.dispatch(queue.spec, [e.job_id for e in batch])
+            except Exception as exc:  # the replica failed as a whole; the jobs fail with its reason
+                log.exception("dispatch to %s failed", name)
+                for entry in batch:
+                    await self.store.transition(
+                        entry.job_id, "failed", {"message": f"the model replica failed: {exc}"}, error=str(exc)
+                    )
+            for entry in batch:
+                await self._ack(name, entry)
+        finally:
+            queue.in_flight -= 1
+
+    async def _ack(self, name: str, entry: _Entry) -> None:
+        await self.redis.xack(queue_stream(name), GROUP, entry.stream_id)
+        await self.redis.xdel(queue_stream(name), entry.stream_id)
+        self.queues[name].done(entry)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def ray_dispatch() -> Dispatch:
+    """Dispatch through each model's Ray Serve deployment handle."""
+    from ray import serve
+
+    handles: dict[str, object] = {}
+
+    async def dispatch(spec: ModelSpec, job_ids: list[str]) -> dict[str, str]:
+        handle = handles.get(spec.name)
+        if handle is None:
+            handle = serve.get_deployment_handle(spec.deployment, app_name=spec.deployment)
+            handles[spec.name] = handle
+        result: dict[str, str] = await handle.run_batch.remote(job_ids)  # type: ignore[attr-defined]
+        return result
+
+    return dispatch

@@ -1,0 +1,110 @@
+"""Ray Serve: one deployment per catalog model; each replica loads its model once and keeps it.
+
+    deploy_catalog(catalog, settings)           # serve.run for every model (HTTP proxy off)
+    handle = serve.get_deployment_handle("model-gpt2", app_name="model-gpt2")
+    await handle.run_batch.remote(["job-id", ...])
+
+Replicas are long-lived: routing changes never redeploy them (NDIF's lesson). Results and
+events go to Redis; a replica answers the scheduler with each job's final state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import redis
+from ray import serve
+from redis.asyncio import Redis
+
+from ..common.catalog import Catalog, ModelSpec
+from ..common.settings import Settings
+from ..common.store import Store
+
+log = logging.getLogger("nnfabric.worker")
+
+
+@serve.deployment(max_ongoing_requests=1, health_check_period_s=10, graceful_shutdown_timeout_s=5)
+class ModelReplica:
+    def __init__(self, spec: dict[str, Any], redis_url: str, ttl_s: int) -> None:
+        from .executor import BatchExecutor
+        from .loader import load_model, tokenizer_files
+
+        self.spec = ModelSpec.model_validate(spec)
+        self.redis_url = redis_url
+        self.ttl_s = ttl_s
+        self._store: Store | None = None
+        sync = redis.Redis.from_url(redis_url)
+        key = f"nnf:model:{self.spec.name}"
+        sync.hset(key, mapping={"state": "loading"})
+        try:
+            model, tokenizer = load_model(self.spec)
+        except Exception as exc:
+            sync.hset(key, mapping={"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
+            raise
+        self.executor = BatchExecutor(self.spec, model, tokenizer)
+        sync.hset(
+            key,
+            mapping={
+                "state": "ready",
+                "replicas": self.spec.replicas,
+                "structure": json.dumps(self.executor.tree.to_json()),
+                "tokenizer": json.dumps(tokenizer_files(tokenizer)),
+                "error": "",
+            },
+        )
+        sync.close()
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(Redis.from_url(self.redis_url), self.ttl_s)
+        return self._store
+
+    async def run_batch(self, job_ids: list[str]) -> dict[str, str]:
+        store = self.store
+        jobs: list[tuple[str, bytes]] = []
+        states: dict[str, str] = {}
+        for job_id in job_ids:
+            payload = await store.payload(job_id)
+            if payload is None:
+                await store.transition(job_id, "failed", {"message": "the job's payload has expired"}, error="payload expired")
+                states[job_id] = "failed"
+                continue
+            if await store.transition(job_id, "running", {"batch": len(job_ids)}):
+                jobs.append((job_id, payload))
+            else:
+                states[job_id] = "cancelled"
+        outcomes = await asyncio.to_thread(self.executor.run, jobs) if jobs else {}
+        for job_id, outcome in outcomes.items():
+            if outcome.ok and outcome.result is not None:
+                await store.put_result(job_id, outcome.result)
+                await store.transition(
+                    job_id, "completed",
+                    {"result": f"/v1/jobs/{job_id}/result", "bytes": len(outcome.result), "seconds": round(outcome.seconds, 4)},
+                )  # fmt: skip
+                states[job_id] = "completed"
+            else:
+                data = {"message": outcome.error, "node": outcome.node}
+                await store.transition(job_id, "failed", data, error=outcome.error, error_node=outcome.node)
+                states[job_id] = "failed"
+        return states
+
+    def check_health(self) -> None:
+        if self.executor is None:
+            raise RuntimeError("model not loaded")
+
+
+def deploy_catalog(catalog: Catalog, settings: Settings) -> None:
+    """Deploy every catalog model as its own Serve application; waits until each is ready."""
+    serve.start(proxy_location="Disabled")
+    for spec in catalog.models:
+        app = ModelReplica.options(  # type: ignore[attr-defined]
+            name=spec.deployment,
+            num_replicas=spec.replicas,
+            ray_actor_options={"num_gpus": spec.gpus, "num_cpus": 0 if spec.gpus else 1},
+        ).bind(spec.model_dump(), settings.redis_url, settings.result_ttl_s)
+        serve.run(app, name=spec.deployment, route_prefix=None, blocking=False)
+        log.info("deployed %s", spec.deployment)

@@ -1,0 +1,180 @@
+"""Runs a batch of jobs on one loaded model, under the catalog's limits.
+
+    executor = BatchExecutor(spec, hf_model, tokenizer)
+    outcomes = executor.run([(job_id, payload_bytes), ...])   # {job_id: Outcome}
+
+Compatible jobs (plain traces whose every invoke has inputs and that take no gradients) are
+merged into one graph and one forward pass; each job's reads and writes still touch only its
+own rows. If a merged run fails, its jobs run one by one, so one job's error never reaches
+its batch-mates. Nothing of a job outlives it on the model: hooks are removed, grads cleared.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nnfabric.errors import InterventionError
+from nnfabric.graph.ir import Graph, Invoke, Node, Ref, TensorRef
+from nnfabric.graph.validate import GraphError, Limits, validate_graph
+from nnfabric.runtime.adapters import CausalLMAdapter
+from nnfabric.runtime.execute import run_graph
+from nnfabric.runtime.wire import pack_result, result_nbytes, unpack_request
+from nnfabric.tracing.tree import ModuleTree
+
+from ..common.catalog import ModelSpec
+
+_UNMERGEABLE = {"backward", "grad", "set_grad", "stop"}
+
+
+@dataclass
+class Outcome:
+    result: bytes | None = None
+    error: str | None = None
+    node: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class BatchExecutor:
+    def __init__(self, spec: ModelSpec, model: Any, tokenizer: Any) -> None:
+        self.spec = spec
+        self.model = model
+        self.adapter = CausalLMAdapter(model, tokenizer)
+        self.tree = ModuleTree.from_module(model)
+        self.paths = self.tree.paths()
+        limits = spec.limits
+        self.limits = Limits(
+            max_nodes=limits.max_nodes,
+            max_tensor_bytes=limits.max_tensor_bytes,
+            max_new_tokens=limits.max_new_tokens,
+        )
+
+    def decode(self, payload: bytes) -> tuple[Graph, dict[str, torch.Tensor]]:
+        graph, tensors = unpack_request(payload, self.limits)
+        validate_graph(graph, self.limits, tensor_names=set(tensors), module_paths=self.paths)
+        return graph, tensors
+
+    def run(self, jobs: list[tuple[str, bytes]]) -> dict[str, Outcome]:
+        outcomes: dict[str, Outcome] = {}
+        decoded: list[tuple[str, Graph, dict[str, torch.Tensor]]] = []
+        for job_id, payload in jobs:
+            try:
+                graph, tensors = self.decode(payload)
+            except GraphError as exc:
+                outcomes[job_id] = Outcome(error=f"invalid graph: {exc}", node=exc.node)
+                continue
+            decoded.append((job_id, graph, tensors))
+        mergeable = [j for j in decoded if _mergeable(j[1])]
+        alone = [j for j in decoded if not _mergeable(j[1])]
+        if len(mergeable) > 1:
+            outcomes.update(self._run_merged(mergeable))
+        else:
+            alone = mergeable + alone
+        for job_id, graph, tensors in alone:
+            outcomes[job_id] = self._run_one(graph, tensors)
+        return outcomes
+
+    def _run_one(self, graph: Graph, tensors: dict[str, torch.Tensor]) -> Outcome:
+        start = time.monotonic()
+        try:
+            saved = run_graph(graph, tensors, self.adapter, deadline=start + self.spec.limits.timeout_s)
+            return self._finish(saved, start)
+        except InterventionError as exc:
+            return Outcome(error=exc.reason, node=exc.node, seconds=time.monotonic() - start)
+        except torch.OutOfMemoryError:
+            return Outcome(error="out of memory: save less, or use fewer or shorter prompts", seconds=time.monotonic() - start)
+        except Exception as exc:  # a job's failure must never take the replica down
+            return Outcome(error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - start)
+        finally:
+            self._clean()
+
+    def _finish(self, saved: dict[int, Any], start: float) -> Outcome:
+        size = result_nbytes(saved)
+        if size > self.spec.limits.max_saved_bytes:
+            return Outcome(
+                error=f"saved values take {size} bytes, over this model's limit of {self.spec.limits.max_saved_bytes}",
+                seconds=time.monotonic() - start,
+            )
+        return Outcome(result=pack_result(saved), seconds=time.monotonic() - start)
+
+    def _run_merged(self, jobs: list[tuple[str, Graph, dict[str, torch.Tensor]]]) -> dict[str, Outcome]:
+        merged, tensors, offsets = merge_graphs([(g, t) for _, g, t in jobs])
+        start = time.monotonic()
+        try:
+            saved = run_graph(merged, tensors, self.adapter, deadline=start + self.spec.limits.timeout_s)
+        except Exception:
+            self._clean()
+            # Someone's job failed: run each alone so the failure stays with its owner.
+            return {job_id: self._run_one(graph, t) for job_id, graph, t in jobs}
+        self._clean()
+        outcomes = {}
+        for (job_id, graph, _), offset in zip(jobs, offsets, strict=True):
+            own = {nid: saved[nid + offset] for nid in graph.saves if nid + offset in saved}
+            outcomes[job_id] = self._finish(own, start)
+        return outcomes
+
+    def _clean(self) -> None:
+        for parameter in self.model.parameters():
+            parameter.grad = None
+
+
+def _mergeable(graph: Graph) -> bool:
+    return (
+        graph.kind == "trace"
+        and all(inv.args is not None or inv.kwargs for inv in graph.invokes)
+        and not any(node.op in _UNMERGEABLE for node in graph.nodes)
+    )
+
+
+def merge_graphs(parts: list[tuple[Graph, dict[str, torch.Tensor]]]) -> tuple[Graph, dict[str, torch.Tensor], list[int]]:
+    """Concatenate graphs into one: node ids, invoke indices and tensor names are offset."""
+    merged = Graph(kind="trace")
+    tensors: dict[str, torch.Tensor] = {}
+    offsets = []
+    for index, (graph, own_tensors) in enumerate(parts):
+        node_offset, invoke_offset, prefix = len(merged.nodes), len(merged.invokes), f"j{index}_"
+        offsets.append(node_offset)
+        tensors.update({prefix + name: t for name, t in own_tensors.items()})
+        for inv in graph.invokes:
+            merged.invokes.append(
+                Invoke(
+                    args=None if inv.args is None else [_shift(a, node_offset, prefix) for a in inv.args],
+                    kwargs={k: _shift(v, node_offset, prefix) for k, v in inv.kwargs.items()},
+                )
+            )
+        for node in graph.nodes:
+            merged.add(
+                Node(
+                    op=node.op,
+                    args=[_shift(a, node_offset, prefix) for a in node.args],
+                    kwargs={k: _shift(v, node_offset, prefix) for k, v in node.kwargs.items()},
+                    invoke=node.invoke + invoke_offset,
+                    line=node.line,
+                    optional=node.optional,
+                )
+            )
+        merged.saves.extend(s + node_offset for s in graph.saves)
+    return merged, tensors, offsets
+
+
+def _shift(value: Any, offset: int, prefix: str) -> Any:
+    if isinstance(value, Ref):
+        return Ref(value.id + offset)
+    if isinstance(value, TensorRef):
+        return TensorRef(prefix + value.name)
+    if isinstance(value, list):
+        return [_shift(v, offset, prefix) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_shift(v, offset, prefix) for v in value)
+    if isinstance(value, dict):
+        return {k: _shift(v, offset, prefix) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_shift(value.start, offset, prefix), _shift(value.stop, offset, prefix), _shift(value.step, offset, prefix))
+    return value
