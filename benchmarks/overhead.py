@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import nnfabric  # noqa: E402
-from models import build_gpt2, train_tokenizer  # noqa: E402
+import nnfabric
+from models import build_gpt2, train_tokenizer
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -53,12 +53,16 @@ def small_model(directory: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=300, n_positions=128, pad_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        n_layer=12, n_embd=768, n_head=12, vocab_size=300, n_positions=128, pad_token_id=1, eos_token_id=2
+    )
     GPT2LMHeadModel(config).eval().save_pretrained(directory)
     train_tokenizer(directory)
 
 
-def tasks(model: nnfabric.LanguageModel, ids: torch.Tensor, ids2: torch.Tensor) -> dict[str, dict[str, Callable[[], object]]]:
+def tasks(
+    model: nnfabric.LanguageModel, ids: torch.Tensor, ids2: torch.Tensor
+) -> dict[str, dict[str, Callable[[], object]]]:
     hf = model._module
     blocks = model.transformer.h
     pad = model.tokenizer.pad_token_id
@@ -92,7 +96,9 @@ def tasks(model: nnfabric.LanguageModel, ids: torch.Tensor, ids2: torch.Tensor) 
 
     def plain_generate() -> object:
         with torch.no_grad():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=pad)
+            return hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=pad
+            )
 
     def generate_edit() -> object:
         with model.generate(ids, max_new_tokens=5) as tracer:
@@ -185,7 +191,9 @@ def run(label: str, directory: Path, keys: list[str], repeats: int) -> None:
                 note = f"failed: {type(exc).__name__}"
         t = interleaved(fns, repeats)  # type: ignore[arg-type]
         versus = f"{t['ours'] / t['nnsight']:.2f}" if "nnsight" in t else note
-        print(f"({key}) {task['label']:<30}{t['base'] * 1e3:>10.2f}{t['ours'] * 1e3:>10.2f}{t['ours'] / t['base']:>12.3f}{versus:>14}")
+        print(
+            f"({key}) {task['label']:<30}{t['base'] * 1e3:>10.2f}{t['ours'] * 1e3:>10.2f}{t['ours'] / t['base']:>12.3f}{versus:>14}"
+        )
 
 
 def main() -> None:

@@ -6,13 +6,12 @@ import json
 import time
 
 import httpx
+import nnfabric
 import pytest
 import torch
-from websockets.sync.client import connect as ws_connect
-
-import nnfabric
 from nnfabric.graph import Graph, Invoke, Node, Ref
 from nnfabric.runtime.wire import pack_request
+from websockets.sync.client import connect as ws_connect
 
 CLEAN = "The Eiffel Tower is in the city of"
 CORRUPT = "The Colosseum is in the city of"

@@ -36,7 +36,9 @@ async def require_key(request: Request, store: Store = Depends(get_store)) -> Ap
         raise HTTPException(401, "unknown API key")
     retry = await store.rate_limited(key)
     if retry:
-        raise HTTPException(429, f"rate limit of {key.rate_limit} requests a minute reached", headers={"Retry-After": str(retry)})
+        raise HTTPException(
+            429, f"rate limit of {key.rate_limit} requests a minute reached", headers={"Retry-After": str(retry)}
+        )
     return key
 
 

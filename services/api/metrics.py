@@ -17,11 +17,19 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("nnfabric_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry)
-        self.latency = Histogram("nnfabric_http_request_seconds", "HTTP latency", ["route", "method"], registry=self.registry)
+        self.requests = Counter(
+            "nnfabric_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "nnfabric_http_request_seconds", "HTTP latency", ["route", "method"], registry=self.registry
+        )
         self.depth = Gauge("nnfabric_queue_depth", "jobs waiting", ["model"], registry=self.registry)
-        self.oldest = Gauge("nnfabric_queue_oldest_wait_seconds", "wait of the oldest queued job", ["model"], registry=self.registry)
-        self.outcomes = Gauge("nnfabric_jobs_finished", "jobs by final state (since Redis was created)", ["state"], registry=self.registry)
+        self.oldest = Gauge(
+            "nnfabric_queue_oldest_wait_seconds", "wait of the oldest queued job", ["model"], registry=self.registry
+        )
+        self.outcomes = Gauge(
+            "nnfabric_jobs_finished", "jobs by final state (since Redis was created)", ["state"], registry=self.registry
+        )
 
     async def middleware(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         start = time.perf_counter()

@@ -31,13 +31,17 @@ async def readyz(store: Store = Depends(get_store), catalog: Catalog = Depends(g
     # Schedulers hold the connection to Ray; a fresh heartbeat means dispatch can happen.
     schedulers = await store.alive("scheduler:")
     checks["ray"] = bool(schedulers) or "no scheduler connected to Ray"
-    checks["models"] = {spec.name: (await store.model(spec.name)).get("state", "not started") for spec in catalog.models}
+    checks["models"] = {
+        spec.name: (await store.model(spec.name)).get("state", "not started") for spec in catalog.models
+    }
     ready = checks["redis"] is True and checks["ray"] is True
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
 @router.get("/metrics")
-async def metrics(request: Request, store: Store = Depends(get_store), catalog: Catalog = Depends(get_catalog)) -> Response:
+async def metrics(
+    request: Request, store: Store = Depends(get_store), catalog: Catalog = Depends(get_catalog)
+) -> Response:
     collector: Metrics = request.app.state.metrics
     await collector.refresh(store, catalog)
     return Response(collector.render(), media_type=collector.content_type)

@@ -8,7 +8,6 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
-
 from nnfabric.graph.codec import graph_from_json, split_envelope, version_message
 from nnfabric.graph.ir import SCHEMA
 from nnfabric.graph.validate import GraphError, Limits, check_safetensors, validate_graph
@@ -57,7 +56,9 @@ async def submit(
         raise ApiError(403, f"this API key may not use model {spec.name!r}")
     state = await store.model(spec.name)
     if state.get("state") != "ready" or "structure" not in state:
-        raise ApiError(503, f"model {spec.name!r} is not ready ({state.get('state', 'not started')})", headers={"Retry-After": "5"})
+        raise ApiError(
+            503, f"model {spec.name!r} is not ready ({state.get('state', 'not started')})", headers={"Retry-After": "5"}
+        )
     limits = Limits(
         max_nodes=spec.limits.max_nodes,
         max_tensor_bytes=spec.limits.max_tensor_bytes,

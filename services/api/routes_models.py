@@ -49,7 +49,10 @@ async def list_models(
 
 @router.get("/{name}")
 async def one_model(
-    name: str, key: ApiKey = Depends(require_key), store: Store = Depends(get_store), catalog: Catalog = Depends(get_catalog)
+    name: str,
+    key: ApiKey = Depends(require_key),
+    store: Store = Depends(get_store),
+    catalog: Catalog = Depends(get_catalog),
 ) -> dict[str, Any]:
     return await describe(_spec(name, catalog), store)
 
@@ -58,13 +61,20 @@ async def _published(name: str, field: str, store: Store, catalog: Catalog) -> A
     spec = _spec(name, catalog)
     live = await store.model(spec.name)
     if field not in live:
-        raise ApiError(503, f"model {spec.name!r} is not loaded yet ({live.get('state', 'not started')})", headers={"Retry-After": "5"})
+        raise ApiError(
+            503,
+            f"model {spec.name!r} is not loaded yet ({live.get('state', 'not started')})",
+            headers={"Retry-After": "5"},
+        )
     return json.loads(live[field])
 
 
 @router.get("/{name}/structure")
 async def structure(
-    name: str, key: ApiKey = Depends(require_key), store: Store = Depends(get_store), catalog: Catalog = Depends(get_catalog)
+    name: str,
+    key: ApiKey = Depends(require_key),
+    store: Store = Depends(get_store),
+    catalog: Catalog = Depends(get_catalog),
 ) -> dict[str, Any]:
     tree: dict[str, Any] = await _published(name, "structure", store, catalog)
     return {"name": _spec(name, catalog).name, "tree": tree}
@@ -72,7 +82,10 @@ async def structure(
 
 @router.get("/{name}/tokenizer")
 async def tokenizer(
-    name: str, key: ApiKey = Depends(require_key), store: Store = Depends(get_store), catalog: Catalog = Depends(get_catalog)
+    name: str,
+    key: ApiKey = Depends(require_key),
+    store: Store = Depends(get_store),
+    catalog: Catalog = Depends(get_catalog),
 ) -> dict[str, Any]:
     files: dict[str, str] = await _published(name, "tokenizer", store, catalog)
     return {"files": files}

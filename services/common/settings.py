@@ -1,6 +1,6 @@
 """Every service's settings, read from the environment (prefix NNFABRIC_). One source of truth.
 
-    settings = Settings()              # NNFABRIC_REDIS_URL, NNFABRIC_CATALOG, ...
+settings = Settings()              # NNFABRIC_REDIS_URL, NNFABRIC_CATALOG, ...
 """
 
 from __future__ import annotations

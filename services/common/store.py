@@ -80,7 +80,8 @@ def _decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
 
 class Store:
     def __init__(self, redis: Redis, ttl_s: int = 86400) -> None:
-        self.redis = redis
+        # redis-py's stubs type replies as unions of every wire type; we decode them ourselves.
+        self.redis: Any = redis
         self.ttl_s = ttl_s
 
     # -- API keys --------------------------------------------------------------------------
@@ -101,14 +102,24 @@ class Store:
         raw = _decode_hash(await self.redis.hgetall(f"nnf:key:{hash_key(key)}"))
         if not raw:
             return None
-        return ApiKey(raw["key_id"], raw["user"], json.loads(raw["models"]), int(raw["rate_limit"]), float(raw["created"]))
+        return ApiKey(
+            raw["key_id"], raw["user"], json.loads(raw["models"]), int(raw["rate_limit"]), float(raw["created"])
+        )
 
     async def list_keys(self) -> list[ApiKey]:
         found = []
         for digest in (await self.redis.hgetall("nnf:key_ids")).values():
             raw = _decode_hash(await self.redis.hgetall(f"nnf:key:{_text(digest)}"))
             if raw:
-                found.append(ApiKey(raw["key_id"], raw["user"], json.loads(raw["models"]), int(raw["rate_limit"]), float(raw["created"])))
+                found.append(
+                    ApiKey(
+                        raw["key_id"],
+                        raw["user"],
+                        json.loads(raw["models"]),
+                        int(raw["rate_limit"]),
+                        float(raw["created"]),
+                    )
+                )
         return sorted(found, key=lambda k: k.created)
 
     async def revoke_key(self, key_id: str) -> bool:
@@ -194,7 +205,9 @@ class Store:
         await self.redis.expire(_events(job_id), self.ttl_s)
         return _text(event_id)
 
-    async def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    async def events(
+        self, job_id: str, after: str = "0-0", block_ms: int | None = None
+    ) -> list[tuple[str, dict[str, Any]]]:
         """Events after `after`, waiting up to block_ms for the first one."""
         reply = await self.redis.xread({_events(job_id): after}, count=100, block=block_ms)
         found = []

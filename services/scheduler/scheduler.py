@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.exceptions import ResponseError
 
@@ -81,7 +82,7 @@ class Scheduler:
         reclaim_idle_ms: int = 30_000,
     ) -> None:
         self.store = store
-        self.redis = store.redis
+        self.redis: Any = store.redis
         self.catalog = catalog
         self.dispatch = dispatch
         self.name = name
@@ -164,7 +165,12 @@ class Scheduler:
                 await self._ack(name, entry)
                 continue
             if time.time() - job["created"] > self.queue_timeout_s:
-                await self.store.transition(entry.job_id, "failed", {"message": "the job waited past the queue deadline"}, error="queue deadline passed")
+                await self.store.transition(
+                    entry.job_id,
+                    "failed",
+                    {"message": "the job waited past the queue deadline"},
+                    error="queue deadline passed",
+                )
                 await self._ack(name, entry)
                 continue
             live.append(entry)

@@ -70,7 +70,9 @@ class ModelReplica:
         for job_id in job_ids:
             payload = await store.payload(job_id)
             if payload is None:
-                await store.transition(job_id, "failed", {"message": "the job's payload has expired"}, error="payload expired")
+                await store.transition(
+                    job_id, "failed", {"message": "the job's payload has expired"}, error="payload expired"
+                )
                 states[job_id] = "failed"
                 continue
             if await store.transition(job_id, "running", {"batch": len(job_ids)}):

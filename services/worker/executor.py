@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from nnfabric.errors import InterventionError
 from nnfabric.graph.ir import Graph, Invoke, Node, Ref, TensorRef
 from nnfabric.graph.validate import GraphError, Limits, validate_graph
@@ -89,7 +88,9 @@ class BatchExecutor:
         except InterventionError as exc:
             return Outcome(error=exc.reason, node=exc.node, seconds=time.monotonic() - start)
         except torch.OutOfMemoryError:
-            return Outcome(error="out of memory: save less, or use fewer or shorter prompts", seconds=time.monotonic() - start)
+            return Outcome(
+                error="out of memory: save less, or use fewer or shorter prompts", seconds=time.monotonic() - start
+            )
         except Exception as exc:  # a job's failure must never take the replica down
             return Outcome(error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - start)
         finally:
@@ -133,7 +134,9 @@ def _mergeable(graph: Graph) -> bool:
     )
 
 
-def merge_graphs(parts: list[tuple[Graph, dict[str, torch.Tensor]]]) -> tuple[Graph, dict[str, torch.Tensor], list[int]]:
+def merge_graphs(
+    parts: list[tuple[Graph, dict[str, torch.Tensor]]],
+) -> tuple[Graph, dict[str, torch.Tensor], list[int]]:
     """Concatenate graphs into one: node ids, invoke indices and tensor names are offset."""
     merged = Graph(kind="trace")
     tensors: dict[str, torch.Tensor] = {}
@@ -176,5 +179,7 @@ def _shift(value: Any, offset: int, prefix: str) -> Any:
     if isinstance(value, dict):
         return {k: _shift(v, offset, prefix) for k, v in value.items()}
     if isinstance(value, slice):
-        return slice(_shift(value.start, offset, prefix), _shift(value.stop, offset, prefix), _shift(value.step, offset, prefix))
+        return slice(
+            _shift(value.start, offset, prefix), _shift(value.stop, offset, prefix), _shift(value.step, offset, prefix)
+        )
     return value

@@ -75,4 +75,8 @@ def tokenizer_files(tokenizer: Any) -> dict[str, str]:
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file() and p.suffix in (".json", ".txt", ".model") and p.suffix != ".model"}
+        return {
+            p.name: p.read_text()
+            for p in Path(tmp).iterdir()
+            if p.is_file() and p.suffix in (".json", ".txt", ".model") and p.suffix != ".model"
+        }

@@ -225,7 +225,9 @@ def run_remote(model: Model, tracer: Tracer) -> None:
 
     name = getattr(model, "_remote_name", None)
     if not name:
-        raise RemoteError("this model has no name on the fabric: use fabric.model(name) or LanguageModel(..., remote_name=)")
+        raise RemoteError(
+            "this model has no name on the fabric: use fabric.model(name) or LanguageModel(..., remote_name=)"
+        )
     session = _session_for(model)
     graph = tracer._graph
     try:

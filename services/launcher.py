@@ -1,0 +1,128 @@
+"""One machine, every service: Redis (unless given), Ray, the model replicas, a scheduler, the api.
+
+    fabric = EmbeddedFabric.start("catalog.yaml")     # what `nnfabric serve` runs
+    fabric.url                                        # http://127.0.0.1:<port>
+    fabric.stop()
+
+The scheduler runs as its own process (as in a cluster), so it can die and restart alone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .common.catalog import Catalog
+from .common.redis_server import RedisServer, free_port
+from .common.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class EmbeddedFabric:
+    url: str
+    settings: Settings
+    env: dict[str, str]
+    redis: RedisServer | None = None
+    scheduler: subprocess.Popen[bytes] | None = None
+    _server: Any = None
+    _thread: threading.Thread | None = None
+    deployed: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls,
+        catalog_path: str | Path,
+        redis_url: str | None = None,
+        port: int = 0,
+        deploy: list[str] | None = None,
+        **overrides: Any,
+    ) -> EmbeddedFabric:
+        import ray
+        import uvicorn
+
+        from .api.app import create_app
+        from .worker.deployment import deploy_catalog
+
+        redis = None if redis_url else RedisServer.start()
+        redis_url = redis_url or (redis.url if redis else "")
+        catalog = Catalog.load(catalog_path)
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, namespace="nnfabric", log_to_driver=False)
+        settings = Settings(redis_url=redis_url, catalog=str(catalog_path), **overrides)
+        env = {
+            **os.environ,
+            "NNFABRIC_REDIS_URL": redis_url,
+            "NNFABRIC_CATALOG": str(catalog_path),
+            "NNFABRIC_RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+            **{f"NNFABRIC_{k.upper()}": str(v) for k, v in overrides.items()},
+        }
+        chosen = Catalog(models=[m for m in catalog.models if deploy is None or m.name in deploy])
+        deploy_catalog(chosen, settings)
+        port = port or free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(settings), host=settings.api_host, port=port, log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError(f"the api could not start on port {port}")
+            time.sleep(0.05)
+        fabric = cls(
+            f"http://{settings.api_host}:{port}",
+            settings,
+            env,
+            redis,
+            None,
+            server,
+            thread,
+            [m.name for m in chosen.models],
+        )
+        fabric.start_scheduler()
+        return fabric
+
+    def start_scheduler(self, name: str = "scheduler-0") -> None:
+        env = {**self.env, "NNFABRIC_SCHEDULER_NAME": name, "PYTHONPATH": str(ROOT)}
+        self.scheduler = subprocess.Popen([sys.executable, "-m", "services.scheduler"], cwd=ROOT, env=env)
+
+    def kill_scheduler(self) -> None:
+        assert self.scheduler is not None
+        self.scheduler.kill()  # no chance to acknowledge anything
+        self.scheduler.wait(10)
+        self.scheduler = None
+
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            response = httpx.get(f"{self.url}/readyz")
+            states = response.json()["checks"].get("models", {})
+            if response.status_code == 200 and all(states.get(name) == "ready" for name in self.deployed):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"fabric not ready: {httpx.get(f'{self.url}/readyz').text}")
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if self.scheduler is not None:
+            self.scheduler.terminate()
+            self.scheduler.wait(10)
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        serve.shutdown()
+        ray.shutdown()
+        if self.redis is not None:
+            self.redis.stop()

@@ -1,0 +1,79 @@
+"""The worker's batch executor, without Ray: merging, failure isolation, limits, clean state."""
+
+import torch
+from conftest import plain_logits
+from nnfabric.graph import Graph, Invoke, Node, Ref
+from nnfabric.runtime.wire import pack_request, unpack_result
+
+from services.common.catalog import ModelLimits, ModelSpec
+from services.worker.executor import BatchExecutor
+
+PROMPTS = ["The Eiffel Tower is in the city of", "Alice went to the market", "One two three"]
+
+
+def job(prompt, edit_layer=None, bad=False):
+    g = Graph()
+    g.invokes.append(Invoke(args=[prompt]))
+    if edit_layer is not None:
+        g.add(Node("output", [f"transformer.h.{edit_layer}", 0, 0]))
+        g.add(Node("binary", ["mul", Ref(0), 0.0]))
+        g.add(Node("set_output", [f"transformer.h.{edit_layer}", 0, 0, Ref(1)]))
+    out = g.add(Node("output", ["", 0, 0]))
+    logits = g.add(Node("getattr", [Ref(out.id), "logits"]))
+    g.saves.append(logits.id)
+    if bad:
+        g.add(Node("getitem", [Ref(logits.id), 9]))
+    return pack_request(g, {})
+
+
+def executor(gpt2, **limits):
+    spec = ModelSpec(name="tiny", source="x", limits=ModelLimits(**limits))
+    return BatchExecutor(spec, gpt2._module, gpt2.tokenizer)
+
+
+def logits_of(outcome):
+    assert outcome.ok, outcome.error
+    (value,) = unpack_result(outcome.result).values()
+    return value
+
+
+def test_merged_batch_matches_each_prompt_alone(gpt2):
+    ex = executor(gpt2)
+    calls = []
+    handle = gpt2._module.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        outcomes = ex.run([(str(i), job(p)) for i, p in enumerate(PROMPTS)])
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # one forward pass for three users' jobs
+    for i, prompt in enumerate(PROMPTS):
+        n = len(gpt2.tokenizer(prompt)["input_ids"])
+        assert torch.allclose(logits_of(outcomes[str(i)])[0, -n:], plain_logits(gpt2, prompt)[0], atol=1e-5)
+
+
+def test_one_failing_job_leaves_its_batch_mates_correct_and_the_model_clean(gpt2):
+    ex = executor(gpt2)
+    outcomes = ex.run(
+        [("good", job(PROMPTS[0], edit_layer=0)), ("bad", job(PROMPTS[1], bad=True)), ("other", job(PROMPTS[2]))]
+    )
+    assert not outcomes["bad"].ok and "IndexError" in outcomes["bad"].error and outcomes["bad"].node == 2
+    handle = gpt2._module.transformer.h[0].register_forward_hook(lambda m, a, o: o * 0)
+    try:
+        edited = plain_logits(gpt2, PROMPTS[0])
+    finally:
+        handle.remove()
+    assert torch.equal(logits_of(outcomes["good"]), edited)
+    assert torch.equal(logits_of(outcomes["other"]), plain_logits(gpt2, PROMPTS[2]))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in gpt2._module.modules())
+    assert all(p.grad is None for p in gpt2._module.parameters())
+    again = ex.run([("after", job(PROMPTS[1]))])
+    assert torch.equal(logits_of(again["after"]), plain_logits(gpt2, PROMPTS[1]))
+
+
+def test_limits_fail_the_job_with_a_reason(gpt2):
+    small = executor(gpt2, max_saved_bytes=100)
+    assert "over this model's limit of 100" in small.run([("a", job(PROMPTS[0]))])["a"].error
+    few_nodes = executor(gpt2, max_nodes=1)
+    assert "invalid graph" in few_nodes.run([("a", job(PROMPTS[0]))])["a"].error
+    slow = executor(gpt2, timeout_s=1e-9)
+    assert "time limit" in slow.run([("a", job(PROMPTS[0], edit_layer=1))])["a"].error
