@@ -46,13 +46,34 @@ class EmbeddedFabric:
         **overrides: Any,
     ) -> EmbeddedFabric:
         import ray
+
+        redis = None if redis_url else RedisServer.start()
+        try:
+            return cls._start(catalog_path, redis, redis_url or (redis.url if redis else ""), port, deploy, overrides)
+        except BaseException:
+            # Nothing half-started outlives a failed start: Ray and our Redis go by process id.
+            if ray.is_initialized():
+                ray.shutdown()
+            if redis is not None:
+                redis.stop()
+            raise
+
+    @classmethod
+    def _start(
+        cls,
+        catalog_path: str | Path,
+        redis: RedisServer | None,
+        redis_url: str,
+        port: int,
+        deploy: list[str] | None,
+        overrides: dict[str, Any],
+    ) -> EmbeddedFabric:
+        import ray
         import uvicorn
 
         from .api.app import create_app
         from .worker.deployment import deploy_catalog
 
-        redis = None if redis_url else RedisServer.start()
-        redis_url = redis_url or (redis.url if redis else "")
         catalog = Catalog.load(catalog_path)
         if not ray.is_initialized():
             ray.init(include_dashboard=False, namespace="nnfabric", log_to_driver=False)
@@ -117,7 +138,11 @@ class EmbeddedFabric:
 
         if self.scheduler is not None:
             self.scheduler.terminate()
-            self.scheduler.wait(10)
+            try:
+                self.scheduler.wait(10)
+            except subprocess.TimeoutExpired:
+                self.scheduler.kill()
+                self.scheduler.wait(10)
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

@@ -27,8 +27,12 @@ def start_fabric(tmp: Path, model_dir: Path) -> EmbeddedFabric:
     fabric = EmbeddedFabric.start(
         catalog_path, deploy=["tiny-gpt2"], reclaim_idle_ms=1500, max_envelope_bytes=2_000_000
     )
-    fabric.keys = asyncio.run(_make_keys(fabric.settings.redis_url))  # type: ignore[attr-defined]
-    fabric.wait_ready()
+    try:
+        fabric.keys = asyncio.run(_make_keys(fabric.settings.redis_url))  # type: ignore[attr-defined]
+        fabric.wait_ready()
+    except BaseException:
+        fabric.stop()
+        raise
     return fabric
 
 
