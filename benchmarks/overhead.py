@@ -56,7 +56,7 @@ def small_model(directory: Path) -> None:
     config = GPT2Config(
         n_layer=12, n_embd=768, n_head=12, vocab_size=300, n_positions=128, pad_token_id=1, eos_token_id=2
     )
-    GPT2LMHeadModel(config).eval().save_pretrained(directory)
+    GPT2LMHeadModel(config).train(False).save_pretrained(directory)
     train_tokenizer(directory)
 
 
@@ -129,7 +129,7 @@ def nnsight_tasks(directory: Path, ids: torch.Tensor, ids2: torch.Tensor) -> dic
         return None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = AutoModelForCausalLM.from_pretrained(directory).eval()
+    hf = AutoModelForCausalLM.from_pretrained(directory).train(False)
     model = NNsightModel(hf, tokenizer=AutoTokenizer.from_pretrained(directory))
     blocks = model.transformer.h
     mid = len(blocks) // 2

@@ -78,6 +78,12 @@ def _decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in raw.items()}
 
 
+def _api_key(raw: dict[str, str]) -> ApiKey | None:
+    if not raw:
+        return None
+    return ApiKey(raw["key_id"], raw["user"], json.loads(raw["models"]), int(raw["rate_limit"]), float(raw["created"]))
+
+
 class Store:
     def __init__(self, redis: Redis, ttl_s: int = 86400) -> None:
         # redis-py's stubs type replies as unions of every wire type; we decode them ourselves.
@@ -99,27 +105,14 @@ class Store:
         return key, record
 
     async def lookup_key(self, key: str) -> ApiKey | None:
-        raw = _decode_hash(await self.redis.hgetall(f"nnf:key:{hash_key(key)}"))
-        if not raw:
-            return None
-        return ApiKey(
-            raw["key_id"], raw["user"], json.loads(raw["models"]), int(raw["rate_limit"]), float(raw["created"])
-        )
+        return _api_key(_decode_hash(await self.redis.hgetall(f"nnf:key:{hash_key(key)}")))
 
     async def list_keys(self) -> list[ApiKey]:
         found = []
         for digest in (await self.redis.hgetall("nnf:key_ids")).values():
-            raw = _decode_hash(await self.redis.hgetall(f"nnf:key:{_text(digest)}"))
-            if raw:
-                found.append(
-                    ApiKey(
-                        raw["key_id"],
-                        raw["user"],
-                        json.loads(raw["models"]),
-                        int(raw["rate_limit"]),
-                        float(raw["created"]),
-                    )
-                )
+            record = _api_key(_decode_hash(await self.redis.hgetall(f"nnf:key:{_text(digest)}")))
+            if record is not None:
+                found.append(record)
         return sorted(found, key=lambda k: k.created)
 
     async def revoke_key(self, key_id: str) -> bool:
