@@ -61,21 +61,27 @@ async def make_key(url: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=40)
+    parser.add_argument("--models", default="tiny,small", help="which of tiny,small to measure")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tiny, small = Path(tmp, "tiny"), Path(tmp, "small")
         build_gpt2(tiny)
         small_model(small)
         catalog = Path(tmp, "catalog.yaml")
-        catalog.write_text(yaml.safe_dump({"models": [
-            {"name": "tiny", "source": str(tiny), "limits": {"max_batch": 16}},
-            {"name": "small", "source": str(small), "limits": {"max_batch": 16}},
-        ]}))  # fmt: skip
+        wanted = args.models.split(",")
+        entries = [
+            {"name": n, "source": str(p), "limits": {"max_batch": 16}}
+            for n, p in [("tiny", tiny), ("small", small)]
+            if n in wanted
+        ]
+        catalog.write_text(yaml.safe_dump({"models": entries}))
         fabric = EmbeddedFabric.start(catalog)
         try:
             fabric.wait_ready()
             session = nnfabric.connect(fabric.url, asyncio.run(make_key(fabric.settings.redis_url)), progress=False)
             for name, path in [("tiny", tiny), ("small", small)]:
+                if name not in wanted:
+                    continue
                 model = nnfabric.LanguageModel(str(path), remote_name=name)
                 for _ in range(3):
                     patch_job(model, False)
