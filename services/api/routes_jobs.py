@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import uuid
 from typing import Any
@@ -19,6 +20,14 @@ from .deps import get_catalog, get_settings, get_store, require_key, websocket_k
 from .errors import ApiError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@functools.lru_cache(maxsize=64)
+def _module_paths(structure: str) -> frozenset[str]:
+    """A model's module paths, parsed once per published structure rather than per request."""
+    from nnfabric.tracing.tree import ModuleTree
+
+    return frozenset(ModuleTree.from_json(json.loads(structure)).paths())
 
 
 def _line(graph: Any, node: int | None) -> dict[str, Any] | None:
@@ -69,10 +78,7 @@ async def submit(
     try:
         graph = graph_from_json(header.get("graph"), limits)
         tensors = check_safetensors(blob, limits)
-        from nnfabric.tracing.tree import ModuleTree
-
-        paths = ModuleTree.from_json(json.loads(state["structure"])).paths()
-        validate_graph(graph, limits, tensor_names=set(tensors), module_paths=paths)
+        validate_graph(graph, limits, tensor_names=set(tensors), module_paths=_module_paths(state["structure"]))
     except GraphError as exc:
         status = 413 if "exceed" in str(exc) else 422
         raise ApiError(status, str(exc), node=exc.node, line=_line(graph, exc.node) if graph else None) from None

@@ -125,7 +125,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_node(node: Node, graph: Graph, tensor_names: set[str] | None, module_paths: set[str] | None) -> None:
+def validate_node(
+    node: Node, graph: Graph, tensor_names: set[str] | None, module_paths: set[str] | frozenset[str] | None
+) -> None:
     spec = OPS.get(node.op)
     if spec is None:
         raise GraphError(f"node {node.id}: unknown op {node.op!r}", node.id)
@@ -166,7 +168,7 @@ def validate_graph(
     limits: Limits | None = None,
     *,
     tensor_names: set[str] | None = None,
-    module_paths: set[str] | None = None,
+    module_paths: set[str] | frozenset[str] | None = None,
 ) -> None:
     """Raise GraphError unless the graph is safe and well formed. `None` skips that check."""
     limits = limits or Limits()
