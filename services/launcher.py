@@ -25,6 +25,22 @@ from .common.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _convert_here(catalog: Catalog, settings: Settings) -> Catalog:
+    """Convert GGUF sources in this process, where whoever started it sees the progress; the
+    replicas then load the converted directories."""
+    if not any(spec.source.endswith(".gguf") for spec in catalog.models):
+        return catalog
+    from .worker.loader import prepare
+
+    models = []
+    for spec in catalog.models:
+        if spec.source.endswith(".gguf"):
+            print(f"preparing {spec.name} from {spec.source} (converted once, then cached)", file=sys.stderr)
+            spec = spec.model_copy(update={"source": prepare(spec, settings.cache_dir)})
+        models.append(spec)
+    return Catalog(models=models)
+
+
 @dataclass
 class EmbeddedFabric:
     url: str
@@ -86,7 +102,7 @@ class EmbeddedFabric:
             **{f"NNFABRIC_{k.upper()}": str(v) for k, v in overrides.items()},
         }
         chosen = Catalog(models=[m for m in catalog.models if deploy is None or m.name in deploy])
-        deploy_catalog(chosen, settings)
+        deploy_catalog(_convert_here(chosen, settings), settings)
         port = port or free_port()
         server = uvicorn.Server(
             uvicorn.Config(create_app(settings), host=settings.api_host, port=port, log_level="warning")

@@ -45,7 +45,18 @@ def steered(model, remote):
     return (out.value,)
 
 
-@pytest.mark.parametrize("scenario", [patching, attribution, steered])
+def session_steering(model, remote):
+    with model.session(remote=remote):
+        with model.trace(CLEAN):
+            vector = model.transformer.h[1].output[0, -1]
+        with model.generate(CORRUPT, max_new_tokens=3) as tracer:
+            with tracer.all():
+                model.transformer.h[1].output[:, -1] += 2 * vector
+            out = tracer.output.save()
+    return (out.value,)
+
+
+@pytest.mark.parametrize("scenario", [patching, attribution, steered, session_steering])
 def test_remote_equals_local_bit_for_bit(alice, scenario):
     local = scenario(alice, remote=False)
     remote = scenario(alice, remote=True)
@@ -53,7 +64,17 @@ def test_remote_equals_local_bit_for_bit(alice, scenario):
         assert torch.equal(a, b)
 
 
-def test_thin_client_needs_no_weights(fabric, gpt2):
+def test_thin_client_needs_no_weights(fabric, gpt2, monkeypatch):
+    import safetensors.torch
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the thin client loaded model weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
     session = nnfabric.connect(fabric.url, fabric.keys["bob"], progress=False)
     thin = session.model("tiny-gpt2")
     assert thin._module is None
@@ -63,6 +84,39 @@ def test_thin_client_needs_no_weights(fabric, gpt2):
     with pytest.raises(nnfabric.InterventionError, match="remote=True"):
         with thin.trace(CLEAN):
             thin.lm_head.output.save()
+
+
+def test_non_blocking_job_and_reattaching_from_another_process(alice, fabric, tmp_path):
+    with alice.trace(CLEAN, remote=True, blocking=False) as tracer:
+        hidden = alice.transformer.h[0].output.save()
+        layers = [alice.transformer.h[i].output[0, -1].save() for i in range(2)]
+    job = tracer.job
+    assert job.status()["state"] in ("queued", "running", "completed")
+    with pytest.raises(ValueError, match="wait"):
+        _ = hidden.value
+    assert job.wait(timeout=60) is job
+    with alice.trace(CLEAN):
+        expected = alice.transformer.h[0].output.save()
+    assert torch.equal(hidden.value, expected.value)
+
+    # Another process knows only the id and the key; values come back by their variable names.
+    script = tmp_path / "reattach.py"
+    script.write_text(
+        "import sys, torch, nnfabric\n"
+        "nnfabric.connect(sys.argv[1], sys.argv[2], progress=False)\n"
+        "result = nnfabric.job(sys.argv[3]).result(timeout=60)\n"
+        "torch.save({k: result[k] for k in ('hidden', 'layers')}, sys.argv[4])\n"
+    )
+    out = tmp_path / "values.pt"
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, str(script), fabric.url, fabric.keys["alice"], job.id, str(out)], check=True, timeout=120
+    )
+    values = torch.load(out)  # written by our own test process above
+    assert torch.equal(values["hidden"], expected.value)
+    assert len(values["layers"]) == 2 and torch.equal(values["layers"][1], layers[1].value)
 
 
 def test_remote_errors_point_at_the_users_line(alice):

@@ -11,17 +11,19 @@ with `remote=True`.
 
 from .errors import GraphError, InterventionError, RemoteError
 from .models import LanguageModel, Model
-from .remote.client import Session, connect
+from .remote.client import Job, Session, connect, job
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GraphError",
     "InterventionError",
+    "Job",
     "LanguageModel",
     "Model",
     "RemoteError",
     "Session",
     "__version__",
     "connect",
+    "job",
 ]

@@ -13,10 +13,13 @@ class InterventionError(Exception):
     `__cause__` is the original exception.
     """
 
-    def __init__(self, message: str, line: SourceLine | None = None, node: int | None = None) -> None:
+    def __init__(
+        self, message: str, line: SourceLine | None = None, node: int | None = None, trace: int | None = None
+    ) -> None:
         self.reason = message
         self.line = line
         self.node = node
+        self.trace = trace  # which trace of a session failed, when the job is one
         text = message if line is None else f"{message}\n  at {line.describe()}"
         super().__init__(text)
 
@@ -25,9 +28,14 @@ class RemoteError(InterventionError):
     """The fabric rejected or failed a job; carries the server's message and the user's line."""
 
     def __init__(
-        self, message: str, line: SourceLine | None = None, node: int | None = None, status: int | None = None
+        self,
+        message: str,
+        line: SourceLine | None = None,
+        node: int | None = None,
+        status: int | None = None,
+        trace: int | None = None,
     ) -> None:
-        super().__init__(message, line, node)
+        super().__init__(message, line, node, trace)
         self.status = status
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import InterventionError
-from .graph.validate import GraphError, Limits, validate_graph
+from .graph.validate import GraphError, Limits, validate_session
 from .tracing.envoy import Envoy
+from .tracing.session import TraceSession
 from .tracing.tracer import Tracer
 from .tracing.tree import ModuleTree
 
@@ -37,6 +38,7 @@ class Model:
         self._module = module
         self._tree = tree if tree is not None else ModuleTree.from_module(module)
         self._tracer: Tracer | None = None
+        self._open_session: TraceSession | None = None
         self._envoy = Envoy(self, self._tree)
         self._adapter: Any = None
 
@@ -98,30 +100,53 @@ class Model:
             self._adapter = ModuleAdapter(self._module)
         return self._adapter
 
-    def _run_trace(self, tracer: Tracer) -> None:
-        graph = tracer._graph
-        if self._module is None and not tracer._remote:
-            raise InterventionError("this model is hosted on the fabric: trace it with remote=True")
-        if tracer._remote:
-            from .remote.client import run_remote
+    def session(self, remote: bool = False, blocking: bool = True) -> TraceSession:
+        """Several traces as one job: `with model.session(remote=True):` then traces inside;
+        later traces may use earlier traces' values directly (no round trip)."""
+        return TraceSession(self, remote=remote, blocking=blocking)
 
-            run_remote(self, tracer)
+    def _execute(self, tracers: list[Tracer], session: bool, remote: bool, blocking: bool) -> None:
+        """Run a trace (or a session's traces) here or on the fabric; saved proxies get their values."""
+        if self._module is None and not remote:
+            raise InterventionError("this model is hosted on the fabric: trace it with remote=True")
+        if remote:
+            from .remote.client import submit_traces
+
+            job = submit_traces(self, tracers, session)
+            for tracer in tracers:
+                tracer.job = job
+            if blocking:
+                job.wait()
             return
+        graphs = [t._graph for t in tracers]
+        tensors = {name: t for tracer in tracers for name, t in tracer._tensors.items()}
         try:
-            validate_graph(graph, Limits(max_nodes=1 << 30, max_new_tokens=1 << 30), module_paths=self._tree.paths())
+            validate_session(
+                graphs,
+                Limits(max_nodes=1 << 30, max_new_tokens=1 << 30, max_traces=1 << 30),
+                module_paths=self._tree.paths(),
+            )
         except GraphError as exc:
-            node = graph.nodes[exc.node] if exc.node is not None else None
-            raise InterventionError(str(exc), node.line if node else None, exc.node) from None
-        from .runtime.execute import run_graph
+            trace = exc.trace or 0
+            node = graphs[trace].nodes[exc.node] if exc.node is not None else None
+            raise InterventionError(str(exc), node.line if node else None, exc.node, exc.trace) from None
+        from .runtime.execute import run_session
 
         if self.wire_roundtrip:
-            from .runtime.wire import pack_request, pack_result, unpack_request, unpack_result
+            from .runtime import wire
 
-            wire_graph, tensors = unpack_request(pack_request(graph, tracer._tensors))
-            saved = unpack_result(pack_result(run_graph(wire_graph, tensors, self._get_adapter())))
+            if session:
+                graphs, tensors = wire.unpack_requests(wire.pack_session_request(graphs, tensors))
+                saved = wire.unpack_session_result(
+                    wire.pack_session_result(run_session(graphs, tensors, self._get_adapter())), len(graphs)
+                )
+            else:
+                graph, tensors = wire.unpack_request(wire.pack_request(graphs[0], tensors))
+                saved = [wire.unpack_result(wire.pack_result(run_session([graph], tensors, self._get_adapter())[0]))]
         else:
-            saved = run_graph(graph, tracer._tensors, self._get_adapter())
-        tracer._resolve(saved)
+            saved = run_session(graphs, tensors, self._get_adapter())
+        for tracer, values in zip(tracers, saved, strict=True):
+            tracer._resolve(values)
 
 
 class LanguageModel(Model):

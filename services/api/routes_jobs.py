@@ -9,9 +9,9 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
-from nnfabric.graph.codec import graph_from_json, split_envelope, version_message
-from nnfabric.graph.ir import SCHEMA
-from nnfabric.graph.validate import GraphError, Limits, check_safetensors, validate_graph
+from nnfabric.graph.codec import graphs_from_header, split_envelope, version_message
+from nnfabric.graph.ir import SCHEMA, Graph
+from nnfabric.graph.validate import GraphError, Limits, check_safetensors, validate_session
 
 from ..common.catalog import Catalog
 from ..common.settings import Settings
@@ -30,11 +30,24 @@ def _module_paths(structure: str) -> frozenset[str]:
     return frozenset(ModuleTree.from_json(json.loads(structure)).paths())
 
 
-def _line(graph: Any, node: int | None) -> dict[str, Any] | None:
-    if node is None or not 0 <= node < len(graph.nodes) or graph.nodes[node].line is None:
+def _line(graphs: list[Graph], trace: int | None, node: int | None) -> dict[str, Any] | None:
+    graph = graphs[trace or 0] if 0 <= (trace or 0) < len(graphs) else None
+    if graph is None or node is None or not 0 <= node < len(graph.nodes):
         return None
     line = graph.nodes[node].line
-    return {"file": line.file, "line": line.line, "code": line.code}
+    return None if line is None else {"file": line.file, "line": line.line, "code": line.code}
+
+
+def _names(value: Any) -> dict[str, Any]:
+    """The client's variable names for saved values (for reattached jobs); kept only if well formed."""
+    if not isinstance(value, dict) or len(value) > 1000:
+        return {}
+    return {
+        k: v
+        for k, v in value.items()
+        if isinstance(k, str) and len(k) <= 200
+        and (isinstance(v, str) or (isinstance(v, list) and len(v) <= 10_000 and all(isinstance(i, str) for i in v)))
+    }  # fmt: skip
 
 
 @router.post("", status_code=202)
@@ -74,16 +87,23 @@ async def submit(
         max_new_tokens=spec.limits.max_new_tokens,
         max_header_bytes=settings.max_envelope_bytes,
     )
-    graph = None
+    graphs: list[Graph] = []
     try:
-        graph = graph_from_json(header.get("graph"), limits)
+        graphs = graphs_from_header(header, limits)
         tensors = check_safetensors(blob, limits)
-        validate_graph(graph, limits, tensor_names=set(tensors), module_paths=_module_paths(state["structure"]))
+        validate_session(graphs, limits, tensor_names=set(tensors), module_paths=_module_paths(state["structure"]))
     except GraphError as exc:
         status = 413 if "exceed" in str(exc) else 422
-        raise ApiError(status, str(exc), node=exc.node, line=_line(graph, exc.node) if graph else None) from None
+        line = _line(graphs, exc.trace, exc.node)
+        raise ApiError(status, str(exc), node=exc.node, trace=exc.trace, line=line) from None
     job_id = uuid.uuid4().hex
-    position = await store.submit(job_id, key.user, spec.name, body, {"kind": graph.kind, "nodes": len(graph.nodes)})
+    meta = {
+        "kind": graphs[0].kind if len(graphs) == 1 else "session",
+        "traces": len(graphs),
+        "nodes": sum(len(g.nodes) for g in graphs),
+        "names": _names(header.get("names")),
+    }
+    position = await store.submit(job_id, key.user, spec.name, body, meta)
     await store.remember(job_id)
     return {
         "id": job_id,
@@ -106,8 +126,9 @@ async def _own_job(job_id: str, key: ApiKey, store: Store) -> dict[str, Any]:
 @router.get("/{job_id}")
 async def status(job_id: str, key: ApiKey = Depends(require_key), store: Store = Depends(get_store)) -> dict[str, Any]:
     job = await _own_job(job_id, key, store)
-    if job.get("error_node") not in (None, "", "None"):
-        job["error_node"] = int(job["error_node"])
+    for field in ("error_node", "error_trace"):
+        if job.get(field) not in (None, "", "None"):
+            job[field] = int(job[field])
     return job
 
 

@@ -26,3 +26,5 @@ class Settings(BaseSettings):
     scheduler_name: str = "scheduler-0"
     # Entries another scheduler read but left unacknowledged this long are taken over.
     reclaim_idle_ms: int = 30_000
+    # Where converted models (GGUF -> safetensors) are kept; a shared volume in a cluster.
+    cache_dir: str = "~/.cache/nnfabric"

@@ -14,12 +14,21 @@ from ..common.store import Store
 from .scheduler import Scheduler, ray_dispatch
 
 
+class _BusyReplicaProbe(logging.Filter):
+    """Drops Serve's "failed to get queue length" warning: a replica busy with a forward pass
+    answers the router's probe late, which is expected (it runs one batch at a time)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to get queue length")
+
+
 async def main() -> None:
     import ray
 
     settings = Settings()
     ray.init(address=None if settings.ray_address == "local" else settings.ray_address,
              namespace=settings.ray_namespace, include_dashboard=False, log_to_driver=False)  # fmt: skip
+    logging.getLogger("ray.serve").addFilter(_BusyReplicaProbe())
     store = Store(Redis.from_url(settings.redis_url), settings.result_ttl_s)
     scheduler = Scheduler(store, Catalog.load(settings.catalog), ray_dispatch(), name=settings.scheduler_name,
                           queue_timeout_s=settings.queue_timeout_s, reclaim_idle_ms=settings.reclaim_idle_ms)  # fmt: skip

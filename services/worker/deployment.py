@@ -89,8 +89,10 @@ class ModelReplica:
                 )  # fmt: skip
                 states[job_id] = "completed"
             else:
-                data = {"message": outcome.error, "node": outcome.node}
-                await store.transition(job_id, "failed", data, error=outcome.error, error_node=outcome.node)
+                data = {"message": outcome.error, "node": outcome.node, "trace": outcome.trace}
+                await store.transition(
+                    job_id, "failed", data, error=outcome.error, error_node=outcome.node, error_trace=outcome.trace
+                )
                 states[job_id] = "failed"
         return states
 

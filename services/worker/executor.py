@@ -5,7 +5,7 @@
 
 Compatible jobs (plain traces whose every invoke has inputs and that take no gradients) are
 merged into one graph and one forward pass; each job's reads and writes still touch only its
-own rows. If a merged run fails, its jobs run one by one, so one job's error never reaches
+own rows. A session (several traces in one job) runs alone, its traces in order. If a merged run fails, its jobs run one by one, so one job's error never reaches
 its batch-mates. Nothing of a job outlives it on the model: hooks are removed, grads cleared.
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from nnfabric.errors import InterventionError
 from nnfabric.graph.ir import Graph, Invoke, Node, Ref, TensorRef
-from nnfabric.graph.validate import GraphError, Limits, validate_graph
+from nnfabric.graph.validate import GraphError, Limits, validate_session
 from nnfabric.runtime.adapters import CausalLMAdapter
-from nnfabric.runtime.execute import run_graph
-from nnfabric.runtime.wire import pack_result, result_nbytes, unpack_request
+from nnfabric.runtime.execute import run_graph, run_session
+from nnfabric.runtime.wire import pack_result, pack_session_result, result_nbytes, unpack_requests
 from nnfabric.tracing.tree import ModuleTree
 
 from ..common.catalog import ModelSpec
@@ -35,6 +35,7 @@ class Outcome:
     error: str | None = None
     node: int | None = None
     seconds: float = 0.0
+    trace: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -55,38 +56,36 @@ class BatchExecutor:
             max_new_tokens=limits.max_new_tokens,
         )
 
-    def decode(self, payload: bytes) -> tuple[Graph, dict[str, torch.Tensor]]:
-        graph, tensors = unpack_request(payload, self.limits)
-        validate_graph(graph, self.limits, tensor_names=set(tensors), module_paths=self.paths)
-        return graph, tensors
+    def decode(self, payload: bytes) -> tuple[list[Graph], dict[str, torch.Tensor]]:
+        graphs, tensors = unpack_requests(payload, self.limits)
+        validate_session(graphs, self.limits, tensor_names=set(tensors), module_paths=self.paths)
+        return graphs, tensors
 
     def run(self, jobs: list[tuple[str, bytes]]) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
-        decoded: list[tuple[str, Graph, dict[str, torch.Tensor]]] = []
+        decoded: list[tuple[str, list[Graph], dict[str, torch.Tensor]]] = []
         for job_id, payload in jobs:
             try:
-                graph, tensors = self.decode(payload)
+                graphs, tensors = self.decode(payload)
             except GraphError as exc:
-                outcomes[job_id] = Outcome(error=f"invalid graph: {exc}", node=exc.node)
+                outcomes[job_id] = Outcome(error=f"invalid graph: {exc}", node=exc.node, trace=exc.trace)
                 continue
-            decoded.append((job_id, graph, tensors))
-        mergeable = [j for j in decoded if _mergeable(j[1])]
-        alone = [j for j in decoded if not _mergeable(j[1])]
+            decoded.append((job_id, graphs, tensors))
+        mergeable = [(job_id, gs[0], t) for job_id, gs, t in decoded if len(gs) == 1 and _mergeable(gs[0])]
         if len(mergeable) > 1:
             outcomes.update(self._run_merged(mergeable))
-        else:
-            alone = mergeable + alone
-        for job_id, graph, tensors in alone:
-            outcomes[job_id] = self._run_one(graph, tensors)
+        for job_id, graphs, tensors in decoded:
+            if job_id not in outcomes:
+                outcomes[job_id] = self._run_one(graphs, tensors)
         return outcomes
 
-    def _run_one(self, graph: Graph, tensors: dict[str, torch.Tensor]) -> Outcome:
+    def _run_one(self, graphs: list[Graph], tensors: dict[str, torch.Tensor]) -> Outcome:
         start = time.monotonic()
         try:
-            saved = run_graph(graph, tensors, self.adapter, deadline=start + self.spec.limits.timeout_s)
-            return self._finish(saved, start)
+            saved = run_session(graphs, tensors, self.adapter, deadline=start + self.spec.limits.timeout_s)
+            return self._finish(saved[0] if len(graphs) == 1 else saved, start)
         except InterventionError as exc:
-            return Outcome(error=exc.reason, node=exc.node, seconds=time.monotonic() - start)
+            return Outcome(error=exc.reason, node=exc.node, seconds=time.monotonic() - start, trace=exc.trace)
         except torch.OutOfMemoryError:
             return Outcome(
                 error="out of memory: save less, or use fewer or shorter prompts", seconds=time.monotonic() - start
@@ -96,14 +95,15 @@ class BatchExecutor:
         finally:
             self._clean()
 
-    def _finish(self, saved: dict[int, Any], start: float) -> Outcome:
+    def _finish(self, saved: dict[int, Any] | list[dict[int, Any]], start: float) -> Outcome:
         size = result_nbytes(saved)
         if size > self.spec.limits.max_saved_bytes:
             return Outcome(
                 error=f"saved values take {size} bytes, over this model's limit of {self.spec.limits.max_saved_bytes}",
                 seconds=time.monotonic() - start,
             )
-        return Outcome(result=pack_result(saved), seconds=time.monotonic() - start)
+        packed = pack_session_result(saved) if isinstance(saved, list) else pack_result(saved)
+        return Outcome(result=packed, seconds=time.monotonic() - start)
 
     def _run_merged(self, jobs: list[tuple[str, Graph, dict[str, torch.Tensor]]]) -> dict[str, Outcome]:
         merged, tensors, offsets = merge_graphs([(g, t) for _, g, t in jobs])
@@ -113,7 +113,7 @@ class BatchExecutor:
         except Exception:
             self._clean()
             # Someone's job failed: run each alone so the failure stays with its owner.
-            return {job_id: self._run_one(graph, t) for job_id, graph, t in jobs}
+            return {job_id: self._run_one([graph], t) for job_id, graph, t in jobs}
         self._clean()
         outcomes = {}
         for (job_id, graph, _), offset in zip(jobs, offsets, strict=True):

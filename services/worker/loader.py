@@ -2,19 +2,22 @@
 
     model, tokenizer = load_model(spec)        # accelerate places it over the visible GPUs
 
-A GGUF file is converted once into a safetensors cache beside it (or in NNFABRIC_CACHE), so
-later starts load the cache directly.
+A GGUF file is converted once into a safetensors cache (NNFABRIC_CACHE_DIR, by default
+~/.cache/nnfabric), so later starts load the cache directly.
 """
 
 from __future__ import annotations
 
-import os
+import functools
+import shutil
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 
 from ..common.catalog import ModelSpec
+from ..common.settings import Settings
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -24,40 +27,61 @@ def _dtype(name: str) -> torch.dtype:
     return table[name]
 
 
-def gguf_cache_dir(path: Path) -> Path:
-    root = Path(os.environ.get("NNFABRIC_CACHE", Path.home() / ".cache" / "nnfabric"))
-    return root / f"{path.stem}-{path.stat().st_size}"
-
-
-def convert_gguf(path: Path, dtype: torch.dtype) -> Path:
+def convert_gguf(path: Path, dtype: torch.dtype, cache_dir: str) -> Path:
     """GGUF -> a safetensors directory (transformers refuses to save a GGUF-loaded model)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    target = gguf_cache_dir(path)
+    target = Path(cache_dir).expanduser() / f"{path.stem}-{path.stat().st_size}-{str(dtype).removeprefix('torch.')}"
     if (target / "config.json").exists():
         return target
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    # transformers parses the file anew for the config, the weights and the tokenizer (~30 s per
+    # parse of a 100 MB GGUF on a small CPU) and rebuilds the same tensor-name table once per
+    # submodule (~50 s); one parse and one table serve them all.
+    reader = gguf.GGUFReader(path)
+    with (
+        patch.object(gguf, "GGUFReader", lambda _path, *args, **kwargs: reader),
+        patch.object(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map)),
+    ):
+        source = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+        config = AutoConfig.from_pretrained(**source)
+        loaded = AutoModelForCausalLM.from_pretrained(**source, config=config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(**source)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     rebuilt = AutoModelForCausalLM.from_config(config, dtype=dtype)
     rebuilt.load_state_dict(loaded.state_dict(), strict=False)
     if getattr(rebuilt.config, "tie_word_embeddings", False):
         rebuilt.tie_weights()
-    target.mkdir(parents=True, exist_ok=True)
-    rebuilt.save_pretrained(target)
-    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(target)
+    # Written beside the target and renamed into place, so an interrupted conversion never
+    # leaves a cache that looks complete.
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    rebuilt.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
     return target
+
+
+def prepare(spec: ModelSpec, cache_dir: str | None = None) -> str:
+    """Where transformers loads the model from: a GGUF file is converted (once) first.
+
+    Run it where a person watches (the launcher does) so the slow conversion shows progress.
+    """
+    path = Path(spec.source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model {spec.name!r}: no GGUF file at {path}")
+        return str(convert_gguf(path, _dtype(spec.dtype), cache_dir or Settings().cache_dir))
+    return str(path) if path.is_dir() else spec.source
 
 
 def load_model(spec: ModelSpec) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = _dtype(spec.dtype)
-    source = spec.source
-    path = Path(source)
-    if path.suffix == ".gguf" and path.exists():
-        source = str(convert_gguf(path, dtype))
+    source = prepare(spec)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         kwargs["device_map"] = "auto"  # accelerate shards over the GPUs Ray gave this replica

@@ -17,7 +17,7 @@ import struct
 from typing import Any
 
 from .ir import RESULT_SCHEMA, SCHEMA, DType, Graph, Invoke, Node, Ref, SourceLine, TensorRef
-from .validate import GraphError, Limits, check_safetensors, validate_graph
+from .validate import GraphError, Limits, check_safetensors, validate_session
 
 MAGIC = b"NNFB"
 _PREFIX = len(MAGIC) + 8
@@ -26,10 +26,12 @@ __all__ = [
     "GraphError",
     "Limits",
     "decode_graph",
+    "decode_request",
     "decode_result",
     "decode_value",
     "encode_graph",
     "encode_result",
+    "encode_session",
     "encode_value",
     "split_envelope",
 ]
@@ -175,6 +177,28 @@ def encode_graph(graph: Graph, blob: bytes, extra: dict[str, Any] | None = None)
     return encode_envelope(header, blob)
 
 
+def encode_session(graphs: list[Graph], blob: bytes, extra: dict[str, Any] | None = None) -> bytes:
+    """Several traces as one job; later ones may use earlier ones' values (op `from_trace`)."""
+    header = {"schema": SCHEMA, "session": [graph_to_json(g) for g in graphs], **(extra or {})}
+    return encode_envelope(header, blob)
+
+
+def graphs_from_header(header: dict[str, Any], limits: Limits) -> list[Graph]:
+    """A request header's traces: its one `graph`, or its `session` of several."""
+    if "session" not in header:
+        return [graph_from_json(header.get("graph"), limits)]
+    session = header["session"]
+    _expect(isinstance(session, list), "session must be a list of graphs")
+    _expect(1 <= len(session) <= limits.max_traces, f"a session holds 1..{limits.max_traces} traces")
+    graphs = []
+    for index, data in enumerate(session):
+        try:
+            graphs.append(graph_from_json(data, limits))
+        except GraphError as exc:
+            raise GraphError(f"trace {index}: {exc}", exc.node, index) from None
+    return graphs
+
+
 def _expect(cond: bool, message: str) -> None:
     if not cond:
         raise GraphError(message)
@@ -252,8 +276,9 @@ def graph_from_json(data: Any, limits: Limits) -> Graph:
     return graph
 
 
-def decode_graph(data: bytes, limits: Limits | None = None) -> tuple[Graph, bytes]:
-    """Envelope bytes -> validated (Graph, safetensors blob). Raises GraphError, never anything else."""
+def decode_request(data: bytes, limits: Limits | None = None) -> tuple[list[Graph], bytes]:
+    """Envelope bytes -> validated ([Graph, ...], safetensors blob): one graph, or a session's.
+    Raises GraphError, never anything else."""
     limits = limits or Limits()
     if len(data) > limits.max_envelope_bytes:
         raise GraphError(f"envelope of {len(data)} bytes exceeds the limit of {limits.max_envelope_bytes}")
@@ -261,10 +286,18 @@ def decode_graph(data: bytes, limits: Limits | None = None) -> tuple[Graph, byte
     schema = header.get("schema")
     if schema != SCHEMA:
         raise GraphError(version_message(schema, SCHEMA))
-    graph = graph_from_json(header.get("graph"), limits)
+    graphs = graphs_from_header(header, limits)
     tensors = check_safetensors(blob, limits)
-    validate_graph(graph, limits, tensor_names=set(tensors))
-    return graph, blob
+    validate_session(graphs, limits, tensor_names=set(tensors))
+    return graphs, blob
+
+
+def decode_graph(data: bytes, limits: Limits | None = None) -> tuple[Graph, bytes]:
+    """Envelope bytes of a single trace -> validated (Graph, safetensors blob)."""
+    graphs, blob = decode_request(data, limits)
+    if len(graphs) != 1:
+        raise GraphError(f"expected one graph, got a session of {len(graphs)}")
+    return graphs[0], blob
 
 
 def version_message(got: Any, want: str) -> str:

@@ -105,6 +105,8 @@ OPS: dict[str, OpSpec] = {
     "grad": OpSpec(1, 1),
     "set_grad": OpSpec(2, 2),
     "backward": OpSpec(1, 2),
+    # Sessions: the value of node args[1] of an earlier trace args[0] of the same job.
+    "from_trace": OpSpec(2, 2),
     # Control
     "stop": OpSpec(0, 0),
     "model_output": OpSpec(0, 0),

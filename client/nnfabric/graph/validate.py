@@ -21,9 +21,10 @@ from .ops import DTYPES, OPS, TENSOR_ATTRIBUTES
 class GraphError(ValueError):
     """A graph or envelope that must not be executed. `node` is the offending node's id, if any."""
 
-    def __init__(self, message: str, node: int | None = None) -> None:
+    def __init__(self, message: str, node: int | None = None, trace: int | None = None) -> None:
         super().__init__(message)
         self.node = node
+        self.trace = trace  # which trace of a session, when the job is one
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Limits:
     max_tensor_bytes: int = 256 << 20
     max_envelope_bytes: int = 300 << 20
     max_new_tokens: int = 1024
+    max_traces: int = 16  # traces in one session
 
 
 _SAFETENSORS_DTYPES = {
@@ -157,6 +159,8 @@ def validate_node(
             raise GraphError(f"{_where(node)}: attribute {name!r} may not be read", node.id)
         if not (name in TENSOR_ATTRIBUTES or name.isidentifier()):
             raise GraphError(f"{_where(node)}: attribute {name!r} may not be read", node.id)
+    if node.op == "from_trace" and not (_is_int(node.args[0]) and _is_int(node.args[1])):
+        raise GraphError(f"{_where(node)}: trace and node must be integers", node.id)
     if node.op in ("setitem", "set_grad", "grad", "append") and not isinstance(node.args[0], Ref):
         raise GraphError(f"{_where(node)}: its first argument must be a node reference", node.id)
     _check_value(node.args, node, tensor_names)
@@ -199,6 +203,39 @@ def validate_graph(
             raise GraphError(f"unknown option {key!r}; allowed: {sorted(_OPTIONS)}")
         if not isinstance(value, _OPTIONS[key]) or (isinstance(value, bool) and _OPTIONS[key] is not bool):
             raise GraphError(f"option {key!r} has the wrong type {type(value).__name__}")
+
+
+def validate_session(
+    graphs: list[Graph],
+    limits: Limits | None = None,
+    *,
+    tensor_names: set[str] | None = None,
+    module_paths: set[str] | frozenset[str] | None = None,
+) -> None:
+    """A job's traces (one, or a session's several): each valid, and values from earlier traces only."""
+    limits = limits or Limits()
+    if not 1 <= len(graphs) <= limits.max_traces:
+        raise GraphError(f"a session holds 1..{limits.max_traces} traces, this one has {len(graphs)}")
+    total = sum(len(g.nodes) for g in graphs)
+    if total > limits.max_nodes:
+        raise GraphError(f"the session has {total} nodes, over the limit of {limits.max_nodes}")
+    for index, graph in enumerate(graphs):
+        try:
+            validate_graph(graph, limits, tensor_names=tensor_names, module_paths=module_paths)
+            for node in graph.nodes:
+                if node.op != "from_trace":
+                    continue
+                trace, source = node.args
+                if not 0 <= trace < index:
+                    raise GraphError(f"{_where(node)} uses trace {trace}; only earlier traces can be used", node.id)
+                if not 0 <= source < len(graphs[trace].nodes):
+                    raise GraphError(
+                        f"{_where(node)} uses node {source} of trace {trace}, which does not exist", node.id
+                    )
+        except GraphError as exc:
+            if len(graphs) > 1 and exc.trace is None:
+                raise GraphError(f"trace {index}: {exc}", exc.node, index) from None
+            raise
 
 
 _OPTIONS: dict[str, type | tuple[type, ...]] = {

@@ -131,7 +131,12 @@ class Session:
             job = self.status(job_id)
             progress.show({"type": job["state"], "position": job.get("position")})
             if job["state"] in _TERMINAL:
-                return {"type": job["state"], "message": job.get("error"), "node": _int(job.get("error_node"))}
+                return {
+                    "type": job["state"],
+                    "message": job.get("error"),
+                    "node": _int(job.get("error_node")),
+                    "trace": _int(job.get("error_trace")),
+                }
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} did not finish in time")
             time.sleep(delay)
@@ -189,7 +194,8 @@ def _raise_for(response: httpx.Response) -> None:
     line = body.get("line") if isinstance(body, dict) else None
     source = SourceLine(line["file"], line["line"], line.get("code", "")) if isinstance(line, dict) else None
     node = body.get("node") if isinstance(body, dict) else None
-    raise RemoteError(f"{response.status_code}: {detail}", source, node, status=response.status_code)
+    trace = body.get("trace") if isinstance(body, dict) else None
+    raise RemoteError(f"{response.status_code}: {detail}", source, node, status=response.status_code, trace=trace)
 
 
 def _tokenizer_from_files(files: dict[str, str]) -> Any:
@@ -219,9 +225,109 @@ def _session_for(model: Model) -> Session:
     return session
 
 
-def run_remote(model: Model, tracer: Tracer) -> None:
-    """Send the tracer's graph to the fabric, wait, and hand the saved values to its proxies."""
-    from ..runtime.wire import pack_request, unpack_result
+class Job:
+    """A job on the fabric. `blocking=False` traces return at once with `tracer.job`:
+
+        job.status()          # {"state": "queued", "position": 3, ...}
+        job.wait(timeout=60)  # until it ends; the trace's saved proxies then have their values
+        job.result()          # {"hidden": tensor, ...}: saved values by their variable names
+        job.cancel()
+
+    `nnfabric.job(job_id)` reattaches from another process (then `result()` is the way in).
+    """
+
+    def __init__(self, session: Session, job_id: str, tracers: list[Tracer] | None = None, session_job: bool = False):
+        self.session = session
+        self.id = job_id
+        self._tracers = tracers or []
+        self._session_job = session_job
+        self._values: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<nnfabric.Job {self.id}>"
+
+    def status(self) -> dict[str, Any]:
+        return self.session.status(self.id)
+
+    def cancel(self) -> dict[str, Any]:
+        return self.session.cancel(self.id)
+
+    def wait(self, timeout: float | None = None) -> Job:
+        """Wait until the job ends; raise RemoteError (at your line) if it failed."""
+        if self._values is not None:
+            return self
+        final = self.session.wait(self.id, timeout)
+        if final["type"] != "completed":
+            node, trace = final.get("node"), final.get("trace")
+            message = final.get("message") or f"job {final['type']}"
+            raise RemoteError(f"{message} (job {self.id})", self._line(trace, node), node, trace=trace)
+        from ..runtime.wire import unpack_values
+
+        self._values = unpack_values(self.session.result(self.id))
+        for index, tracer in enumerate(self._tracers):
+            prefix = f"{index}." if self._session_job else ""
+            tracer._resolve(
+                {int(k.removeprefix(prefix)): v for k, v in self._values.items() if not prefix or k.startswith(prefix)}
+            )
+        return self
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """The saved values by the names they had in the submitting code (waits if needed)."""
+        self.wait(timeout)
+        assert self._values is not None
+        names = self.status().get("meta", {}).get("names") or {}
+        if not names:
+            return dict(self._values)
+        values = self._values
+        return {
+            name: [values.get(k) for k in key] if isinstance(key, list) else values.get(key)
+            for name, key in names.items()
+        }
+
+    def _line(self, trace: Any, node: Any) -> SourceLine | None:
+        if not self._tracers or not isinstance(node, int):
+            return None
+        graph = self._tracers[trace if isinstance(trace, int) and 0 <= trace < len(self._tracers) else 0]._graph
+        return graph.nodes[node].line if 0 <= node < len(graph.nodes) else None
+
+
+def job(job_id: str, session: Session | None = None) -> Job:
+    """Reattach to a job by id (from any process), with the default connection."""
+    return Job(session or _default or connect(), job_id)
+
+
+def _saved_names(tracers: list[Tracer], session_job: bool) -> dict[str, Any]:
+    """Variable names of saved values in the submitting code, so a reattached job can say which is which."""
+    from ..tracing.proxy import Proxy
+
+    frame = tracers[0]._frame
+    if frame is None:
+        return {}
+    index = {id(t): i for i, t in enumerate(tracers)}
+
+    def key(value: Any) -> str | None:
+        if (
+            not isinstance(value, Proxy)
+            or id(value._tracer) not in index
+            or value._id not in value._tracer._graph.saves
+        ):
+            return None
+        return f"{index[id(value._tracer)]}.{value._id}" if session_job else str(value._id)
+
+    names: dict[str, Any] = {}
+    for name, value in frame.f_locals.items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, (list, tuple)) and value and all(key(v) for v in value):
+            names[name] = [key(v) for v in value]
+        elif key(value):
+            names[name] = key(value)
+    return names
+
+
+def submit_traces(model: Model, tracers: list[Tracer], session_job: bool) -> Job:
+    """Send a trace (or a session's traces) to the fabric as one job."""
+    from ..runtime.wire import pack_request, pack_session_request
 
     name = getattr(model, "_remote_name", None)
     if not name:
@@ -229,19 +335,17 @@ def run_remote(model: Model, tracer: Tracer) -> None:
             "this model has no name on the fabric: use fabric.model(name) or LanguageModel(..., remote_name=)"
         )
     session = _session_for(model)
-    graph = tracer._graph
+    extra = {"model": name, "names": _saved_names(tracers, session_job)}
+    tensors = {k: v for tracer in tracers for k, v in tracer._tensors.items()}
+    if session_job:
+        body = pack_session_request([t._graph for t in tracers], tensors, extra)
+    else:
+        body = pack_request(tracers[0]._graph, tensors, extra)
+    job = Job(session, "", tracers, session_job)
     try:
-        job = session.submit(pack_request(graph, tracer._tensors, extra={"model": name}))
+        job.id = session.submit(body)["id"]
     except RemoteError as error:
-        if error.node is not None and 0 <= error.node < len(graph.nodes):
-            raise RemoteError(error.reason, graph.nodes[error.node].line, error.node, error.status) from None
-        raise
-    tracer.job = job["id"]
-    final = session.wait(job["id"])
-    if final["type"] == "completed":
-        tracer._resolve(unpack_result(session.result(job["id"])))
-        return
-    node = final.get("node")
-    line = graph.nodes[node].line if isinstance(node, int) and 0 <= node < len(graph.nodes) else None
-    message = final.get("message") or f"job {final['type']}"
-    raise RemoteError(f"{message} (job {job['id']})", line, node)
+        raise RemoteError(
+            error.reason, job._line(error.trace, error.node) or error.line, error.node, error.status, error.trace
+        ) from None
+    return job

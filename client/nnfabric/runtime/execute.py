@@ -4,10 +4,13 @@ Usage::
 
     saved = run_graph(graph, tensors, CausalLMAdapter(hf_model, tokenizer))
     saved[node_id]       # each saved node's value
+
+    saved = run_session([graph0, graph1], tensors, adapter)   # a session: one dict per trace
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import torch
@@ -40,10 +43,51 @@ def _inputs(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
+def run_session(
+    graphs: list[Graph], tensors: dict[str, torch.Tensor], adapter: Adapter, deadline: float | None = None
+) -> list[dict[int, Any]]:
+    """Run a session's traces in order; a later trace's `from_trace` nodes receive earlier values
+    without them leaving the machine. Returns each trace's saved values."""
+    needed: list[set[int]] = [set() for _ in graphs]
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op == "from_trace":
+                needed[node.args[0]].add(node.args[1])
+    kept: list[dict[int, Any]] = []
+    saved: list[dict[int, Any]] = []
+    for index, graph in enumerate(graphs):
+        imports = {n.id: kept[n.args[0]][n.args[1]] for n in graph.nodes if n.op == "from_trace"}
+        extended = dataclasses.replace(graph, saves=sorted(set(graph.saves) | needed[index]))
+        try:
+            values = run_graph(extended, tensors, adapter, deadline, imports)
+        except InterventionError as exc:
+            exc.trace = index if len(graphs) > 1 else None
+            raise
+        kept.append({k: _detached(v) for k, v in values.items() if k in needed[index]})
+        saved.append({k: v for k, v in values.items() if k in graph.saves})
+    return saved
+
+
+def _detached(value: Any) -> Any:
+    # A value crossing into the next trace starts a fresh autograd history there.
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
 def run_graph(
-    graph: Graph, tensors: dict[str, torch.Tensor], adapter: Adapter, deadline: float | None = None
+    graph: Graph,
+    tensors: dict[str, torch.Tensor],
+    adapter: Adapter,
+    deadline: float | None = None,
+    imports: dict[int, Any] | None = None,
 ) -> dict[int, Any]:
-    """Execute `graph` in one batched forward pass (or one generation); return saved values."""
+    """Execute `graph` in one batched forward pass (or one generation); return saved values.
+    `imports` are the values of its `from_trace` nodes, when it is part of a session."""
     invokes = [
         (None if inv.args is None else _inputs(inv.args, tensors), _inputs(inv.kwargs, tensors))
         for inv in graph.invokes
@@ -52,7 +96,7 @@ def run_graph(
         batch = adapter.batch(invokes)
     except (ValueError, TypeError) as exc:
         raise InterventionError(f"bad inputs: {exc}") from exc
-    with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, deadline) as run:
+    with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, deadline, imports) as run:
         if graph.kind == "generate":
             run.call(lambda: adapter.generate(batch, graph.options))
         else:

@@ -67,8 +67,10 @@ class Interleaver:
         rows: list[tuple[int, int] | None],
         batch_size: int,
         deadline: float | None = None,
+        imports: dict[int, Any] | None = None,
     ) -> None:
         self.graph = graph
+        self.imports = imports or {}
         self.deadline = deadline
         self.nodes = graph.nodes
         self.tensors = tensors
@@ -364,6 +366,10 @@ class Interleaver:
                 self.bypass = False
         if op == "model_output":
             return self._slice_rows(self.final_output, rows)
+        if op == "from_trace":
+            if node.id not in self.imports:
+                raise InterventionError("a value from another trace can only be used inside model.session()")
+            return self.imports[node.id]
         if op == "stop":
             self.values[node.id] = None
             raise EarlyStop()

@@ -134,4 +134,11 @@ def read_attribute(target: Any, name: str) -> Any:
         if name not in target:
             raise AttributeError(f"the value has no field {name!r}; it has {sorted(target)}")
         return target[name]
+    if type(target).__module__ == "torch.return_types":
+        # (values, indices) of topk, max, sort, ...: named fields of a plain tuple.
+        fields = [f for f in dir(target) if not f.startswith("_") and f not in ("count", "index", "n_fields",
+                  "n_sequence_fields", "n_unnamed_fields")]  # fmt: skip
+        if name not in fields:
+            raise AttributeError(f"{type(target).__name__} has no field {name!r}; it has {fields}")
+        return getattr(target, name)
     raise AttributeError(f"cannot read {name!r} from a value of type {type(target).__name__}")

@@ -45,6 +45,8 @@ class Proxy:
                 raise ValueError("a proxy has no value inside the trace block; read .value after it")
             if self._id not in self._tracer._graph.saves:
                 raise ValueError("this value was not saved: call .save() on it inside the trace")
+            if self._tracer.job is not None:
+                raise ValueError(f"job {self._tracer.job.id} has not delivered yet: call tracer.job.wait() first")
             raise ValueError("this value was never computed (the trace did not run or failed)")
         return self._value
 
@@ -54,7 +56,12 @@ class Proxy:
     def _record(self, op: str, *args: Any, **kwargs: Any) -> Any:
         if self._resolved():
             raise RuntimeError("the trace has ended; operate on .value instead")
-        return self._tracer._record(op, list(args), kwargs)
+        tracer = self._tracer
+        current = tracer._model._tracer
+        if not tracer._active and current is not None and tracer._session is not None:
+            # A value of an earlier trace of the session, used in the one now open.
+            return current._record(op, list(args), kwargs)
+        return tracer._record(op, list(args), kwargs)
 
     # -- recording ---------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

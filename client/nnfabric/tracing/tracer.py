@@ -55,7 +55,17 @@ class Tracer:
         self._frame: types.FrameType | None = None
         self._invoke: int | None = None
         self._implicit = bool(inputs) or bool(input_kwargs)
-        self.job: Any = None
+        self.job: Any = None  # a remote.client.Job for remote traces
+        # Inside `model.session()`: recorded now, run with the session's other traces at its end.
+        self._session = model._open_session
+        self._index = 0
+        self._tensor_prefix = "t"
+        self._imported: dict[tuple[int, int], Ref] = {}
+        if self._session is not None:
+            self._index = len(self._session.tracers)
+            self._tensor_prefix = f"s{self._index}_t"
+            self._remote = self._session._remote
+            self._blocking = self._session._blocking
         if self._implicit:
             self._graph.invokes.append(self._make_invoke(inputs, input_kwargs))
             self._invoke = 0
@@ -76,8 +86,11 @@ class Tracer:
             return
         if not self._graph.invokes:
             raise ValueError("the trace has no inputs: pass them to trace()/generate() or use tracer.invoke(...)")
+        if self._session is not None:
+            self._session.tracers.append(self)  # runs when the session ends
+            return
         try:
-            self._model._run_trace(self)
+            self._model._execute([self], session=False, remote=self._remote, blocking=self._blocking)
         except InterventionError as error:
             raise self._at_user_line(error) from error.__cause__
         finally:
@@ -139,15 +152,15 @@ class Tracer:
         import torch
 
         if isinstance(value, Proxy):
-            if value._tracer is not self:
-                raise ValueError("a value from another trace cannot be used here; .save() it and use .value")
             if value._resolved():
                 return self._encode(value._value)
+            if value._tracer is not self:
+                return self._import(value)
             return Ref(value._id)
         if isinstance(value, torch.Tensor):
             name = self._tensor_ids.get(id(value))
             if name is None:
-                name = f"t{len(self._tensors)}"
+                name = f"{self._tensor_prefix}{len(self._tensors)}"
                 self._tensors[name] = value
                 self._tensor_ids[id(value)] = name
             return TensorRef(name)
@@ -170,6 +183,19 @@ class Tracer:
         if isinstance(value, Envoy):
             raise TypeError(f"{value._path or 'the model'} is a module; use its .output or .input")
         raise TypeError(f"a value of type {type(value).__name__} cannot be used inside a trace")
+
+    def _import(self, proxy: Proxy) -> Ref:
+        """A value of an earlier trace of the same session, fetched where the job runs."""
+        source = proxy._tracer
+        if self._session is None or source._session is not self._session or source._index >= self._index:
+            raise ValueError(
+                "a value from another trace can be used only in a later trace of the same model.session(); "
+                "otherwise .save() it and use .value"
+            )
+        key = (source._index, proxy._id)
+        if key not in self._imported:
+            self._imported[key] = Ref(self._record("from_trace", [source._index, proxy._id], {})._id)
+        return self._imported[key]
 
     def _make_invoke(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Invoke:
         if len(inputs) == 0 and not kwargs:

@@ -1,0 +1,54 @@
+"""Sessions: several traces sent as one job; later traces use earlier traces' values in place.
+
+Usage::
+
+    with model.session(remote=True) as session:
+        with model.trace("The Eiffel Tower is in Paris"):
+            paris = model.model.layers[12].output[0, -1]          # no .save() needed
+        with model.generate("The Colosseum is in", max_new_tokens=5) as tracer:
+            with tracer.all():
+                model.model.layers[12].output[:, -1] += paris     # used here, on the fabric
+            tokens = tracer.output.save()
+    tokens.value
+
+The traces are recorded when their blocks end and all run when the session ends, in order, in
+one job; a value crosses from one trace to the next without leaving the machine it runs on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InterventionError
+
+if TYPE_CHECKING:
+    from .tracer import Tracer
+
+
+class TraceSession:
+    def __init__(self, model: Any, remote: bool = False, blocking: bool = True) -> None:
+        self._model = model
+        self._remote = remote
+        self._blocking = blocking
+        self.tracers: list[Tracer] = []
+        self.job: Any = None  # a remote.client.Job once submitted
+
+    def __enter__(self) -> TraceSession:
+        if self._model._open_session is not None:
+            raise RuntimeError("a session on this model is already open; sessions do not nest")
+        if self._model._tracer is not None:
+            raise RuntimeError("open the session outside any trace")
+        self._model._open_session = self
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._model._open_session = None
+        if exc_type is not None or not self.tracers:
+            return
+        try:
+            self._model._execute(self.tracers, session=True, remote=self._remote, blocking=self._blocking)
+        except InterventionError as error:
+            raise self.tracers[error.trace or 0]._at_user_line(error) from error.__cause__
+        finally:
+            for tracer in self.tracers:
+                tracer._frame = None
