@@ -255,3 +255,35 @@ def test_health_ready_and_metrics(fabric):
     assert 'nnfabric_http_requests_total{method="POST",route="/v1/jobs",status="202"}' in text
     assert 'nnfabric_queue_depth{model="tiny-gpt2"}' in text
     assert 'nnfabric_jobs_finished{state="completed"}' in text
+
+
+def test_login_config_file_env_override_and_jobs_cli(fabric, alice, tmp_path, monkeypatch):
+    from nnfabric import cli
+    from nnfabric.cli import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setattr(cli.console, "width", 200)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("NNFABRIC_URL", raising=False)
+    monkeypatch.delenv("NNFABRIC_API_KEY", raising=False)
+    runner = CliRunner()
+    bad = runner.invoke(app, ["login", "--url", fabric.url, "--api-key", "nnf_wrong"])
+    assert bad.exit_code == 1 and not (tmp_path / "nnfabric" / "config.toml").exists()
+    done = runner.invoke(app, ["login", "--url", fabric.url, "--api-key", fabric.keys["bob"]])
+    assert done.exit_code == 0, done.output
+    config = tmp_path / "nnfabric" / "config.toml"
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert nnfabric.connect().api_key == fabric.keys["bob"]  # from the file
+    monkeypatch.setenv("NNFABRIC_API_KEY", fabric.keys["alice"])
+    assert nnfabric.connect().api_key == fabric.keys["alice"]  # the environment wins
+
+    with alice.trace(CLEAN, remote=True) as tracer:
+        alice.lm_head.output.save()
+    listed = runner.invoke(app, ["jobs", "list"])
+    assert listed.exit_code == 0 and tracer.job.id in listed.output and "completed" in listed.output
+    shown = runner.invoke(app, ["jobs", "show", tracer.job.id])
+    assert json.loads(shown.output)["state"] == "completed"
+    again = runner.invoke(app, ["jobs", "cancel", tracer.job.id])
+    assert again.exit_code == 1 and "already completed" in again.output
+    monkeypatch.setenv("NNFABRIC_API_KEY", fabric.keys["bob"])  # bob sees none of alice's jobs
+    assert tracer.job.id not in runner.invoke(app, ["jobs", "list"]).output

@@ -3,7 +3,9 @@
 nnfabric serve --catalog catalog.yaml          # Redis (unless NNFABRIC_REDIS_URL), Ray, workers, scheduler, api
 nnfabric keys create alice --models gpt2       # prints the key once; only its hash is stored
 nnfabric keys list | nnfabric keys revoke <key id>
-nnfabric models                                # state, replicas, queue depth (NNFABRIC_URL/_API_KEY)
+nnfabric login --url http://host:8000 --api-key nnf_...   # writes ~/.config/nnfabric/config.toml
+nnfabric models                                # state, replicas, queue depth, oldest wait
+nnfabric jobs list | nnfabric jobs show <id> | nnfabric jobs cancel <id>
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 app = typer.Typer(help="nnfabric: run and administer the fabric", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (stored hashed in Redis)", no_args_is_help=True)
+jobs_app = typer.Typer(help="your jobs on the fabric", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
 console = Console()
 
 
@@ -98,15 +102,80 @@ def keys_revoke(key_id: str) -> None:
     console.print(f"revoked {key_id}")
 
 
-@app.command()
-def models(
-    url: str = typer.Option(None, envvar="NNFABRIC_URL"), api_key: str = typer.Option(None, envvar="NNFABRIC_API_KEY")
-) -> None:
-    """Hosted models: state, replicas, queue depth, oldest wait."""
+URL = typer.Option(None, envvar="NNFABRIC_URL", help="default: the config file")
+API_KEY = typer.Option(None, envvar="NNFABRIC_API_KEY", help="default: the config file")
+
+
+def _connect(url: str | None, api_key: str | None) -> Any:
     from .remote.client import connect
 
+    try:
+        return connect(url, api_key, progress=False)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def login(
+    url: str = typer.Option(..., prompt=True, help="the fabric's api, e.g. http://127.0.0.1:8000"),
+    api_key: str = typer.Option(..., prompt=True, hide_input=True, help="a key from `nnfabric keys create`"),
+) -> None:
+    """Check the key against the fabric and save url and key to the config file."""
+    from .errors import RemoteError
+    from .remote.client import Session, write_config
+
+    try:
+        Session(url, api_key, progress=False).models()
+    except (RemoteError, OSError) as exc:
+        console.print(f"[red]login failed: {exc}[/red]")
+        raise typer.Exit(1) from None
+    path = write_config(url, api_key)
+    console.print(f"logged in to {url}; saved to {path} (NNFABRIC_URL / NNFABRIC_API_KEY override it)")
+
+
+@jobs_app.command("list")
+def jobs_list(limit: int = typer.Option(20), url: str = URL, api_key: str = API_KEY) -> None:
+    """Your recent jobs, newest first."""
+    table = Table(Column("job", no_wrap=True, min_width=32), "model", "state", "kind", "created", "seconds", "error")
+    for job in _connect(url, api_key).jobs(limit):
+        ran = job.get("finished", 0) - job.get("started", job.get("finished", 0))
+        table.add_row(
+            job["id"],
+            job["model"],
+            job["state"],
+            str(job.get("meta", {}).get("kind", "")),
+            time.strftime("%H:%M:%S", time.localtime(job["created"])),
+            f"{ran:.2f}" if "finished" in job else "-",
+            (job.get("error") or "")[:60],
+        )
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: str = URL, api_key: str = API_KEY) -> None:
+    """One job's record (state, queue position, times, error)."""
+    console.print_json(data=_connect(url, api_key).status(job_id))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: str = URL, api_key: str = API_KEY) -> None:
+    """Cancel a job that has not finished."""
+    from .errors import RemoteError
+
+    try:
+        _connect(url, api_key).cancel(job_id)
+    except RemoteError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"cancelled {job_id}")
+
+
+@app.command()
+def models(url: str = URL, api_key: str = API_KEY) -> None:
+    """Hosted models: state, replicas, queue depth, oldest wait."""
     table = Table("model", "state", "replicas", "queued", "oldest wait")
-    for m in connect(url, api_key, progress=False).models():
+    for m in _connect(url, api_key).models():
         wait = "-" if m["oldest_wait_s"] is None else f"{m['oldest_wait_s']:.1f}s"
         table.add_row(m["name"], m["state"], f"{m['replicas']}/{m['replicas_wanted']}", str(m["queue_depth"]), wait)
     console.print(table)

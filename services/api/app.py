@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from ..common.catalog import Catalog
 from ..common.settings import Settings
 from ..common.store import Store
-from . import routes_health, routes_jobs, routes_models
+from . import routes_health, routes_jobs, routes_models, routes_status
 from .errors import ApiError, api_error_handler
 from .metrics import Metrics
 
@@ -32,6 +32,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.middleware("http")(app.state.metrics.middleware)
     app.add_exception_handler(ApiError, api_error_handler)
-    for module in (routes_jobs, routes_models, routes_health):
+    for module in (routes_jobs, routes_models, routes_health, routes_status):
         app.include_router(module.router)
     return app

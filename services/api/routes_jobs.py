@@ -116,6 +116,15 @@ async def submit(
     }
 
 
+@router.get("")
+async def list_jobs(
+    limit: int = 20, key: ApiKey = Depends(require_key), store: Store = Depends(get_store)
+) -> list[dict[str, Any]]:
+    """The caller's recent jobs, newest first."""
+    jobs = await store.recent_jobs(200)
+    return [j for j in jobs if j["user"] == key.user][: max(1, min(limit, 200))]
+
+
 async def _own_job(job_id: str, key: ApiKey, store: Store) -> dict[str, Any]:
     job = await store.job(job_id)
     if job is None or job["user"] != key.user:

@@ -101,14 +101,28 @@ class ModelReplica:
             raise RuntimeError("model not loaded")
 
 
+def model_app(spec: ModelSpec, settings: Settings) -> Any:
+    """One model's Serve application: `spec.replicas` replicas with `spec.gpus` GPUs each."""
+    return ModelReplica.options(  # type: ignore[attr-defined]
+        name=spec.deployment,
+        num_replicas=spec.replicas,
+        ray_actor_options={"num_gpus": spec.gpus, "num_cpus": 0 if spec.gpus else 1},
+    ).bind(spec.model_dump(), settings.redis_url, settings.result_ttl_s)
+
+
+def build_app(args: dict[str, str]) -> Any:
+    """Serve config entry point (KubeRay's serveConfigV2): `import_path: services.worker.deployment:build_app`
+    with `args: {model: <name>}`; the catalog and Redis come from the NNFABRIC_* environment."""
+    settings = Settings()
+    spec = Catalog.load(settings.catalog).get(args["model"])
+    if spec is None:
+        raise ValueError(f"model {args['model']!r} is not in the catalog {settings.catalog}")
+    return model_app(spec, settings)
+
+
 def deploy_catalog(catalog: Catalog, settings: Settings) -> None:
     """Deploy every catalog model as its own Serve application; waits until each is ready."""
     serve.start(proxy_location="Disabled")
     for spec in catalog.models:
-        app = ModelReplica.options(  # type: ignore[attr-defined]
-            name=spec.deployment,
-            num_replicas=spec.replicas,
-            ray_actor_options={"num_gpus": spec.gpus, "num_cpus": 0 if spec.gpus else 1},
-        ).bind(spec.model_dump(), settings.redis_url, settings.result_ttl_s)
-        serve.run(app, name=spec.deployment, route_prefix=None, blocking=False)
+        serve.run(model_app(spec, settings), name=spec.deployment, route_prefix=None, blocking=False)
         log.info("deployed %s", spec.deployment)

@@ -54,6 +54,11 @@ class Session:
         object.__setattr__(model, "_session", self)
         return model
 
+    def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """This key's user's recent jobs, newest first."""
+        result: list[dict[str, Any]] = self._get(f"/v1/jobs?limit={limit}")
+        return result
+
     def models(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._get("/v1/models")
         return result
@@ -207,13 +212,46 @@ def _tokenizer_from_files(files: dict[str, str]) -> Any:
         return AutoTokenizer.from_pretrained(tmp)
 
 
+def config_path() -> Path:
+    """~/.config/nnfabric/config.toml (or under $XDG_CONFIG_HOME), written by `nnfabric login`."""
+    root = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(root) / "nnfabric" / "config.toml"
+
+
+def read_config() -> dict[str, str]:
+    import tomllib
+
+    path = config_path()
+    if not path.is_file():
+        return {}
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    return {k: str(v) for k, v in data.items() if k in ("url", "api_key")}
+
+
+def write_config(url: str, api_key: str) -> Path:
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # JSON string escapes are valid TOML basic strings.
+    text = f"url = {json.dumps(url)}\napi_key = {json.dumps(api_key)}\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the key is a secret
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
 def connect(url: str | None = None, api_key: str | None = None, progress: bool | None = None) -> Session:
-    """Connect to a fabric (defaults: NNFABRIC_URL, NNFABRIC_API_KEY) and make it the default."""
+    """Connect to a fabric and make it the default. Each of url and api_key comes from the
+    argument, else NNFABRIC_URL / NNFABRIC_API_KEY, else ~/.config/nnfabric/config.toml."""
     global _default
-    url = url or os.environ.get("NNFABRIC_URL")
-    api_key = api_key or os.environ.get("NNFABRIC_API_KEY")
+    config = read_config()
+    url = url or os.environ.get("NNFABRIC_URL") or config.get("url")
+    api_key = api_key or os.environ.get("NNFABRIC_API_KEY") or config.get("api_key")
     if not url or not api_key:
-        raise ValueError("connect() needs a URL and an API key (or NNFABRIC_URL and NNFABRIC_API_KEY)")
+        raise ValueError(
+            "connect() needs a URL and an API key: pass them, set NNFABRIC_URL and NNFABRIC_API_KEY, "
+            "or run `nnfabric login`"
+        )
     _default = Session(url, api_key, progress=progress)
     return _default
 

@@ -1,0 +1,62 @@
+{{- define "nnfabric.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}{{ .Release.Name | trunc 40 | trimSuffix "-" }}{{- else -}}{{ printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+
+{{- define "nnfabric.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: nnfabric
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "nnfabric.selector" -}}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "nnfabric.secretName" -}}
+{{- .Values.secrets.existingSecret | default (printf "%s-secrets" (include "nnfabric.fullname" .)) -}}
+{{- end -}}
+
+{{/* Settings every service reads (services/common/settings.py; prefix NNFABRIC_). */}}
+{{- define "nnfabric.env" -}}
+- name: NNFABRIC_REDIS_URL
+  valueFrom: {secretKeyRef: {name: {{ include "nnfabric.secretName" . }}, key: redis-url}}
+- name: NNFABRIC_CATALOG
+  value: /etc/nnfabric/catalog.yaml
+- name: NNFABRIC_RESULT_TTL_S
+  value: {{ .Values.settings.resultTtlS | quote }}
+- name: NNFABRIC_MAX_ENVELOPE_BYTES
+  value: {{ .Values.settings.maxEnvelopeBytes | int64 | quote }}
+- name: NNFABRIC_QUEUE_TIMEOUT_S
+  value: {{ .Values.settings.queueTimeoutS | quote }}
+- name: NNFABRIC_RECLAIM_IDLE_MS
+  value: {{ .Values.settings.reclaimIdleMs | quote }}
+- name: NNFABRIC_RAY_NAMESPACE
+  value: {{ .Values.settings.rayNamespace | quote }}
+{{- end -}}
+
+{{- define "nnfabric.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .gid | default .uid }}
+fsGroup: {{ .gid | default .uid }}
+seccompProfile: {type: RuntimeDefault}
+{{- end -}}
+
+{{- define "nnfabric.containerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: {{ .readOnly }}
+capabilities: {drop: ["ALL"]}
+{{- end -}}
+
+{{/* GPUs per replica -> replicas wanted, over the catalog: one Ray worker group per GPU count. */}}
+{{- define "nnfabric.workerGroups" -}}
+{{- $groups := dict -}}
+{{- range .Values.models -}}
+{{- $key := printf "%d" (int .gpus) -}}
+{{- $_ := set $groups $key (add (get $groups $key | default 0) (int .replicas)) -}}
+{{- end -}}
+{{- toJson $groups -}}
+{{- end -}}

@@ -1,0 +1,155 @@
+"""The Helm chart, offline: lint, render, validate every manifest against the Kubernetes schemas
+and the RayService against KubeRay's CRD, and check the facts that matter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "deploy" / "helm" / "nnfabric"
+# KubeRay's RayService CRD lives in the workplace's shared schemas (not copied into the project).
+CRD = ROOT.parent / "shared" / "k8s-schemas" / "ray.io_rayservices.yaml"
+
+CATALOG = [
+    {"name": "big", "source": "org/big-model", "dtype": "bfloat16", "gpus": 4, "replicas": 2},
+    {"name": "small", "source": "openai-community/gpt2", "gpus": 1, "replicas": 1},
+    {"name": "also-small", "source": "/models/local-dir", "gpus": 1, "replicas": 3},
+    {"name": "cpu-only", "source": "/models/m.gguf", "gpus": 0, "replicas": 1},
+]
+
+
+def render(values: dict[str, Any] | None = None, files: list[str] = ()) -> list[dict[str, Any]]:
+    merged: dict[str, Any] = {}
+    for name in files:
+        merged = _merge(merged, yaml.safe_load((CHART / name).read_text()))
+    merged = _merge(merged, values or {})
+    chart = helm.Chart.load(str(CHART))
+    out = chart.render(merged, name="fab", namespace="research")
+    docs = []
+    for path, text in out.items():
+        if path.endswith(".txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def find(docs: list[dict[str, Any]], kind: str, suffix: str = "") -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+
+
+VARIANTS = {
+    "defaults": ({"secrets": {"password": "pw"}}, []),
+    "dev": ({}, ["values-dev.yaml"]),
+    "gpu-catalog+ingress+external-redis": (
+        {
+            "models": CATALOG,
+            "api": {"ingress": {"enabled": True, "tlsSecret": "tls"}},
+            "redis": {"enabled": False, "externalUrl": "redis://managed:6379/0"},
+        },
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_chart_lints_and_every_manifest_is_valid(variant):
+    values, files = VARIANTS[variant]
+    report = helm.lint(str(CHART), strict=True)
+    assert not report["errors"] and all(m["severity"] < 2 for m in report["messages"]), report
+    docs = render(values, files)
+    crd = yaml.safe_load(CRD.read_text())
+    ray_schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    for doc in docs:
+        if doc["kind"] == "RayService":
+            jsonschema.validate(doc, ray_schema)
+        else:
+            for version in ("1.28.0", "1.37.0"):
+                kubernetes_validate.validate(doc, version, strict=True)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "RayService", "NetworkPolicy"} <= kinds
+
+
+def test_gpu_requests_follow_the_catalog():
+    docs = render({"models": CATALOG, "secrets": {"password": "pw"}})
+    ray = find(docs, "RayService")[0]
+    groups = {g["groupName"]: g for g in ray["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == {"gpu4", "gpu1", "cpu"}
+    for name, gpus, replicas in (("gpu4", 4, 2), ("gpu1", 1, 4), ("cpu", 0, 1)):
+        container = groups[name]["template"]["spec"]["containers"][0]
+        assert groups[name]["replicas"] == replicas
+        assert container["resources"]["limits"].get("nvidia.com/gpu", "0") == str(gpus)
+    # The head schedules nothing and requests no GPU.
+    head = ray["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
+    # One Serve application per model, named as the scheduler addresses it, built from the catalog.
+    serve = yaml.safe_load(ray["spec"]["serveConfigV2"])
+    from services.common.catalog import Catalog
+
+    catalog = Catalog.model_validate(yaml.safe_load(find(docs, "ConfigMap", "-catalog")[0]["data"]["catalog.yaml"]))
+    assert [a["name"] for a in serve["applications"]] == [m.deployment for m in catalog.models]
+    assert {a["import_path"] for a in serve["applications"]} == {"services.worker.deployment:build_app"}
+    from services.worker import deployment
+
+    assert callable(deployment.build_app)
+
+
+def test_probes_point_at_real_routes_and_env_matches_settings(tmp_path):
+    from services.api.app import create_app
+    from services.common.settings import Settings
+
+    docs = render({"secrets": {"password": "pw"}})
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(find(docs, "ConfigMap", "-catalog")[0]["data"]["catalog.yaml"])
+    routes = set(create_app(Settings(catalog=str(catalog))).openapi()["paths"])
+    api = find(docs, "Deployment", "-api")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz" and "/readyz" in routes
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz" and "/healthz" in routes
+
+    fields = {f"NNFABRIC_{name.upper()}" for name in Settings.model_fields}
+    containers = [c for d in find(docs, "Deployment") for c in d["spec"]["template"]["spec"]["containers"]]
+    ray = find(docs, "RayService")[0]["spec"]["rayClusterConfig"]
+    containers += ray["headGroupSpec"]["template"]["spec"]["containers"]
+    containers += [c for g in ray["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
+    used = {e["name"] for c in containers for e in c["env"] if e["name"].startswith("NNFABRIC_")}
+    assert used and used <= fields, used - fields
+    assert {"NNFABRIC_REDIS_URL", "NNFABRIC_CATALOG"} <= used
+
+
+def test_network_policies_and_pod_security():
+    docs = render({"secrets": {"password": "pw"}})
+    policies = {d["metadata"]["name"]: d["spec"] for d in find(docs, "NetworkPolicy")}
+    deny = policies["fab-nnfabric-default-deny"]
+    assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny  # everything denied by default
+    api = policies["fab-nnfabric-api"]
+    assert api["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "api"
+    redis_from = policies["fab-nnfabric-redis"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"]
+    assert {"key": "app.kubernetes.io/instance", "operator": "In", "values": ["fab"]} in redis_from
+    # No other policy opens a port to everyone.
+    for name, spec in policies.items():
+        if name != "fab-nnfabric-api":
+            assert all(rule.get("from") for rule in spec.get("ingress", []))
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    ray = find(docs, "RayService")[0]["spec"]["rayClusterConfig"]
+    pods += [ray["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in ray["workerGroupSpecs"]]
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["resources"]["requests"] and container["resources"]["limits"]
+    secret = find(docs, "Secret")[0]
+    assert secret["stringData"]["redis-url"] == "redis://:pw@fab-nnfabric-redis:6379/0"

@@ -1,0 +1,52 @@
+"""The operators' status page in a real headless Chromium, against the running fabric."""
+
+import io
+import shutil
+import time
+
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert binary and driver, "apt-get install chromium chromium-driver (.ci/run does)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--window-size=1200,800"):  # fmt: skip
+        options.add_argument(flag)
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    yield chrome
+    chrome.quit()
+
+
+def test_status_page_shows_the_model_ready_and_recent_jobs(fabric, alice, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    with alice.trace("The Eiffel Tower is in", remote=True) as tracer:
+        alice.lm_head.output.save()
+    browser.get(fabric.url + "/")
+    deadline = time.monotonic() + 20
+    badge = None
+    while time.monotonic() < deadline:
+        found = browser.find_elements(By.CSS_SELECTOR, 'tr[data-model="tiny-gpt2"] .state')
+        if found and found[0].text == "ready" and tracer.job.id[:12] in browser.page_source:
+            badge = found[0]
+            break
+        time.sleep(0.2)
+    assert badge is not None, browser.page_source
+    assert browser.find_element(By.CSS_SELECTOR, 'tr[data-model="not-deployed"] .state').text == "not started"
+
+    # The screenshot itself shows the state: the badge is drawn in the "ready" green.
+    page = browser.get_screenshot_as_png()
+    (tmp_path / "status.png").write_bytes(page)
+    shot = Image.open(io.BytesIO(badge.screenshot_as_png)).convert("RGB")
+    pixels = list(shot.getdata())
+    green = sum(1 for r, g, b in pixels if g > 100 and r < 60 and b < 90)
+    assert green > len(pixels) * 0.3, f"{green} of {len(pixels)} pixels are green"
+    assert Image.open(io.BytesIO(page)).size[0] >= 1000
