@@ -255,6 +255,7 @@ def test_health_ready_and_metrics(fabric):
     assert 'nnfabric_http_requests_total{method="POST",route="/v1/jobs",status="202"}' in text
     assert 'nnfabric_queue_depth{model="tiny-gpt2"}' in text
     assert 'nnfabric_jobs_finished{state="completed"}' in text
+    assert 'nnfabric_model_replicas_ready{model="tiny-gpt2"} 1.0' in text
 
 
 def test_login_config_file_env_override_and_jobs_cli(fabric, alice, tmp_path, monkeypatch):

@@ -27,6 +27,12 @@ class Metrics:
         self.oldest = Gauge(
             "nnfabric_queue_oldest_wait_seconds", "wait of the oldest queued job", ["model"], registry=self.registry
         )
+        self.replicas = Gauge(
+            "nnfabric_model_replicas_ready",
+            "replicas holding the model (0 unless ready)",
+            ["model"],
+            registry=self.registry,
+        )
         self.outcomes = Gauge(
             "nnfabric_jobs_finished", "jobs by final state (since Redis was created)", ["state"], registry=self.registry
         )
@@ -45,6 +51,8 @@ class Metrics:
             depth, wait = await store.queue_depth(spec.name)
             self.depth.labels(spec.name).set(depth)
             self.oldest.labels(spec.name).set(wait or 0.0)
+            live = await store.model(spec.name)
+            self.replicas.labels(spec.name).set(int(live.get("replicas", 0)) if live.get("state") == "ready" else 0)
         for state, count in (await store.outcomes()).items():
             self.outcomes.labels(state).set(count)
 
