@@ -80,9 +80,23 @@ class Session:
         return result
 
     def result(self, job_id: str) -> bytes:
-        response = self.http.get(f"/v1/jobs/{job_id}/result")
-        _raise_for(response)
-        return response.content
+        """The result envelope; a large one is streamed with a byte count on the terminal."""
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
+            if not response.is_success:
+                response.read()
+                _raise_for(response)
+            total = int(response.headers.get("content-length") or 0)
+            if not self.progress or total < (4 << 20):
+                return response.read()
+            from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+            chunks = []
+            with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as bar:
+                task = bar.add_task(f"job {job_id[:8]}: result", total=total)
+                for chunk in response.iter_bytes(1 << 20):
+                    chunks.append(chunk)
+                    bar.advance(task, len(chunk))
+            return b"".join(chunks)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         response = self.http.delete(f"/v1/jobs/{job_id}")
