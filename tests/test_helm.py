@@ -15,8 +15,21 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "helm" / "nnfabric"
-# KubeRay's RayService CRD lives in the workplace's shared schemas (not copied into the project).
-CRD = ROOT.parent / "shared" / "k8s-schemas" / "ray.io_rayservices.yaml"
+
+
+def _crd() -> Path:
+    """KubeRay's RayService CRD lives in the workplace's shared schemas (not copied into the
+    project): $NNFABRIC_K8S_SCHEMAS, else a shared/k8s-schemas beside the checkout or above it."""
+    import os
+
+    candidates = [Path(os.environ["NNFABRIC_K8S_SCHEMAS"])] if os.environ.get("NNFABRIC_K8S_SCHEMAS") else []
+    candidates += [parent / "shared" / "k8s-schemas" for parent in ROOT.parents]
+    candidates.append(Path("/work/shared/k8s-schemas"))  # the workplace's shared folder
+    for folder in candidates:
+        if (folder / "ray.io_rayservices.yaml").is_file():
+            return folder / "ray.io_rayservices.yaml"
+    raise FileNotFoundError(f"ray.io_rayservices.yaml not found in {[str(c) for c in candidates]}")
+
 
 CATALOG = [
     {"name": "big", "source": "org/big-model", "dtype": "bfloat16", "gpus": 4, "replicas": 2},
@@ -28,7 +41,7 @@ CATALOG = [
 
 @functools.cache
 def rayservice_validator() -> Any:
-    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    crd = yaml.load(_crd().read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
     validator = jsonschema.validators.validator_for(schema)
     validator.check_schema(schema)  # once: checking it takes seconds

@@ -26,27 +26,37 @@ def browser():
 
 
 def test_status_page_shows_the_model_ready_and_recent_jobs(fabric, alice, browser, tmp_path):
-    from selenium.webdriver.common.by import By
-
     with alice.trace("The Eiffel Tower is in", remote=True) as tracer:
         alice.lm_head.output.save()
     browser.get(fabric.url + "/")
+    # The page redraws its rows every 2 s, so read text and position in one script call.
+    read = """const b = document.querySelector(arguments[0]); if (!b) return null;
+              const r = b.getBoundingClientRect();
+              return {text: b.textContent, x: r.x, y: r.y, w: r.width, h: r.height,
+                      ratio: window.devicePixelRatio, page: document.body.textContent};"""
     deadline = time.monotonic() + 20
     badge = None
     while time.monotonic() < deadline:
-        found = browser.find_elements(By.CSS_SELECTOR, 'tr[data-model="tiny-gpt2"] .state')
-        if found and found[0].text == "ready" and tracer.job.id[:12] in browser.page_source:
-            badge = found[0]
+        found = browser.execute_script(read, 'tr[data-model="tiny-gpt2"] .state')
+        if found and found["text"] == "ready" and tracer.job.id[:12] in found["page"]:
+            badge = found
             break
         time.sleep(0.2)
     assert badge is not None, browser.page_source
-    assert browser.find_element(By.CSS_SELECTOR, 'tr[data-model="not-deployed"] .state').text == "not started"
+    assert browser.execute_script(read, 'tr[data-model="not-deployed"] .state')["text"] == "not started"
 
     # The screenshot itself shows the state: the badge is drawn in the "ready" green.
     page = browser.get_screenshot_as_png()
     (tmp_path / "status.png").write_bytes(page)
-    shot = Image.open(io.BytesIO(badge.screenshot_as_png)).convert("RGB")
-    pixels = list(shot.getdata())
+    shot = Image.open(io.BytesIO(page)).convert("RGB")
+    assert shot.size[0] >= 1000
+    k = badge["ratio"]
+    box = (
+        int(badge["x"] * k),
+        int(badge["y"] * k),
+        int((badge["x"] + badge["w"]) * k),
+        int((badge["y"] + badge["h"]) * k),
+    )
+    pixels = list(shot.crop(box).getdata())
     green = sum(1 for r, g, b in pixels if g > 100 and r < 60 and b < 90)
-    assert green > len(pixels) * 0.3, f"{green} of {len(pixels)} pixels are green"
-    assert Image.open(io.BytesIO(page)).size[0] >= 1000
+    assert pixels and green > len(pixels) * 0.3, f"{green} of {len(pixels)} pixels are green"
