@@ -1,7 +1,7 @@
 # nnfabric: `make demo` runs the fabric with a small model; `make test` runs every check.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install -q --no-compile -c constraints.txt
+PIP := $(PY) -m pip install -q -c constraints.txt
 
 .PHONY: install demo test lint typecheck pytest bench clean
 
