@@ -24,6 +24,16 @@ from .common.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# An idle fabric on a 2-core machine spent over a core on Ray's housekeeping (Serve's control loop
+# and metrics export at 10 Hz, per-process metrics); on one machine nobody reads those. Set before
+# Ray starts so its processes inherit them; an operator's own values win.
+QUIET_RAY = {
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "2000",
+    "RAY_enable_metrics_collection": "0",
+    "REPORTER_UPDATE_INTERVAL_MS": "30000",
+}
+
 
 def _convert_here(catalog: Catalog, settings: Settings) -> Catalog:
     """Convert GGUF sources in this process, where whoever started it sees the progress; the
@@ -92,6 +102,8 @@ class EmbeddedFabric:
 
         catalog = Catalog.load(catalog_path)
         if not ray.is_initialized():
+            for name, value in QUIET_RAY.items():
+                os.environ.setdefault(name, value)
             ray.init(include_dashboard=False, namespace="nnfabric", log_to_driver=False)
         settings = Settings(redis_url=redis_url, catalog=str(catalog_path), **overrides)
         env = {

@@ -9,17 +9,17 @@ from ..common.settings import Settings
 from ..common.store import ApiKey, Store
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
 
 
-def get_catalog(request: Request) -> Catalog:
+async def get_catalog(request: Request) -> Catalog:
     catalog: Catalog = request.app.state.catalog
     return catalog
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -31,10 +31,9 @@ def _bearer(header: str | None) -> str:
 
 
 async def require_key(request: Request, store: Store = Depends(get_store)) -> ApiKey:
-    key = await store.lookup_key(_bearer(request.headers.get("authorization")))
+    key, retry = await store.authorize(_bearer(request.headers.get("authorization")))
     if key is None:
         raise HTTPException(401, "unknown API key")
-    retry = await store.rate_limited(key)
     if retry:
         raise HTTPException(
             429, f"rate limit of {key.rate_limit} requests a minute reached", headers={"Retry-After": str(retry)}

@@ -32,7 +32,7 @@ async def readyz(store: Store = Depends(get_store), catalog: Catalog = Depends(g
     schedulers = await store.alive("scheduler:")
     checks["ray"] = bool(schedulers) or "no scheduler connected to Ray"
     checks["models"] = {
-        spec.name: (await store.model(spec.name)).get("state", "not started") for spec in catalog.models
+        spec.name: (await store.model(spec.name, "state")).get("state", "not started") for spec in catalog.models
     }
     ready = checks["redis"] is True and checks["ray"] is True
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

@@ -76,7 +76,7 @@ async def submit(
         raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists the hosted ones")
     if not key.allows(spec.name):
         raise ApiError(403, f"this API key may not use model {spec.name!r}")
-    state = await store.model(spec.name)
+    state = await store.model(spec.name, "state", "structure")
     if state.get("state") != "ready" or "structure" not in state:
         raise ApiError(
             503, f"model {spec.name!r} is not ready ({state.get('state', 'not started')})", headers={"Retry-After": "5"}
@@ -104,7 +104,6 @@ async def submit(
         "names": _names(header.get("names")),
     }
     position = await store.submit(job_id, key.user, spec.name, body, meta)
-    await store.remember(job_id)
     return {
         "id": job_id,
         "state": "queued",
@@ -121,8 +120,7 @@ async def list_jobs(
     limit: int = 20, key: ApiKey = Depends(require_key), store: Store = Depends(get_store)
 ) -> list[dict[str, Any]]:
     """The caller's recent jobs, newest first."""
-    jobs = await store.recent_jobs(200)
-    return [j for j in jobs if j["user"] == key.user][: max(1, min(limit, 200))]
+    return await store.recent_jobs(max(1, min(limit, 200)), user=key.user)
 
 
 async def _own_job(job_id: str, key: ApiKey, store: Store) -> dict[str, Any]:

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 async def describe(spec: ModelSpec, store: Store) -> dict[str, Any]:
-    live = await store.model(spec.name)
+    live = await store.model(spec.name, "state", "error", "replicas")
     depth, wait = await store.queue_depth(spec.name)
     return {
         "name": spec.name,
@@ -59,7 +59,7 @@ async def one_model(
 
 async def _published(name: str, field: str, store: Store, catalog: Catalog) -> Any:
     spec = _spec(name, catalog)
-    live = await store.model(spec.name)
+    live = await store.model(spec.name, "state", field)
     if field not in live:
         raise ApiError(
             503,

@@ -50,6 +50,10 @@ def _queued(model: str) -> str:
     return f"nnf:queued:{model}"
 
 
+def _recent(user: str) -> str:
+    return f"nnf:recent:{user}"
+
+
 def _model(model: str) -> str:
     return f"nnf:model:{model}"
 
@@ -84,11 +88,66 @@ def _api_key(raw: dict[str, str]) -> ApiKey | None:
     return ApiKey(raw["key_id"], raw["user"], json.loads(raw["models"]), int(raw["rate_limit"]), float(raw["created"]))
 
 
+def _job_record(raw: dict[str, str]) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    job: dict[str, Any] = dict(raw)
+    for name in ("created", "started", "finished"):
+        if name in job:
+            job[name] = float(job[name])
+    job["bytes"] = int(job.get("bytes", 0))
+    job["meta"] = json.loads(job.get("meta", "{}"))
+    return job
+
+
+# Scripts run atomically inside Redis: a state and its event are written together in one round
+# trip, and a terminal state cannot be overwritten by a racing writer (cancel vs. complete).
+# (The model's queue key and the outcome counter are named inside; this is a single Redis, not a cluster.)
+_SUBMIT = """
+local job, payload, queued, events, stream, recent, mine = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local id, user, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+redis.call('SET', payload, ARGV[5], 'EX', ttl)
+redis.call('HSET', job, unpack(ARGV, 6))
+redis.call('EXPIRE', job, ttl)
+redis.call('ZADD', queued, now, id)
+local position = redis.call('ZRANK', queued, id)
+redis.call('XADD', events, '*', 'type', 'queued', 'data', '{"position": ' .. position .. '}')
+redis.call('EXPIRE', events, ttl)
+redis.call('XADD', stream, '*', 'job', id, 'user', user)
+for _, list in ipairs({recent, mine}) do
+  redis.call('LPUSH', list, id)
+  redis.call('LTRIM', list, 0, 199)
+end
+return position
+"""
+
+_TRANSITION = """
+local job, events, payload = KEYS[1], KEYS[2], KEYS[3]
+local id, state, terminal, data, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local current = redis.call('HGET', job, 'state')
+if not current or current == 'completed' or current == 'failed' or current == 'cancelled' then
+  return false
+end
+redis.call('HSET', job, unpack(ARGV, 6))
+if terminal == '1' then
+  local model = redis.call('HGET', job, 'model')
+  if model then redis.call('ZREM', 'nnf:queued:' .. model, id) end
+  redis.call('DEL', payload)
+  redis.call('HINCRBY', 'nnf:outcomes', state, 1)
+end
+local event = redis.call('XADD', events, '*', 'type', state, 'data', data)
+redis.call('EXPIRE', events, ttl)
+return event
+"""
+
+
 class Store:
     def __init__(self, redis: Redis, ttl_s: int = 86400) -> None:
         # redis-py's stubs type replies as unions of every wire type; we decode them ourselves.
         self.redis: Any = redis
         self.ttl_s = ttl_s
+        self._submit = redis.register_script(_SUBMIT)  # sent by digest (EVALSHA) after the first call
+        self._transition = redis.register_script(_TRANSITION)
 
     # -- API keys --------------------------------------------------------------------------
     async def create_key(self, user: str, models: list[str], rate_limit: int = 60) -> tuple[str, ApiKey]:
@@ -123,72 +182,56 @@ class Store:
         await self.redis.hdel("nnf:key_ids", key_id)
         return True
 
-    async def rate_limited(self, key: ApiKey, window_s: int = 60) -> int:
-        """Count one request; return 0 if allowed, else seconds until the window resets."""
+    async def authorize(self, key: str, window_s: int = 60) -> tuple[ApiKey | None, int]:
+        """Look the key up and count one request against its rate limit, in one round trip.
+        Returns (the key's record or None, 0 if allowed else seconds until the window resets)."""
+        digest = hash_key(key)
         now = time.time()
         window = int(now // window_s)
-        counter = f"nnf:rate:{key.key_id}:{window}"
-        async with self.redis.pipeline(transaction=True) as pipe:
+        counter = f"nnf:rate:{digest[:12]}:{window}"  # digest[:12] is the key id
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(f"nnf:key:{digest}")
             pipe.incr(counter)
             pipe.expire(counter, window_s * 2)
-            count, _ = await pipe.execute()
-        if count > key.rate_limit:
-            return max(1, int((window + 1) * window_s - now))
-        return 0
+            raw, count, _ = await pipe.execute()
+        record = _api_key(_decode_hash(raw))
+        if record is not None and count > record.rate_limit:
+            return record, max(1, int((window + 1) * window_s - now))
+        return record, 0
 
     # -- jobs ------------------------------------------------------------------------------
     async def submit(self, job_id: str, user: str, model: str, payload: bytes, meta: dict[str, Any]) -> int:
-        """Store the payload and job, announce `queued`, then enqueue. Returns the queue position."""
+        """Store the payload and job, announce `queued`, then enqueue (one atomic script).
+        Returns the queue position."""
         now = time.time()
-        record = {"id": job_id, "user": user, "model": model, "state": "queued", "created": now,
-                  "bytes": len(payload), "meta": json.dumps(meta)}  # fmt: skip
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(_payload(job_id), payload, ex=self.ttl_s)
-            pipe.hset(_job(job_id), mapping=record)
-            pipe.expire(_job(job_id), self.ttl_s)
-            pipe.zadd(_queued(model), {job_id: now})
-            pipe.zrank(_queued(model), job_id)
-            results = await pipe.execute()
-        position = int(results[-1] or 0)
-        await self._event(job_id, "queued", {"position": position})
-        await self.redis.xadd(queue_stream(model), {"job": job_id, "user": user})
-        return position
+        record = {"id": job_id, "user": user, "model": model, "state": "queued", "created": str(now),
+                  "bytes": str(len(payload)), "meta": json.dumps(meta)}  # fmt: skip
+        fields = [item for pair in record.items() for item in pair]
+        keys = [_job(job_id), _payload(job_id), _queued(model), _events(job_id), queue_stream(model),
+                "nnf:recent", _recent(user)]  # fmt: skip
+        position = await self._submit(keys, [job_id, user, now, self.ttl_s, payload, *fields])
+        return int(position)
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
-        raw = _decode_hash(await self.redis.hgetall(_job(job_id)))
-        if not raw:
-            return None
-        job: dict[str, Any] = dict(raw)
-        for name in ("created", "started", "finished"):
-            if name in job:
-                job[name] = float(job[name])
-        job["bytes"] = int(job.get("bytes", 0))
-        job["meta"] = json.loads(job.get("meta", "{}"))
-        if job["state"] == "queued":
+        job = _job_record(_decode_hash(await self.redis.hgetall(_job(job_id))))
+        if job is not None and job["state"] == "queued":
             rank = await self.redis.zrank(_queued(job["model"]), job_id)
             job["position"] = None if rank is None else int(rank)
         return job
 
     async def transition(self, job_id: str, state: str, data: dict[str, Any] | None = None, **fields: Any) -> bool:
-        """Persist a new state, then announce it. Terminal states are final: returns False if already ended."""
-        current = await self.redis.hget(_job(job_id), "state")
-        if current is None or _text(current) in TERMINAL:
-            return False
-        stamp = {"running": "started"}.get(state, "finished" if state in TERMINAL else None)
+        """Persist a new state, then announce it (one atomic script). Terminal states are final:
+        returns False if the job had already ended (or does not exist)."""
+        stamp = {"running": "started"}.get(state, "finished" if state in TERMINAL else "")
         mapping: dict[str, Any] = {"state": state, **{k: v for k, v in fields.items() if v is not None}}
         if stamp:
             mapping[stamp] = time.time()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(_job(job_id), mapping=mapping)
-            if state in TERMINAL:
-                model = await self.redis.hget(_job(job_id), "model")
-                if model is not None:
-                    pipe.zrem(_queued(_text(model)), job_id)
-                pipe.delete(_payload(job_id))
-                pipe.hincrby("nnf:outcomes", state, 1)
-            await pipe.execute()
-        await self._event(job_id, state, data or {})
-        return True
+        flat = [_text(item) for pair in mapping.items() for item in pair]
+        keys = [_job(job_id), _events(job_id), _payload(job_id)]
+        event_id = await self._transition(
+            keys, [job_id, state, int(state in TERMINAL), json.dumps(data or {}), self.ttl_s, *flat]
+        )
+        return event_id is not None
 
     async def log(self, job_id: str, message: str) -> None:
         await self._event(job_id, "log", {"message": message})
@@ -231,16 +274,19 @@ class Store:
         wait = time.time() - float(oldest[0][1]) if oldest else None
         return int(depth), wait
 
-    async def recent_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
-        ids = await self.redis.lrange("nnf:recent", 0, limit - 1)
-        jobs = [await self.job(_text(i)) for i in ids]
-        return [j for j in jobs if j is not None]
-
-    async def remember(self, job_id: str) -> None:
+    async def recent_jobs(self, limit: int = 20, user: str | None = None) -> list[dict[str, Any]]:
+        """The newest jobs, of everyone or of one user (each list keeps the last 200)."""
+        ids = await self.redis.lrange(_recent(user) if user else "nnf:recent", 0, limit - 1)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.lpush("nnf:recent", job_id)
-            pipe.ltrim("nnf:recent", 0, 199)
-            await pipe.execute()
+            for job_id in ids:
+                pipe.hgetall(_job(_text(job_id)))
+            records = await pipe.execute()
+        jobs = []
+        for raw in records:
+            job = _job_record(_decode_hash(raw))
+            if job is not None:
+                jobs.append(job)
+        return jobs
 
     async def outcomes(self) -> dict[str, int]:
         return {k: int(v) for k, v in _decode_hash(await self.redis.hgetall("nnf:outcomes")).items()}
@@ -257,5 +303,9 @@ class Store:
         values["updated"] = time.time()
         await self.redis.hset(_model(name), mapping=values)
 
-    async def model(self, name: str) -> dict[str, str]:
-        return _decode_hash(await self.redis.hgetall(_model(name)))
+    async def model(self, name: str, *fields: str) -> dict[str, str]:
+        """A model's published state; only the named fields if given (the tokenizer can be megabytes)."""
+        if not fields:
+            return _decode_hash(await self.redis.hgetall(_model(name)))
+        values = await self.redis.hmget(_model(name), list(fields))
+        return {f: _text(v) for f, v in zip(fields, values, strict=True) if v is not None}

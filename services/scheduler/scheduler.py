@@ -90,6 +90,7 @@ class Scheduler:
         self.reclaim_idle_ms = reclaim_idle_ms
         self.queues = {spec.name: _ModelQueue(spec) for spec in catalog.models}
         self._stopping = asyncio.Event()
+        self._freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -99,23 +100,35 @@ class Scheduler:
             # Entries this consumer had read but not acknowledged before a restart.
             await self._read(spec.name, "0")
         last_reclaim = 0.0
+        reading: asyncio.Task[None] | None = None
         while not self._stopping.is_set():
             if time.monotonic() - last_reclaim > min(2.0, self.reclaim_idle_ms / 2000):
                 for name in self.queues:
                     await self._reclaim(name)
                 await self.store.heartbeat(f"scheduler:{self.name}")
                 last_reclaim = time.monotonic()
-            await self._read_new()
+            # Wait for new entries, or for a batch to end (its replica is free now): whichever is first.
+            reading = reading or asyncio.create_task(self._read_new())
+            freed = asyncio.create_task(self._freed.wait())
+            await asyncio.wait({reading, freed}, return_when=asyncio.FIRST_COMPLETED)
+            freed.cancel()
+            self._freed.clear()
+            if reading.done():
+                reading.result()
+                reading = None
             for name in self.queues:
                 await self._dispatch_ready(name)
+        if reading is not None:
+            reading.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def stop(self) -> None:
         self._stopping.set()
+        self._freed.set()  # wake the loop so it sees the stop
 
     async def _read_new(self) -> None:
         streams = {queue_stream(name): ">" for name in self.queues}
-        reply = await self.redis.xreadgroup(GROUP, self.name, streams, count=256, block=100)
+        reply = await self.redis.xreadgroup(GROUP, self.name, streams, count=256, block=500)
         for stream, entries in reply or []:
             name = _text(stream).removeprefix("nnf:queue:")
             self._add(name, entries)
@@ -193,10 +206,13 @@ class Scheduler:
                 await self._ack(name, entry)
         finally:
             queue.in_flight -= 1
+            self._freed.set()
 
     async def _ack(self, name: str, entry: _Entry) -> None:
-        await self.redis.xack(queue_stream(name), GROUP, entry.stream_id)
-        await self.redis.xdel(queue_stream(name), entry.stream_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(queue_stream(name), GROUP, entry.stream_id)
+            pipe.xdel(queue_stream(name), entry.stream_id)
+            await pipe.execute()
         self.queues[name].done(entry)
 
 

@@ -1,0 +1,88 @@
+"""The job store's state machine against a real Redis: read back with plain Redis commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from redis.asyncio import Redis
+
+from services.common.redis_server import RedisServer
+from services.common.store import Store
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = RedisServer.start()
+    yield server.url
+    server.stop()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _events(redis: Redis, job_id: str) -> list[tuple[str, dict]]:
+    entries = await redis.xrange(f"nnf:events:{job_id}")
+    return [(f[b"type"].decode(), json.loads(f[b"data"])) for _, f in entries]
+
+
+def test_submit_persists_announces_and_enqueues_in_order(redis_url):
+    async def scenario():
+        redis = Redis.from_url(redis_url)
+        store = Store(redis, ttl_s=600)
+        first = await store.submit("j1", "alice", "m", b"payload-1", {"kind": "trace"})
+        second = await store.submit("j2", "bob", "m", b"payload-2", {"kind": "trace"})
+        assert (first, second) == (0, 1)
+        assert await redis.get("nnf:payload:j2") == b"payload-2"
+        assert 0 < await redis.ttl("nnf:payload:j2") <= 600
+        record = await redis.hgetall("nnf:job:j2")
+        assert record[b"state"] == b"queued" and record[b"user"] == b"bob"
+        assert json.loads(record[b"meta"]) == {"kind": "trace"}
+        assert await _events(redis, "j2") == [("queued", {"position": 1})]
+        queued = await redis.xrange("nnf:queue:m")
+        assert [(f[b"job"], f[b"user"]) for _, f in queued] == [(b"j1", b"alice"), (b"j2", b"bob")]
+        assert [j["id"] for j in await store.recent_jobs(10)] == ["j2", "j1"]
+        assert [j["id"] for j in await store.recent_jobs(10, user="alice")] == ["j1"]
+        job = await store.job("j2")
+        assert job is not None and job["position"] == 1 and isinstance(job["created"], float)
+        await redis.aclose()
+
+    run(scenario())
+
+
+def test_terminal_states_are_final_and_clean_up(redis_url):
+    async def scenario():
+        redis = Redis.from_url(redis_url)
+        store = Store(redis, ttl_s=600)
+        await store.submit("k1", "alice", "n", b"p", {})
+        assert await store.transition("k1", "running", {"batch": 1})
+        assert (await redis.hget("nnf:job:k1", "started")) is not None
+        assert await store.transition("k1", "completed", {"bytes": 3}, error=None)
+        # A cancel racing the completion loses, and announces nothing.
+        assert not await store.transition("k1", "cancelled", {"by": "user"})
+        assert not await store.transition("missing", "running")
+        assert await redis.hget("nnf:job:k1", "state") == b"completed"
+        assert await redis.exists("nnf:payload:k1") == 0
+        assert await redis.zscore("nnf:queued:n", "k1") is None
+        assert [t for t, _ in await _events(redis, "k1")] == ["queued", "running", "completed"]
+        assert int(await redis.hget("nnf:outcomes", "completed")) >= 1
+        await redis.aclose()
+
+    run(scenario())
+
+
+def test_authorize_counts_requests_against_the_limit(redis_url):
+    async def scenario():
+        redis = Redis.from_url(redis_url)
+        store = Store(redis)
+        key, record = await store.create_key("carol", ["m"], rate_limit=2)
+        assert (await store.authorize(key))[1] == 0
+        assert (await store.authorize(key))[1] == 0
+        found, retry = await store.authorize(key)
+        assert found is not None and found.key_id == record.key_id and 1 <= retry <= 60
+        assert await store.authorize("nnf_not-a-key") == (None, 0)
+        await redis.aclose()
+
+    run(scenario())
