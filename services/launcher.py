@@ -24,10 +24,14 @@ from .common.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# An idle fabric on a 2-core machine spent over a core on Ray's housekeeping (Serve's control loop
-# and metrics export at 10 Hz, per-process metrics); on one machine nobody reads those. Set before
-# Ray starts so its processes inherit them; an operator's own values win.
-QUIET_RAY = {
+# Ray's defaults assume a machine of its own. Here the replicas share the CPUs with the api,
+# Redis and the scheduler: Ray starts its workers at niceness 15, so under load a replica waited
+# behind everything else (150-200 ms per job around a 5 ms forward pass), and an idle fabric spent
+# over a core of two on housekeeping (Serve's control loop and metrics export at 10 Hz,
+# per-process metrics nobody reads here). Set before Ray starts so its processes inherit them;
+# an operator's own values win.
+RAY_ON_ONE_MACHINE = {
+    "RAY_worker_niceness": "0",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "2000",
     "RAY_enable_metrics_collection": "0",
@@ -102,7 +106,7 @@ class EmbeddedFabric:
 
         catalog = Catalog.load(catalog_path)
         if not ray.is_initialized():
-            for name, value in QUIET_RAY.items():
+            for name, value in RAY_ON_ONE_MACHINE.items():
                 os.environ.setdefault(name, value)
             ray.init(include_dashboard=False, namespace="nnfabric", log_to_driver=False)
         settings = Settings(redis_url=redis_url, catalog=str(catalog_path), **overrides)
