@@ -214,10 +214,19 @@ class Store:
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         job = _job_record(_decode_hash(await self.redis.hgetall(_job(job_id))))
-        if job is not None and job["state"] == "queued":
-            rank = await self.redis.zrank(_queued(job["model"]), job_id)
-            job["position"] = None if rank is None else int(rank)
-        return job
+        return None if job is None else (await self._with_positions([job]))[0]
+
+    async def _with_positions(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Add each queued job's current queue position (one pipelined round trip)."""
+        queued = [job for job in jobs if job["state"] == "queued"]
+        if queued:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job in queued:
+                    pipe.zrank(_queued(job["model"]), job["id"])
+                ranks = await pipe.execute()
+            for job, rank in zip(queued, ranks, strict=True):
+                job["position"] = None if rank is None else int(rank)
+        return jobs
 
     async def transition(self, job_id: str, state: str, data: dict[str, Any] | None = None, **fields: Any) -> bool:
         """Persist a new state, then announce it (one atomic script). Terminal states are final:
@@ -281,12 +290,8 @@ class Store:
             for job_id in ids:
                 pipe.hgetall(_job(_text(job_id)))
             records = await pipe.execute()
-        jobs = []
-        for raw in records:
-            job = _job_record(_decode_hash(raw))
-            if job is not None:
-                jobs.append(job)
-        return jobs
+        jobs = [job for job in (_job_record(_decode_hash(raw)) for raw in records) if job is not None]
+        return await self._with_positions(jobs)
 
     async def outcomes(self) -> dict[str, int]:
         return {k: int(v) for k, v in _decode_hash(await self.redis.hgetall("nnf:outcomes")).items()}
