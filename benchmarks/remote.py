@@ -1,17 +1,23 @@
 """The fabric's overhead over local execution, and its throughput, on loopback.
 
-    python benchmarks/remote.py [--jobs 40]
+    python benchmarks/remote.py [--jobs 40] [--models tiny,small]
 
 For the tiny GPT-2 and a GPT-2-small-shaped model: p50/p95 latency of a one-prompt patching
 job run locally and through the fabric (api -> Redis -> scheduler -> Ray Serve -> Redis ->
 websocket), and jobs/s one at a time beside 16 concurrent clients against one replica.
+
+The client runs in a process of its own, as a researcher's would (sharing the fabric's process
+and its GIL skews both). Beside the overhead it prints the floors the fabric stands on, measured
+in the same run: one bare Ray Serve handle call (a no-op deployment, called like the scheduler
+calls a replica) and one bare HTTP round trip to the api (GET /healthz).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,11 +64,77 @@ async def make_key(url: str) -> str:
     return key
 
 
+def client_main(url: str, key: str, name: str, path: str, jobs: int) -> None:
+    """The researcher's side, in its own process: prints one JSON line of timings."""
+    import httpx
+
+    session = nnfabric.connect(url, key, progress=False)
+    model = nnfabric.LanguageModel(path, remote_name=name)
+    for _ in range(3):
+        patch_job(model, False)
+        patch_job(model, True)
+    local, remote, http = [], [], []
+    for _ in range(jobs):
+        local.append(patch_job(model, False))
+        remote.append(patch_job(model, True))
+        start = time.perf_counter()
+        httpx.get(f"{url}/healthz")  # a fresh connection, as the job's websocket is
+        http.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(jobs):
+        patch_job(model, True)
+    serial = jobs / (time.perf_counter() - start)
+    # A trace belongs to one model object, so each client thread has its own thin one.
+    clients = [session.model(name) for _ in range(16)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(patch_job, [clients[i % 16] for i in range(jobs)], [True] * jobs))
+    concurrent = jobs / (time.perf_counter() - start)
+    print(json.dumps({"local": local, "remote": remote, "http": http, "serial": serial, "concurrent": concurrent}))
+
+
+def serve_floor(calls: int) -> list[float]:
+    """Round trips of a bare Ray Serve handle call to a no-op replica, awaited from an event loop
+    in another process than the replica's, as the scheduler does."""
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0})
+    class Noop:
+        async def run_batch(self, job_ids: list[str]) -> dict[str, str]:
+            return {}
+
+    handle = serve.run(Noop.bind(), name="floor", route_prefix=None)  # type: ignore[attr-defined]
+
+    async def measure() -> list[float]:
+        times = []
+        for i in range(calls + 3):
+            start = time.perf_counter()
+            await handle.run_batch.remote([])
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+            await asyncio.sleep(0.02)
+        return times
+
+    try:
+        return asyncio.run(measure())
+    finally:
+        serve.delete("floor")
+
+
+def ms(values: list[float], q: float = 0.5) -> str:
+    return f"{percentile(values, q) * 1e3:8.2f} ms"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--models", default="tiny,small", help="which of tiny,small to measure")
+    parser.add_argument("--client", nargs=4, metavar=("URL", "KEY", "NAME", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.client:
+        url, key, name, path = args.client
+        client_main(url, key, name, path, args.jobs)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tiny, small = Path(tmp, "tiny"), Path(tmp, "small")
         build_gpt2(tiny)
@@ -78,35 +150,30 @@ def main() -> None:
         fabric = EmbeddedFabric.start(catalog)
         try:
             fabric.wait_ready()
-            session = nnfabric.connect(fabric.url, asyncio.run(make_key(fabric.settings.redis_url)), progress=False)
+            key = asyncio.run(make_key(fabric.settings.redis_url))
             for name, path in [("tiny", tiny), ("small", small)]:
                 if name not in wanted:
                     continue
-                model = nnfabric.LanguageModel(str(path), remote_name=name)
-                for _ in range(3):
-                    patch_job(model, False)
-                    patch_job(model, True)
-                local, remote = [], []
-                for _ in range(args.jobs):
-                    local.append(patch_job(model, False))
-                    remote.append(patch_job(model, True))
-                p50l, p50r = statistics.median(local), statistics.median(remote)
-                print(f"\n{name}: one-prompt patching job, {args.jobs} runs each")
-                print(f"  local   p50 {p50l * 1e3:8.2f} ms  p95 {percentile(local, 0.95) * 1e3:8.2f} ms")
-                print(f"  remote  p50 {p50r * 1e3:8.2f} ms  p95 {percentile(remote, 0.95) * 1e3:8.2f} ms")
-                print(f"  remote overhead p50 {(p50r - p50l) * 1e3:.2f} ms ({p50r / p50l:.2f}x)")
-                start = time.perf_counter()
-                for _ in range(args.jobs):
-                    patch_job(model, True)
-                serial = args.jobs / (time.perf_counter() - start)
-                start = time.perf_counter()
-                # A trace belongs to one model object, so each client thread has its own thin one.
-                clients = [session.model(name) for _ in range(16)]
-                with ThreadPoolExecutor(16) as pool:
-                    list(pool.map(patch_job, [clients[i % 16] for i in range(args.jobs)], [True] * args.jobs))
-                concurrent = args.jobs / (time.perf_counter() - start)
+                command = [sys.executable, __file__, "--jobs", str(args.jobs), "--client", fabric.url, key, name]
+                out = subprocess.run([*command, str(path)], check=True, capture_output=True, text=True).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                floor = serve_floor(args.jobs)
+                local, remote = r["local"], r["remote"]
+                overhead = percentile(remote, 0.5) - percentile(local, 0.5)
+                print(f"\n{name}: one-prompt patching job, {args.jobs} runs each (client in its own process)")
+                print(f"  local   p50 {ms(local)}  p95 {ms(local, 0.95)}")
+                print(f"  remote  p50 {ms(remote)}  p95 {ms(remote, 0.95)}")
                 print(
-                    f"  throughput: one at a time {serial:.1f} jobs/s; 16 clients {concurrent:.1f} jobs/s ({concurrent / serial:.2f}x)"
+                    f"  remote overhead p50 {overhead * 1e3:.2f} ms "
+                    f"({percentile(remote, 0.5) / percentile(local, 0.5):.2f}x local)"
+                )
+                print(f"  floors: bare Serve handle call p50 {ms(floor)}  p95 {ms(floor, 0.95)}")
+                print(f"          bare HTTP round trip   p50 {ms(r['http'])}  p95 {ms(r['http'], 0.95)}")
+                print(f"  overhead / Serve call p50: {overhead / percentile(floor, 0.5):.2f}x")
+                serial, concurrent = r["serial"], r["concurrent"]
+                print(
+                    f"  throughput: one at a time {serial:.1f} jobs/s; "
+                    f"16 clients {concurrent:.1f} jobs/s ({concurrent / serial:.2f}x)"
                 )
         finally:
             fabric.stop()

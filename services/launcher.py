@@ -36,6 +36,11 @@ RAY_ON_ONE_MACHINE = {
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "2000",
     "RAY_enable_metrics_collection": "0",
     "REPORTER_UPDATE_INTERVAL_MS": "30000",
+    # Serve's handle runs its router on an event loop of its own, so each call from the scheduler
+    # hops threads twice, each a wakeup on a busy CPU; the scheduler is async, so its own loop does.
+    # (The replica's matching switch, RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, changed the
+    # replica's float results, so remote would no longer equal local bit for bit: left on.)
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
 
 
@@ -99,6 +104,11 @@ class EmbeddedFabric:
         overrides: dict[str, Any],
     ) -> EmbeddedFabric:
         import ray
+
+        if not ray.is_initialized():
+            # Before Serve is imported here too: it reads its settings once, at import.
+            for name, value in RAY_ON_ONE_MACHINE.items():
+                os.environ.setdefault(name, value)
         import uvicorn
 
         from .api.app import create_app
@@ -106,8 +116,6 @@ class EmbeddedFabric:
 
         catalog = Catalog.load(catalog_path)
         if not ray.is_initialized():
-            for name, value in RAY_ON_ONE_MACHINE.items():
-                os.environ.setdefault(name, value)
             ray.init(include_dashboard=False, namespace="nnfabric", log_to_driver=False)
         settings = Settings(redis_url=redis_url, catalog=str(catalog_path), **overrides)
         env = {

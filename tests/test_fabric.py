@@ -10,6 +10,7 @@ import nnfabric
 import pytest
 import torch
 from nnfabric.graph import Graph, Invoke, Node, Ref
+from nnfabric.remote.client import Session
 from nnfabric.runtime.wire import pack_request
 from websockets.sync.client import connect as ws_connect
 
@@ -174,6 +175,24 @@ def test_websocket_drop_and_resume_loses_nothing(fabric):
     assert [e["id"] for e in first + rest] == [e["id"] for e in whole]
     assert [e["type"] for e in whole] == ["queued", "running", "completed"]
     assert whole[-1]["result"] == f"/v1/jobs/{job_id}/result"
+
+
+def test_small_results_ride_on_the_websocket_when_asked(fabric):
+    job_id = submit(fabric)
+    wait_state(fabric, job_id, ("completed",))
+    fetched = httpx.get(f"{fabric.url}/v1/jobs/{job_id}/result", headers=headers(fabric)).content
+    url = fabric.url.replace("http", "ws", 1) + f"/v1/jobs/{job_id}/events?after=0-0&result=inline"
+    with ws_connect(url, additional_headers=headers(fabric)) as ws:
+        frames = list(ws)
+    *events, inline = frames
+    assert [json.loads(e)["type"] for e in events] == ["queued", "running", "completed"]
+    assert json.loads(events[-1])["inline"] is True
+    assert isinstance(inline, bytes) and inline == fetched
+    # Without the ask, the stream is events only (older clients fetch /result).
+    assert [e["type"] for e in read_events(fabric, job_id)] == ["queued", "running", "completed"]
+    session = Session(fabric.url, fabric.keys["alice"], progress=False)
+    assert session.wait(job_id)["inline"] is True and session.result(job_id) == fetched
+    assert session.result(job_id) == fetched  # taken once; then fetched over HTTP
 
 
 def test_users_are_isolated(fabric):

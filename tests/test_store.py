@@ -59,7 +59,8 @@ def test_terminal_states_are_final_and_clean_up(redis_url):
         await store.submit("k1", "alice", "n", b"p", {})
         assert await store.transition("k1", "running", {"batch": 1})
         assert (await redis.hget("nnf:job:k1", "started")) is not None
-        assert await store.transition("k1", "completed", {"bytes": 3}, error=None)
+        assert await store.transition("k1", "completed", {"bytes": 3}, result=b"res", error=None)
+        assert await redis.get("nnf:result:k1") == b"res" and 0 < await redis.ttl("nnf:result:k1") <= 600
         # A cancel racing the completion loses, and announces nothing.
         assert not await store.transition("k1", "cancelled", {"by": "user"})
         assert not await store.transition("missing", "running")
@@ -83,6 +84,28 @@ def test_authorize_counts_requests_against_the_limit(redis_url):
         found, retry = await store.authorize(key)
         assert found is not None and found.key_id == record.key_id and 1 <= retry <= 60
         assert await store.authorize("nnf_not-a-key") == (None, 0)
+        await redis.aclose()
+
+    run(scenario())
+
+
+def test_a_cancelled_job_gets_no_result_and_batches_read_in_one_go(redis_url):
+    async def scenario():
+        redis = Redis.from_url(redis_url)
+        store = Store(redis, ttl_s=600)
+        for job_id in ("b1", "b2", "b3"):
+            await store.submit(job_id, "dave", "q", job_id.encode(), {})
+        assert await store.payloads(["b1", "nope", "b3"]) == [b"b1", None, b"b3"]
+        assert await store.transition("b2", "cancelled", {"by": "user"})
+        states = await store.states(["b1", "b2", "nope"])
+        assert states[0] is not None and states[0][0] == "queued" and states[0][1] > 0
+        assert states[1] is not None and states[1][0] == "cancelled" and states[2] is None
+        # The replica finishing a job cancelled meanwhile stores nothing and announces nothing.
+        assert not await store.transition("b2", "completed", {"bytes": 3}, result=b"late")
+        assert await redis.exists("nnf:result:b2") == 0
+        assert [t for t, _ in await _events(redis, "b2")] == ["queued", "cancelled"]
+        await store.dequeued("q", ["b1", "b3"])
+        assert await redis.zrange("nnf:queued:q", 0, -1) == []
         await redis.aclose()
 
     run(scenario())

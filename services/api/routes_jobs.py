@@ -159,7 +159,10 @@ async def cancel(job_id: str, key: ApiKey = Depends(require_key), store: Store =
 
 
 @router.websocket("/{job_id}/events")
-async def events(websocket: WebSocket, job_id: str, after: str = "0-0") -> None:
+async def events(websocket: WebSocket, job_id: str, after: str = "0-0", result: str = "") -> None:
+    """The job's events from `after` on, as JSON text frames, until a final one. With
+    `result=inline`, a `completed` event says `"inline": true` when the result (up to
+    NNFABRIC_INLINE_RESULT_BYTES) follows it as one binary frame."""
     key = await websocket_key(websocket)
     store: Store = websocket.app.state.store
     if key is None:
@@ -169,15 +172,21 @@ async def events(websocket: WebSocket, job_id: str, after: str = "0-0") -> None:
     if job is None or job["user"] != key.user:
         await websocket.close(code=4404, reason=f"no job {job_id!r}")
         return
+    limit = websocket.app.state.settings.inline_result_bytes if result == "inline" else 0
     await websocket.accept()
     cursor = after
     try:
         while True:
             batch = await store.events(job_id, cursor, block_ms=1000)
             for event_id, event in batch:
-                await websocket.send_json({"id": event_id, **event})
+                data = None
+                if event["type"] == "completed" and 0 < int(event.get("bytes") or 0) <= limit:
+                    data = await store.result(job_id)
+                await websocket.send_json({"id": event_id, **event, **({"inline": True} if data else {})})
                 cursor = event_id
                 if event["type"] in TERMINAL:
+                    if data:
+                        await websocket.send_bytes(data)
                     await websocket.close()
                     return
             if not batch:

@@ -16,6 +16,9 @@ class Settings(BaseSettings):
     # How long payloads, results and event streams are kept after a job ends.
     result_ttl_s: int = 24 * 3600
     max_envelope_bytes: int = 64 << 20
+    # Results up to this size follow the `completed` event on the events websocket when the client
+    # asks (`?result=inline`), saving it a request; larger ones are fetched from /result.
+    inline_result_bytes: int = 4 << 20
     # A job waiting longer than this in the queue fails instead of running late.
     queue_timeout_s: float = 3600.0
     # Ray: "auto" joins a running cluster; "local" starts one in-process.

@@ -122,13 +122,14 @@ return position
 """
 
 _TRANSITION = """
-local job, events, payload = KEYS[1], KEYS[2], KEYS[3]
+local job, events, payload, result = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, state, terminal, data, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local current = redis.call('HGET', job, 'state')
 if not current or current == 'completed' or current == 'failed' or current == 'cancelled' then
   return false
 end
-redis.call('HSET', job, unpack(ARGV, 6))
+if ARGV[6] == '1' then redis.call('SET', result, ARGV[7], 'EX', ttl) end
+redis.call('HSET', job, unpack(ARGV, 8))
 if terminal == '1' then
   local model = redis.call('HGET', job, 'model')
   if model then redis.call('ZREM', 'nnf:queued:' .. model, id) end
@@ -228,18 +229,20 @@ class Store:
                 job["position"] = None if rank is None else int(rank)
         return jobs
 
-    async def transition(self, job_id: str, state: str, data: dict[str, Any] | None = None, **fields: Any) -> bool:
-        """Persist a new state, then announce it (one atomic script). Terminal states are final:
-        returns False if the job had already ended (or does not exist)."""
+    async def transition(
+        self, job_id: str, state: str, data: dict[str, Any] | None = None, result: bytes | None = None, **fields: Any
+    ) -> bool:
+        """Persist a new state (and the result, if given), then announce it: one atomic script.
+        Terminal states are final: returns False, storing nothing, if the job had already ended
+        (or does not exist)."""
         stamp = {"running": "started"}.get(state, "finished" if state in TERMINAL else "")
         mapping: dict[str, Any] = {"state": state, **{k: v for k, v in fields.items() if v is not None}}
         if stamp:
             mapping[stamp] = time.time()
         flat = [_text(item) for pair in mapping.items() for item in pair]
-        keys = [_job(job_id), _events(job_id), _payload(job_id)]
-        event_id = await self._transition(
-            keys, [job_id, state, int(state in TERMINAL), json.dumps(data or {}), self.ttl_s, *flat]
-        )
+        keys = [_job(job_id), _events(job_id), _payload(job_id), _result(job_id)]
+        args: list[str | int | bytes] = [job_id, state, int(state in TERMINAL), json.dumps(data or {}), self.ttl_s]
+        event_id = await self._transition(keys, [*args, int(result is not None), result or b"", *flat])
         return event_id is not None
 
     async def log(self, job_id: str, message: str) -> None:
@@ -262,19 +265,27 @@ class Store:
                 found.append((_text(event_id), {"type": raw["type"], **json.loads(raw["data"])}))
         return found
 
-    async def payload(self, job_id: str) -> bytes | None:
-        data: bytes | None = await self.redis.get(_payload(job_id))
+    async def payloads(self, job_ids: list[str]) -> list[bytes | None]:
+        """The jobs' envelopes, in order (None where one has expired): one round trip."""
+        data: list[bytes | None] = await self.redis.mget([_payload(j) for j in job_ids]) if job_ids else []
         return data
 
-    async def put_result(self, job_id: str, data: bytes) -> None:
-        await self.redis.set(_result(job_id), data, ex=self.ttl_s)
+    async def states(self, job_ids: list[str]) -> list[tuple[str, float] | None]:
+        """(state, created) of each job, in order (None where there is no such job): one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(_job(job_id), "state", "created")
+            replies = await pipe.execute()
+        return [None if state is None else (_text(state), float(created or 0)) for state, created in replies]
 
     async def result(self, job_id: str) -> bytes | None:
         data: bytes | None = await self.redis.get(_result(job_id))
         return data
 
-    async def dequeued(self, model: str, job_id: str) -> None:
-        await self.redis.zrem(_queued(model), job_id)
+    async def dequeued(self, model: str, job_ids: list[str]) -> None:
+        """The jobs left the queue for a replica: they no longer count in others' positions."""
+        if job_ids:
+            await self.redis.zrem(_queued(model), *job_ids)
 
     async def queue_depth(self, model: str) -> tuple[int, float | None]:
         """(jobs waiting, seconds the oldest has waited)."""

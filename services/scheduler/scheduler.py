@@ -172,12 +172,11 @@ class Scheduler:
     async def _live(self, name: str, batch: list[_Entry]) -> list[_Entry]:
         """Drop jobs that were cancelled or ended meanwhile, and fail those past their deadline."""
         live = []
-        for entry in batch:
-            job = await self.store.job(entry.job_id)
-            if job is None or job["state"] in TERMINAL:
+        for entry, found in zip(batch, await self.store.states([e.job_id for e in batch]), strict=True):
+            if found is None or found[0] in TERMINAL:
                 await self._ack(name, entry)
                 continue
-            if time.time() - job["created"] > self.queue_timeout_s:
+            if time.time() - found[1] > self.queue_timeout_s:
                 await self.store.transition(
                     entry.job_id,
                     "failed",
@@ -192,8 +191,7 @@ class Scheduler:
     async def _run_batch(self, name: str, batch: list[_Entry]) -> None:
         queue = self.queues[name]
         try:
-            for entry in batch:
-                await self.store.dequeued(name, entry.job_id)
+            await self.store.dequeued(name, [e.job_id for e in batch])
             try:
                 await self.dispatch(queue.spec, [e.job_id for e in batch])
             except Exception as exc:  # the replica failed as a whole; the jobs fail with its reason
@@ -202,18 +200,19 @@ class Scheduler:
                     await self.store.transition(
                         entry.job_id, "failed", {"message": f"the model replica failed: {exc}"}, error=str(exc)
                     )
-            for entry in batch:
-                await self._ack(name, entry)
+            await self._ack(name, *batch)
         finally:
             queue.in_flight -= 1
             self._freed.set()
 
-    async def _ack(self, name: str, entry: _Entry) -> None:
+    async def _ack(self, name: str, *entries: _Entry) -> None:
+        ids = [e.stream_id for e in entries]
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(queue_stream(name), GROUP, entry.stream_id)
-            pipe.xdel(queue_stream(name), entry.stream_id)
+            pipe.xack(queue_stream(name), GROUP, *ids)
+            pipe.xdel(queue_stream(name), *ids)
             await pipe.execute()
-        self.queues[name].done(entry)
+        for entry in entries:
+            self.queues[name].done(entry)
 
 
 def _text(value: object) -> str:

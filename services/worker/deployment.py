@@ -67,13 +67,12 @@ class ModelReplica:
         store = self.store
         jobs: list[tuple[str, bytes]] = []
         states: dict[str, str] = {}
-        for job_id in job_ids:
-            payload = await store.payload(job_id)
+        for job_id, payload in zip(job_ids, await store.payloads(job_ids), strict=True):
             if payload is None:
-                await store.transition(
+                expired = await store.transition(
                     job_id, "failed", {"message": "the job's payload has expired"}, error="payload expired"
                 )
-                states[job_id] = "failed"
+                states[job_id] = "failed" if expired else "cancelled"  # a cancel drops the payload too
                 continue
             if await store.transition(job_id, "running", {"batch": len(job_ids)}):
                 jobs.append((job_id, payload))
@@ -82,12 +81,11 @@ class ModelReplica:
         outcomes = await asyncio.to_thread(self.executor.run, jobs) if jobs else {}
         for job_id, outcome in outcomes.items():
             if outcome.ok and outcome.result is not None:
-                await store.put_result(job_id, outcome.result)
-                await store.transition(
-                    job_id, "completed",
-                    {"result": f"/v1/jobs/{job_id}/result", "bytes": len(outcome.result), "seconds": round(outcome.seconds, 4)},
-                )  # fmt: skip
-                states[job_id] = "completed"
+                done = {"result": f"/v1/jobs/{job_id}/result", "bytes": len(outcome.result)}
+                done["seconds"] = round(outcome.seconds, 4)
+                # The result is stored by the same script that marks the job completed, unless it was cancelled.
+                stored = await store.transition(job_id, "completed", done, result=outcome.result)
+                states[job_id] = "completed" if stored else "cancelled"
             else:
                 data = {"message": outcome.error, "node": outcome.node, "trace": outcome.trace}
                 await store.transition(

@@ -41,6 +41,8 @@ class Session:
         self.api_key = api_key
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
         self.progress = sys.stderr.isatty() if progress is None else progress
+        # Results that came inline on a job's events websocket, until result() takes them.
+        self._inline: dict[str, bytes] = {}
 
     def model(self, name: str) -> Any:
         """A thin LanguageModel for a hosted model: its module tree and tokenizer, no weights."""
@@ -81,6 +83,9 @@ class Session:
 
     def result(self, job_id: str) -> bytes:
         """The result envelope; a large one is streamed with a byte count on the terminal."""
+        inline = self._inline.pop(job_id, None)
+        if inline is not None:
+            return inline
         with self.http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
             if not response.is_success:
                 response.read()
@@ -124,10 +129,11 @@ class Session:
 
         ws_url = self.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         after = "0-0"
+        final: dict[str, Any] | None = None
         for _attempt in range(5):
             try:
                 with connect(
-                    f"{ws_url}/v1/jobs/{job_id}/events?after={after}",
+                    f"{ws_url}/v1/jobs/{job_id}/events?after={after}&result=inline",
                     additional_headers={"Authorization": f"Bearer {self.api_key}"},
                     open_timeout=10,
                 ) as ws:
@@ -139,10 +145,21 @@ class Session:
                         after = event["id"]
                         progress.show(event)
                         if event["type"] in _TERMINAL:
-                            return dict(event)
+                            final = dict(event)
+                            if event.get("inline"):  # the result follows as one binary frame
+                                self._keep_inline(job_id, ws.recv(timeout=remaining))
+                            return final
             except ConnectionClosed:
+                if final is not None:
+                    return final  # the inline result went with the connection: result() fetches it
                 continue  # resume from the last event seen: nothing is lost
         return None
+
+    def _keep_inline(self, job_id: str, data: str | bytes) -> None:
+        if isinstance(data, bytes):
+            while len(self._inline) >= 8:  # only results nobody collected linger; keep a few
+                self._inline.pop(next(iter(self._inline)))
+            self._inline[job_id] = data
 
     def _poll(self, job_id: str, deadline: float | None, progress: _Progress) -> dict[str, Any]:
         delay = 0.05
