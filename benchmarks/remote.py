@@ -66,8 +66,10 @@ async def make_key(url: str) -> str:
 
 def client_main(url: str, key: str, name: str, path: str, jobs: int) -> None:
     """The researcher's side, in its own process: prints one JSON line of timings."""
-    import httpx
+    from http.client import HTTPConnection
+    from urllib.parse import urlsplit
 
+    host = urlsplit(url)
     session = nnfabric.connect(url, key, progress=False)
     model = nnfabric.LanguageModel(path, remote_name=name)
     for _ in range(3):
@@ -78,8 +80,11 @@ def client_main(url: str, key: str, name: str, path: str, jobs: int) -> None:
         local.append(patch_job(model, False))
         remote.append(patch_job(model, True))
         start = time.perf_counter()
-        httpx.get(f"{url}/healthz")  # a fresh connection, as the job's websocket is
+        connection = HTTPConnection(host.hostname or "127.0.0.1", host.port)  # a fresh one, as a websocket's is
+        connection.request("GET", "/healthz")
+        connection.getresponse().read()
         http.append(time.perf_counter() - start)
+        connection.close()
     start = time.perf_counter()
     for _ in range(jobs):
         patch_job(model, True)
@@ -95,7 +100,7 @@ def client_main(url: str, key: str, name: str, path: str, jobs: int) -> None:
 
 def serve_floor(calls: int) -> list[float]:
     """Round trips of a bare Ray Serve handle call to a no-op replica, awaited from an event loop
-    in another process than the replica's, as the scheduler does."""
+    in another process than the replica's (this one; the scheduler is another such process)."""
     from ray import serve
 
     @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0})

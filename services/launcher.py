@@ -104,11 +104,6 @@ class EmbeddedFabric:
         overrides: dict[str, Any],
     ) -> EmbeddedFabric:
         import ray
-
-        if not ray.is_initialized():
-            # Before Serve is imported here too: it reads its settings once, at import.
-            for name, value in RAY_ON_ONE_MACHINE.items():
-                os.environ.setdefault(name, value)
         import uvicorn
 
         from .api.app import create_app
@@ -116,6 +111,11 @@ class EmbeddedFabric:
 
         catalog = Catalog.load(catalog_path)
         if not ray.is_initialized():
+            # Ray's processes and the scheduler inherit these. Serve read its own settings in this
+            # process at import, so a handle used here keeps Serve's defaults (no event loop of
+            # ours need outlive it).
+            for name, value in RAY_ON_ONE_MACHINE.items():
+                os.environ.setdefault(name, value)
             ray.init(include_dashboard=False, namespace="nnfabric", log_to_driver=False)
         settings = Settings(redis_url=redis_url, catalog=str(catalog_path), **overrides)
         env = {
@@ -187,7 +187,9 @@ class EmbeddedFabric:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
-        serve.shutdown()
-        ray.shutdown()
-        if self.redis is not None:
-            self.redis.stop()
+        try:
+            serve.shutdown()
+        finally:  # whatever Serve says on the way out, Ray and our Redis go
+            ray.shutdown()
+            if self.redis is not None:
+                self.redis.stop()
