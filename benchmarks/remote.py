@@ -156,24 +156,22 @@ def main() -> None:
         try:
             fabric.wait_ready()
             key = asyncio.run(make_key(fabric.settings.redis_url))
+            floor = serve_floor(args.jobs)  # the same for every model: measured once
+            print(f"floors: bare Serve handle call p50 {ms(floor)}  p95 {ms(floor, 0.95)}")
             for name, path in [("tiny", tiny), ("small", small)]:
                 if name not in wanted:
                     continue
                 command = [sys.executable, __file__, "--jobs", str(args.jobs), "--client", fabric.url, key, name]
                 out = subprocess.run([*command, str(path)], check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
-                floor = serve_floor(args.jobs)
                 local, remote = r["local"], r["remote"]
-                overhead = percentile(remote, 0.5) - percentile(local, 0.5)
+                p50_local, p50_remote = percentile(local, 0.5), percentile(remote, 0.5)
+                overhead = p50_remote - p50_local
                 print(f"\n{name}: one-prompt patching job, {args.jobs} runs each (client in its own process)")
                 print(f"  local   p50 {ms(local)}  p95 {ms(local, 0.95)}")
                 print(f"  remote  p50 {ms(remote)}  p95 {ms(remote, 0.95)}")
-                print(
-                    f"  remote overhead p50 {overhead * 1e3:.2f} ms "
-                    f"({percentile(remote, 0.5) / percentile(local, 0.5):.2f}x local)"
-                )
-                print(f"  floors: bare Serve handle call p50 {ms(floor)}  p95 {ms(floor, 0.95)}")
-                print(f"          bare HTTP round trip   p50 {ms(r['http'])}  p95 {ms(r['http'], 0.95)}")
+                print(f"  remote overhead p50 {overhead * 1e3:.2f} ms ({p50_remote / p50_local:.2f}x local)")
+                print(f"  bare HTTP round trip p50 {ms(r['http'])}  p95 {ms(r['http'], 0.95)}")
                 print(f"  overhead / Serve call p50: {overhead / percentile(floor, 0.5):.2f}x")
                 serial, concurrent = r["serial"], r["concurrent"]
                 print(
