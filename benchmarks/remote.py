@@ -54,13 +54,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def make_key(url: str) -> str:
-    from redis.asyncio import Redis
 
     from services.common.store import Store
 
-    store = Store(Redis.from_url(url))
+    store = Store.from_url(url)
     key, _ = await store.create_key("bench", ["*"], rate_limit=1_000_000)
-    await store.redis.aclose()
+    await store.close()
     return key
 
 

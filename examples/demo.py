@@ -60,16 +60,14 @@ def write_catalog(path: Path) -> None:
 
 
 async def create_key(redis_url: str) -> str:
-    from redis.asyncio import Redis
-
     from services.common.store import Store
 
-    store = Store(Redis.from_url(redis_url))
+    store = Store.from_url(redis_url)
     try:
         key, _ = await store.create_key("demo", ["*"], rate_limit=600)
         return key
     finally:
-        await store.redis.aclose()
+        await store.close()
 
 
 def main(keep_serving: bool = typer.Option(False, help="keep the fabric running after the examples")) -> None:

@@ -1,6 +1,6 @@
 """One machine, every service: Redis (unless given), Ray, the model replicas, a scheduler, the api.
 
-    fabric = EmbeddedFabric.start("catalog.yaml")     # what `nnfabric serve` runs
+    fabric = EmbeddedFabric.start("catalog.yaml")     # what `nnfabric-server serve` runs
     fabric.url                                        # http://127.0.0.1:<port>
     fabric.stop()
 
@@ -110,14 +110,14 @@ class EmbeddedFabric:
         from .worker.deployment import deploy_catalog
 
         catalog = Catalog.load(catalog_path)
+        settings = Settings(redis_url=redis_url, catalog=str(catalog_path), **overrides)
         if not ray.is_initialized():
             # Ray's processes and the scheduler inherit these. Serve read its own settings in this
             # process at import, so a handle used here keeps Serve's defaults (no event loop of
             # ours need outlive it).
             for name, value in RAY_ON_ONE_MACHINE.items():
                 os.environ.setdefault(name, value)
-            ray.init(include_dashboard=False, namespace="nnfabric", log_to_driver=False)
-        settings = Settings(redis_url=redis_url, catalog=str(catalog_path), **overrides)
+            ray.init(include_dashboard=False, namespace=settings.ray_namespace, log_to_driver=False)
         env = {
             **os.environ,
             "NNFABRIC_REDIS_URL": redis_url,
@@ -150,8 +150,8 @@ class EmbeddedFabric:
         fabric.start_scheduler()
         return fabric
 
-    def start_scheduler(self, name: str = "scheduler-0") -> None:
-        env = {**self.env, "NNFABRIC_SCHEDULER_NAME": name, "PYTHONPATH": str(ROOT)}
+    def start_scheduler(self, name: str | None = None) -> None:
+        env = {**self.env, "NNFABRIC_SCHEDULER_NAME": name or self.settings.scheduler_name, "PYTHONPATH": str(ROOT)}
         self.scheduler = subprocess.Popen([sys.executable, "-m", "services.scheduler"], cwd=ROOT, env=env)
 
     def kill_scheduler(self) -> None:

@@ -9,14 +9,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import nnfabric
+import nnfabric.backends
 from models import build_gpt2, build_llama, build_mlp
 
 
 @pytest.fixture(autouse=True)
 def _through_the_wire(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every local trace in the suite travels encode -> decode -> execute -> encode -> decode,
-    # exactly as a remote job does, so each test also checks the codec round trip.
-    monkeypatch.setattr(nnfabric.Model, "wire_roundtrip", True)
+    # Every local trace in the suite runs on the loopback backend (`remote="local"`): encode ->
+    # decode -> execute -> encode -> decode, exactly as a remote job travels, with local limits.
+    monkeypatch.setattr(nnfabric.backends, "DEFAULT_LOCAL", "loopback")
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,11 @@
-"""Operators' key commands against a real Redis."""
+"""Operators' key commands (`nnfabric-server keys`) against a real Redis."""
 
 import re
 
 import pytest
-from nnfabric.cli import app
 from typer.testing import CliRunner
 
+from services.cli import app
 from services.common.redis_server import RedisServer
 
 
@@ -45,3 +45,11 @@ def test_keys_create_list_revoke(redis_url):
     assert runner.invoke(app, ["keys", "revoke", key_id]).exit_code == 0
     assert asyncio.run(lookup())[0] is None
     assert runner.invoke(app, ["keys", "revoke", key_id]).exit_code == 1
+
+
+def test_the_client_cli_points_operators_to_nnfabric_server():
+    from nnfabric.cli import app as client_app
+
+    for command in (["serve", "--catalog", "x.yaml"], ["keys", "create", "alice"]):
+        result = CliRunner().invoke(client_app, command)
+        assert result.exit_code == 2 and "nnfabric-server" in result.output, result.output

@@ -10,7 +10,7 @@ import nnfabric
 import pytest
 import torch
 from nnfabric.graph import Graph, Invoke, Node, Ref
-from nnfabric.remote.client import Session
+from nnfabric.remote.client import FabricClient
 from nnfabric.runtime.wire import pack_request
 from websockets.sync.client import connect as ws_connect
 
@@ -190,7 +190,7 @@ def test_small_results_ride_on_the_websocket_when_asked(fabric):
     assert isinstance(inline, bytes) and inline == fetched
     # Without the ask, the stream is events only (older clients fetch /result).
     assert [e["type"] for e in read_events(fabric, job_id)] == ["queued", "running", "completed"]
-    session = Session(fabric.url, fabric.keys["alice"], progress=False)
+    session = FabricClient(fabric.url, fabric.keys["alice"], progress=False)
     assert session.wait(job_id)["inline"] is True and session.result(job_id) == fetched
     assert session.result(job_id) == fetched  # taken once; then fetched over HTTP
 

@@ -14,7 +14,7 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert binary and driver, "apt-get install chromium chromium-driver (.ci/run does)"
+    assert binary and driver, "apt-get install chromium chromium-driver (make test does)"
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -25,7 +25,7 @@ def browser():
     chrome.quit()
 
 
-def test_status_page_shows_the_model_ready_and_recent_jobs(fabric, alice, browser, tmp_path):
+def test_status_page_shows_the_model_ready_and_recent_job_counts(fabric, alice, browser, tmp_path):
     with alice.trace("The Eiffel Tower is in", remote=True) as tracer:
         alice.lm_head.output.save()
     browser.get(fabric.url + "/")
@@ -38,12 +38,15 @@ def test_status_page_shows_the_model_ready_and_recent_jobs(fabric, alice, browse
     badge = None
     while time.monotonic() < deadline:
         found = browser.execute_script(read, 'tr[data-model="tiny-gpt2"] .state')
-        if found and found["text"] == "ready" and tracer.job.id[:12] in found["page"]:
+        jobs = browser.execute_script(read, "#jobs .by-state")
+        if found and found["text"] == "ready" and jobs and "completed" in jobs["text"]:
             badge = found
             break
         time.sleep(0.2)
     assert badge is not None, browser.page_source
     assert browser.execute_script(read, 'tr[data-model="not-deployed"] .state')["text"] == "not started"
+    # A public page: aggregates only, never a job id or a user.
+    assert tracer.job.id[:8] not in badge["page"] and "alice" not in badge["page"]
 
     # The screenshot itself shows the state: the badge is drawn in the "ready" green.
     page = browser.get_screenshot_as_png()

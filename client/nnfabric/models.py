@@ -15,32 +15,36 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import backends
+from .backends import Backend, Remote
 from .errors import InterventionError
-from .graph.validate import GraphError, Limits, validate_session
+from .graph.tree import ModuleTree
 from .tracing.envoy import Envoy
 from .tracing.session import TraceSession
 from .tracing.tracer import Tracer
-from .tracing.tree import ModuleTree
+
+if TYPE_CHECKING:
+    from .remote.client import FabricClient as Fabric
 
 
 class Model:
     """Wraps a torch module; attribute access mirrors its module tree.
 
-    `Model.wire_roundtrip = True` runs local traces through the wire codec exactly as remote
-    ones travel (the test suite turns it on).
+    `remote=` on trace/generate/session picks the backend: False runs here, "local" runs here
+    through the wire format (as a job travels), True runs on the fabric.
     """
 
-    wire_roundtrip = False
-
-    def __init__(self, module: Any = None, *, tree: ModuleTree | None = None) -> None:
+    def __init__(self, module: Any = None, *, tree: ModuleTree | None = None, fabric: Fabric | None = None) -> None:
         self._module = module
         self._tree = tree if tree is not None else ModuleTree.from_module(module)
         self._tracer: Tracer | None = None
         self._open_session: TraceSession | None = None
         self._envoy = Envoy(self, self._tree)
         self._adapter: Any = None
+        self._fabric = fabric
+        self._remote_name: str | None = None
 
     # -- the tree --------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -84,9 +88,14 @@ class Model:
         return self._module.get_submodule(path)
 
     # -- tracing ---------------------------------------------------------------------------
-    def trace(self, *inputs: Any, remote: bool = False, blocking: bool = True, **kwargs: Any) -> Tracer:
+    def trace(self, *inputs: Any, remote: Remote = False, blocking: bool = True, **kwargs: Any) -> Tracer:
         """Open a trace: `with model.trace(inputs) as tracer:`; several prompts via tracer.invoke."""
         return Tracer(self, inputs, kwargs, kind="trace", remote=remote, blocking=blocking)
+
+    def session(self, remote: Remote = False, blocking: bool = True) -> TraceSession:
+        """Several traces as one job: `with model.session(remote=True):` then traces inside;
+        later traces may use earlier traces' values directly (no round trip)."""
+        return TraceSession(self, remote=remote, blocking=blocking)
 
     def _prepare_invoke_inputs(
         self, inputs: tuple[Any, ...], kwargs: dict[str, Any]
@@ -100,53 +109,22 @@ class Model:
             self._adapter = ModuleAdapter(self._module)
         return self._adapter
 
-    def session(self, remote: bool = False, blocking: bool = True) -> TraceSession:
-        """Several traces as one job: `with model.session(remote=True):` then traces inside;
-        later traces may use earlier traces' values directly (no round trip)."""
-        return TraceSession(self, remote=remote, blocking=blocking)
+    def _backend(self, remote: Remote) -> Backend:
+        """Where a trace opened with `remote=` runs."""
+        if remote is True:
+            from .remote.client import RemoteBackend, default_fabric
 
-    def _execute(self, tracers: list[Tracer], session: bool, remote: bool, blocking: bool) -> None:
-        """Run a trace (or a session's traces) here or on the fabric; saved proxies get their values."""
-        if self._module is None and not remote:
-            raise InterventionError("this model is hosted on the fabric: trace it with remote=True")
-        if remote:
-            from .remote.client import submit_traces
-
-            job = submit_traces(self, tracers, session)
-            for tracer in tracers:
-                tracer.job = job
-            if blocking:
-                job.wait()
-            return
-        graphs = [t._graph for t in tracers]
-        tensors = {name: t for tracer in tracers for name, t in tracer._tensors.items()}
-        try:
-            validate_session(
-                graphs,
-                Limits(max_nodes=1 << 30, max_new_tokens=1 << 30, max_traces=1 << 30),
-                module_paths=self._tree.paths(),
-            )
-        except GraphError as exc:
-            trace = exc.trace or 0
-            node = graphs[trace].nodes[exc.node] if exc.node is not None else None
-            raise InterventionError(str(exc), node.line if node else None, exc.node, exc.trace) from None
-        from .runtime.execute import run_session
-
-        if self.wire_roundtrip:
-            from .runtime import wire
-
-            if session:
-                graphs, tensors = wire.unpack_requests(wire.pack_session_request(graphs, tensors))
-                saved = wire.unpack_session_result(
-                    wire.pack_session_result(run_session(graphs, tensors, self._get_adapter())), len(graphs)
+            if not self._remote_name:
+                raise InterventionError(
+                    "this model has no name on the fabric: use fabric.model(name) or LanguageModel(..., remote_name=)"
                 )
-            else:
-                graph, tensors = wire.unpack_request(wire.pack_request(graphs[0], tensors))
-                saved = [wire.unpack_result(wire.pack_result(run_session([graph], tensors, self._get_adapter())[0]))]
-        else:
-            saved = run_session(graphs, tensors, self._get_adapter())
-        for tracer, values in zip(tracers, saved, strict=True):
-            tracer._resolve(values)
+            return RemoteBackend(self._fabric or default_fabric(), self._remote_name)
+        if remote not in (False, "local"):
+            raise ValueError(f"remote must be True, False or 'local', not {remote!r}")
+        if self._module is None:
+            raise InterventionError("this model is hosted on the fabric: trace it with remote=True")
+        loopback = remote == "local" or backends.DEFAULT_LOCAL == "loopback"
+        return backends.local_backend(self._get_adapter(), self._tree.paths(), loopback)
 
 
 class LanguageModel(Model):
@@ -159,6 +137,7 @@ class LanguageModel(Model):
         *,
         tree: ModuleTree | None = None,
         remote_name: str | None = None,
+        fabric: Fabric | None = None,
         **hf_kwargs: Any,
     ) -> None:
         module = None
@@ -173,13 +152,13 @@ class LanguageModel(Model):
                     raise ValueError("a model object needs tokenizer=: LanguageModel(model, tokenizer=tok)")
                 module = source
             module.train(False)  # inference mode (dropout off)
-        super().__init__(module, tree=tree)
-        object.__setattr__(self, "tokenizer", tokenizer)
+        super().__init__(module, tree=tree, fabric=fabric)
+        self.tokenizer = tokenizer
         # The model's name on the fabric for remote=True (a repo id names itself).
-        object.__setattr__(self, "_remote_name", remote_name or (source if isinstance(source, str) else None))
+        self._remote_name = remote_name or (source if isinstance(source, str) else None)
 
     def generate(
-        self, *inputs: Any, max_new_tokens: int = 20, remote: bool = False, blocking: bool = True, **options: Any
+        self, *inputs: Any, max_new_tokens: int = 20, remote: Remote = False, blocking: bool = True, **options: Any
     ) -> Tracer:
         """Open a generation trace; `tracer.iter[...]`/`tracer.all()` address its steps."""
         options = {"max_new_tokens": max_new_tokens, **options}

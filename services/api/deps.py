@@ -1,6 +1,8 @@
-"""Request dependencies: the store, the catalog, and API-key authentication."""
+"""Request dependencies, as types: `store: StoreDep`, `key: KeyDep` (API-key authentication)."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, WebSocket
 
@@ -30,7 +32,7 @@ def _bearer(header: str | None) -> str:
     return header[7:].strip()
 
 
-async def require_key(request: Request, store: Store = Depends(get_store)) -> ApiKey:
+async def require_key(request: Request, store: Annotated[Store, Depends(get_store)]) -> ApiKey:
     key, retry = await store.authorize(_bearer(request.headers.get("authorization")))
     if key is None:
         raise HTTPException(401, "unknown API key")
@@ -39,6 +41,12 @@ async def require_key(request: Request, store: Store = Depends(get_store)) -> Ap
             429, f"rate limit of {key.rate_limit} requests a minute reached", headers={"Retry-After": str(retry)}
         )
     return key
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+KeyDep = Annotated[ApiKey, Depends(require_key)]
 
 
 async def websocket_key(websocket: WebSocket) -> ApiKey | None:

@@ -1,11 +1,13 @@
-"""JSON errors: {"detail": message, ...} with extra fields (the node, the user's line)."""
+"""Errors by exception class, mapped to JSON in one place: {"detail": message, ...} with extra
+fields (the node, the user's line) where known. Routes raise; nothing searches messages."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from nnfabric.graph.validate import GraphError, LimitExceeded
 
 
 class ApiError(Exception):
@@ -17,6 +19,31 @@ class ApiError(Exception):
         self.extra = extra
 
 
+class InvalidJob(ApiError):
+    """A request the validator refused: 413 for a limit, 422 for anything else."""
+
+    def __init__(self, error: GraphError) -> None:
+        status = 413 if isinstance(error, LimitExceeded) else 422
+        line = error.line
+        where = None if line is None else {"file": line.file, "line": line.line, "code": line.code}
+        super().__init__(status, str(error), node=error.node, trace=error.trace, line=where)
+
+
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return JSONResponse({"detail": exc.message, **exc.extra}, status_code=exc.status, headers=exc.headers)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, api_error_handler)
+
+
+# Error shapes per status, for the OpenAPI document of each route.
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    from nnfabric.protocol import ErrorBody
+
+    text = {401: "missing or unknown API key", 403: "the key may not use this model", 404: "no such job or model",
+            409: "the job is not in a state that allows this", 413: "over a size limit",
+            422: "invalid request", 429: "rate limit reached (see Retry-After)",
+            503: "the model is not ready (see Retry-After)"}  # fmt: skip
+    return {status: {"model": ErrorBody, "description": text.get(status, "error")} for status in statuses}

@@ -29,7 +29,7 @@ class Metrics:
         )
         self.replicas = Gauge(
             "nnfabric_model_replicas_ready",
-            "replicas holding the model (0 unless ready)",
+            "replicas holding the model that answered their health check lately",
             ["model"],
             registry=self.registry,
         )
@@ -51,8 +51,7 @@ class Metrics:
             depth, wait = await store.queue_depth(spec.name)
             self.depth.labels(spec.name).set(depth)
             self.oldest.labels(spec.name).set(wait or 0.0)
-            live = await store.model(spec.name, "state", "replicas")
-            self.replicas.labels(spec.name).set(int(live.get("replicas", 0)) if live.get("state") == "ready" else 0)
+            self.replicas.labels(spec.name).set(await store.live_replicas(spec.name))
         for state, count in (await store.outcomes()).items():
             self.outcomes.labels(state).set(count)
 

@@ -4,44 +4,47 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from nnfabric.protocol import Health, Readiness
 
-from ..common.catalog import Catalog
-from ..common.store import Store
-from .deps import get_catalog, get_store
+from .deps import CatalogDep, StoreDep
 from .metrics import Metrics
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, Any]:
+async def healthz() -> Health:
+    """The api process answers."""
     return {"ok": True}
 
 
-@router.get("/readyz")
-async def readyz(store: Store = Depends(get_store), catalog: Catalog = Depends(get_catalog)) -> JSONResponse:
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
+async def readyz(store: StoreDep, catalog: CatalogDep) -> JSONResponse:
+    """Ready when Redis answers and a scheduler (which holds the connection to Ray) is alive."""
     checks: dict[str, Any] = {}
     try:
-        checks["redis"] = bool(await store.redis.ping())
+        checks["redis"] = await store.ping()
     except Exception as exc:
-        checks["redis"] = f"unreachable: {exc}"
+        checks["redis"] = f"unreachable: {type(exc).__name__}"
         return JSONResponse({"ready": False, "checks": checks}, status_code=503)
-    # Schedulers hold the connection to Ray; a fresh heartbeat means dispatch can happen.
     schedulers = await store.alive("scheduler:")
     checks["ray"] = bool(schedulers) or "no scheduler connected to Ray"
-    checks["models"] = {
-        spec.name: (await store.model(spec.name, "state")).get("state", "not started") for spec in catalog.models
-    }
+    models = {}
+    for spec in catalog.models:
+        state = (await store.model(spec.name, "state")).get("state", "not started")
+        if state == "ready" and not await store.live_replicas(spec.name):
+            state = "unavailable"
+        models[spec.name] = state
+    checks["models"] = models
     ready = checks["redis"] is True and checks["ray"] is True
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
-async def metrics(
-    request: Request, store: Store = Depends(get_store), catalog: Catalog = Depends(get_catalog)
-) -> Response:
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request, store: StoreDep, catalog: CatalogDep) -> Response:
+    """Prometheus metrics."""
     collector: Metrics = request.app.state.metrics
     await collector.refresh(store, catalog)
     return Response(collector.render(), media_type=collector.content_type)

@@ -5,37 +5,38 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
-from nnfabric.graph.codec import graphs_from_header, split_envelope, version_message
-from nnfabric.graph.ir import SCHEMA, Graph
-from nnfabric.graph.validate import GraphError, Limits, check_safetensors, validate_session
+from fastapi import APIRouter, Query, Request, Response, WebSocket, WebSocketDisconnect
+from nnfabric.graph.codec import split_envelope, validate_request
+from nnfabric.graph.tree import ModuleTree
+from nnfabric.graph.validate import GraphError, LimitExceeded, Limits
+from nnfabric.protocol import TERMINAL, CancelReply, JobMeta, JobRecord, SubmitReply
 
-from ..common.catalog import Catalog
-from ..common.settings import Settings
-from ..common.store import TERMINAL, ApiKey, Store
-from .deps import get_catalog, get_settings, get_store, require_key, websocket_key
-from .errors import ApiError
+from ..common.catalog import limits_for
+from ..common.store import ApiKey, Store
+from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep, websocket_key
+from .errors import ApiError, InvalidJob, responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+_ENVELOPE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A job envelope: b'NNFB', the JSON header's length (8 bytes, little endian), the UTF-8 "
+        "JSON header (schema nnfabric.graph/1: model, graph or session, names), then a safetensors blob.",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 @functools.lru_cache(maxsize=64)
 def _module_paths(structure: str) -> frozenset[str]:
     """A model's module paths, parsed once per published structure rather than per request."""
-    from nnfabric.tracing.tree import ModuleTree
-
     return frozenset(ModuleTree.from_json(json.loads(structure)).paths())
-
-
-def _line(graphs: list[Graph], trace: int | None, node: int | None) -> dict[str, Any] | None:
-    graph = graphs[trace or 0] if 0 <= (trace or 0) < len(graphs) else None
-    if graph is None or node is None or not 0 <= node < len(graph.nodes):
-        return None
-    line = graph.nodes[node].line
-    return None if line is None else {"file": line.file, "line": line.line, "code": line.code}
 
 
 def _names(value: Any) -> dict[str, Any]:
@@ -50,30 +51,40 @@ def _names(value: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-@router.post("", status_code=202)
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes `limit` (declared or streamed, chunked or not)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request of {declared} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request of more than {limit} bytes exceeds the limit of {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "",
+    status_code=202,
+    openapi_extra=_ENVELOPE_BODY,
+    responses=responses(401, 403, 404, 413, 422, 429, 503),
+)
 async def submit(
-    request: Request,
-    key: ApiKey = Depends(require_key),
-    store: Store = Depends(get_store),
-    catalog: Catalog = Depends(get_catalog),
-    settings: Settings = Depends(get_settings),
-) -> dict[str, Any]:
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > settings.max_envelope_bytes:
-        raise ApiError(413, f"request of {declared} bytes exceeds the limit of {settings.max_envelope_bytes}")
-    body = await request.body()
-    if len(body) > settings.max_envelope_bytes:
-        raise ApiError(413, f"request of {len(body)} bytes exceeds the limit of {settings.max_envelope_bytes}")
+    request: Request, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
+) -> SubmitReply:
+    """Validate a job envelope against the model and enqueue it; answers at once with its id."""
+    body = await _body(request, settings.max_envelope_bytes)
     try:
-        header, blob = split_envelope(body, Limits(max_header_bytes=settings.max_envelope_bytes))
+        header, blob = split_envelope(body, Limits(max_envelope_bytes=settings.max_envelope_bytes))
     except GraphError as exc:
-        raise ApiError(422, str(exc)) from None
-    if header.get("schema") != SCHEMA:
-        raise ApiError(422, version_message(header.get("schema"), SCHEMA))
+        raise InvalidJob(exc) from None
     name = header.get("model")
     spec = catalog.get(name) if isinstance(name, str) else None
     if spec is None:
-        raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists the hosted ones")
+        raise ApiError(404, f"unknown model {str(name)[:100]!r}; GET /v1/models lists the hosted ones")
     if not key.allows(spec.name):
         raise ApiError(403, f"this API key may not use model {spec.name!r}")
     state = await store.model(spec.name, "state", "structure")
@@ -81,29 +92,21 @@ async def submit(
         raise ApiError(
             503, f"model {spec.name!r} is not ready ({state.get('state', 'not started')})", headers={"Retry-After": "5"}
         )
-    limits = Limits(
-        max_nodes=spec.limits.max_nodes,
-        max_tensor_bytes=spec.limits.max_tensor_bytes,
-        max_new_tokens=spec.limits.max_new_tokens,
-        max_header_bytes=settings.max_envelope_bytes,
-    )
-    graphs: list[Graph] = []
+    limits = limits_for(spec, settings)
+    if len(body) > limits.max_envelope_bytes:
+        raise InvalidJob(LimitExceeded(f"request of {len(body)} bytes exceeds the limit"))
     try:
-        graphs = graphs_from_header(header, limits)
-        tensors = check_safetensors(blob, limits)
-        validate_session(graphs, limits, tensor_names=set(tensors), module_paths=_module_paths(state["structure"]))
+        graphs = validate_request(header, blob, limits, _module_paths(state["structure"]))
     except GraphError as exc:
-        status = 413 if "exceed" in str(exc) else 422
-        line = _line(graphs, exc.trace, exc.node)
-        raise ApiError(status, str(exc), node=exc.node, trace=exc.trace, line=line) from None
+        raise InvalidJob(exc) from None
     job_id = uuid.uuid4().hex
-    meta = {
+    meta: JobMeta = {
         "kind": graphs[0].kind if len(graphs) == 1 else "session",
         "traces": len(graphs),
         "nodes": sum(len(g.nodes) for g in graphs),
         "names": _names(header.get("names")),
     }
-    position = await store.submit(job_id, key.user, spec.name, body, meta)
+    position = await store.submit(job_id, key.user, spec.name, body, dict(meta))
     return {
         "id": job_id,
         "state": "queued",
@@ -115,32 +118,35 @@ async def submit(
     }
 
 
-@router.get("")
-async def list_jobs(
-    limit: int = 20, key: ApiKey = Depends(require_key), store: Store = Depends(get_store)
-) -> list[dict[str, Any]]:
+@router.get("", responses=responses(401, 429))
+async def list_jobs(key: KeyDep, store: StoreDep, limit: int = Query(20, ge=1, le=200)) -> list[JobRecord]:
     """The caller's recent jobs, newest first."""
-    return await store.recent_jobs(max(1, min(limit, 200)), user=key.user)
+    return await store.recent_jobs(limit, user=key.user)
 
 
-async def _own_job(job_id: str, key: ApiKey, store: Store) -> dict[str, Any]:
-    job = await store.job(job_id)
+async def _own_job(job_id: str, key: ApiKey, store: Store) -> JobRecord:
+    job = await store.job(job_id) if len(job_id) <= 64 else None
     if job is None or job["user"] != key.user:
-        raise ApiError(404, f"no job {job_id!r}")  # another user's job is indistinguishable from none
+        raise ApiError(404, f"no job {job_id[:64]!r}")  # another user's job is indistinguishable from none
     return job
 
 
-@router.get("/{job_id}")
-async def status(job_id: str, key: ApiKey = Depends(require_key), store: Store = Depends(get_store)) -> dict[str, Any]:
-    job = await _own_job(job_id, key, store)
-    for field in ("error_node", "error_trace"):
-        if job.get(field) not in (None, "", "None"):
-            job[field] = int(job[field])
-    return job
+@router.get("/{job_id}", responses=responses(401, 404, 429))
+async def status(job_id: str, key: KeyDep, store: StoreDep) -> JobRecord:
+    """The job's state, queue position (while queued), times and error."""
+    return await _own_job(job_id, key, store)
 
 
-@router.get("/{job_id}/result")
-async def result(job_id: str, key: ApiKey = Depends(require_key), store: Store = Depends(get_store)) -> Response:
+@router.get(
+    "/{job_id}/result",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "the result envelope (nnfabric.result/1)"},
+        **responses(401, 404, 409, 429),
+    },
+)
+async def result(job_id: str, key: KeyDep, store: StoreDep) -> Response:
+    """The saved values of a completed job, as a result envelope."""
     job = await _own_job(job_id, key, store)
     if job["state"] != "completed":
         raise ApiError(409, f"job is {job['state']}; the result exists once it has completed", state=job["state"])
@@ -150,8 +156,9 @@ async def result(job_id: str, key: ApiKey = Depends(require_key), store: Store =
     return Response(data, media_type="application/octet-stream")
 
 
-@router.delete("/{job_id}", status_code=202)
-async def cancel(job_id: str, key: ApiKey = Depends(require_key), store: Store = Depends(get_store)) -> dict[str, Any]:
+@router.delete("/{job_id}", status_code=202, responses=responses(401, 404, 409, 429))
+async def cancel(job_id: str, key: KeyDep, store: StoreDep) -> CancelReply:
+    """Cancel a job that has not ended."""
     job = await _own_job(job_id, key, store)
     if job["state"] in TERMINAL or not await store.transition(job_id, "cancelled", {"by": "user"}):
         raise ApiError(409, f"job already {job['state']}", state=job["state"])
@@ -168,9 +175,12 @@ async def events(websocket: WebSocket, job_id: str, after: str = "0-0", result: 
     if key is None:
         await websocket.close(code=4401, reason="unknown or missing API key")
         return
-    job = await store.job(job_id)
+    if not _EVENT_ID.match(after):
+        await websocket.close(code=4400, reason="after= must be an event id such as 0-0")
+        return
+    job = await store.job(job_id) if len(job_id) <= 64 else None
     if job is None or job["user"] != key.user:
-        await websocket.close(code=4404, reason=f"no job {job_id!r}")
+        await websocket.close(code=4404, reason="no such job")
         return
     limit = websocket.app.state.settings.inline_result_bytes if result == "inline" else 0
     await websocket.accept()
@@ -178,12 +188,12 @@ async def events(websocket: WebSocket, job_id: str, after: str = "0-0", result: 
     try:
         while True:
             batch = await store.events(job_id, cursor, block_ms=1000)
-            for event_id, event in batch:
+            for event in batch:
                 data = None
                 if event["type"] == "completed" and 0 < int(event.get("bytes") or 0) <= limit:
                     data = await store.result(job_id)
-                await websocket.send_json({"id": event_id, **event, **({"inline": True} if data else {})})
-                cursor = event_id
+                await websocket.send_json({**event, **({"inline": True} if data else {})})
+                cursor = event["id"]
                 if event["type"] in TERMINAL:
                     if data:
                         await websocket.send_bytes(data)

@@ -3,57 +3,57 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
+from nnfabric.protocol import ModelInfo, ModelLimitsInfo, ModelStructure, ModuleTreeJSON, TokenizerFiles
 
 from ..common.catalog import Catalog, ModelSpec
-from ..common.store import ApiKey, Store
-from .deps import get_catalog, get_store, require_key
-from .errors import ApiError
+from ..common.store import Store
+from .deps import CatalogDep, KeyDep, StoreDep
+from .errors import ApiError, responses
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-async def describe(spec: ModelSpec, store: Store) -> dict[str, Any]:
-    live = await store.model(spec.name, "state", "error", "replicas")
+async def describe(spec: ModelSpec, store: Store) -> ModelInfo:
+    """A catalog model as it is now: a model counts as ready only while a replica says so."""
+    live = await store.model(spec.name, "state", "error")
+    alive = await store.live_replicas(spec.name)
     depth, wait = await store.queue_depth(spec.name)
+    state = live.get("state", "not started")
+    if state == "ready" and alive == 0:
+        state = "unavailable"  # it loaded once, but no replica has answered lately
     return {
         "name": spec.name,
         "source": spec.source,
         "dtype": spec.dtype,
         "gpus": spec.gpus,
-        "state": live.get("state", "not started"),
+        "state": state,
         "error": live.get("error") or None,
-        "replicas": int(live.get("replicas", 0)) if live.get("state") == "ready" else 0,
+        "replicas": alive,
         "replicas_wanted": spec.replicas,
         "queue_depth": depth,
         "oldest_wait_s": wait,
-        "limits": spec.limits.model_dump(),
+        "limits": cast(ModelLimitsInfo, spec.limits.model_dump()),
     }
 
 
 def _spec(name: str, catalog: Catalog) -> ModelSpec:
     spec = catalog.get(name)
     if spec is None:
-        raise ApiError(404, f"unknown model {name!r}")
+        raise ApiError(404, f"unknown model {name[:100]!r}")
     return spec
 
 
-@router.get("")
-async def list_models(
-    key: ApiKey = Depends(require_key), store: Store = Depends(get_store), catalog: Catalog = Depends(get_catalog)
-) -> list[dict[str, Any]]:
+@router.get("", responses=responses(401, 429))
+async def list_models(key: KeyDep, store: StoreDep, catalog: CatalogDep) -> list[ModelInfo]:
+    """Every catalog model with its live state, replicas and queue."""
     return [await describe(spec, store) for spec in catalog.models]
 
 
-@router.get("/{name}")
-async def one_model(
-    name: str,
-    key: ApiKey = Depends(require_key),
-    store: Store = Depends(get_store),
-    catalog: Catalog = Depends(get_catalog),
-) -> dict[str, Any]:
+@router.get("/{name}", responses=responses(401, 404, 429))
+async def one_model(name: str, key: KeyDep, store: StoreDep, catalog: CatalogDep) -> ModelInfo:
     return await describe(_spec(name, catalog), store)
 
 
@@ -69,23 +69,15 @@ async def _published(name: str, field: str, store: Store, catalog: Catalog) -> A
     return json.loads(live[field])
 
 
-@router.get("/{name}/structure")
-async def structure(
-    name: str,
-    key: ApiKey = Depends(require_key),
-    store: Store = Depends(get_store),
-    catalog: Catalog = Depends(get_catalog),
-) -> dict[str, Any]:
-    tree: dict[str, Any] = await _published(name, "structure", store, catalog)
+@router.get("/{name}/structure", responses=responses(401, 404, 429, 503))
+async def structure(name: str, key: KeyDep, store: StoreDep, catalog: CatalogDep) -> ModelStructure:
+    """The model's module tree (names and types): what a thin client traces against."""
+    tree: ModuleTreeJSON = await _published(name, "structure", store, catalog)
     return {"name": _spec(name, catalog).name, "tree": tree}
 
 
-@router.get("/{name}/tokenizer")
-async def tokenizer(
-    name: str,
-    key: ApiKey = Depends(require_key),
-    store: Store = Depends(get_store),
-    catalog: Catalog = Depends(get_catalog),
-) -> dict[str, Any]:
+@router.get("/{name}/tokenizer", responses=responses(401, 404, 429, 503))
+async def tokenizer(name: str, key: KeyDep, store: StoreDep, catalog: CatalogDep) -> TokenizerFiles:
+    """The model's tokenizer files, so a thin client tokenizes exactly as the replica does."""
     files: dict[str, str] = await _published(name, "tokenizer", store, catalog)
     return {"files": files}

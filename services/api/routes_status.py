@@ -1,20 +1,20 @@
 """The operators' status page at `/` (static HTML that polls `/status.json`; no build step).
 
-`/status.json` is public like `/readyz`: model states, queue depths and job outcomes, with no
-user names, keys or job contents.
+`/status.json` is public like `/readyz`, so it shows aggregates only: model states, queue
+depths, job outcomes and recent waits. No job ids, user names, keys or job contents.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import Counter
 from pathlib import Path
-from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
+from nnfabric.protocol import StatusModel, StatusPage
 
-from ..common.catalog import Catalog
-from ..common.store import Store
-from .deps import get_catalog, get_store
+from .deps import CatalogDep, StoreDep
 from .routes_models import describe
 
 router = APIRouter(tags=["status"])
@@ -27,22 +27,26 @@ async def page() -> HTMLResponse:
 
 
 @router.get("/status.json")
-async def status(store: Store = Depends(get_store), catalog: Catalog = Depends(get_catalog)) -> dict[str, Any]:
-    models = [await describe(spec, store) for spec in catalog.models]
-    jobs = []
-    for job in await store.recent_jobs(20):
-        started, finished = job.get("started"), job.get("finished")
-        jobs.append({
-            "id": job["id"],
-            "model": job["model"],
-            "state": job["state"],
-            "kind": job.get("meta", {}).get("kind"),
-            "waited_s": None if started is None else started - job["created"],
-            "ran_s": None if started is None or finished is None else finished - started,
+async def status(store: StoreDep, catalog: CatalogDep) -> StatusPage:
+    """Model states and queues, and aggregates over the most recent jobs."""
+    models: list[StatusModel] = []
+    for spec in catalog.models:
+        info = await describe(spec, store)
+        models.append({
+            "name": info["name"], "state": info["state"], "replicas": info["replicas"],
+            "replicas_wanted": info["replicas_wanted"], "queue_depth": info["queue_depth"],
+            "oldest_wait_s": info["oldest_wait_s"], "gpus": info["gpus"],
         })  # fmt: skip
-    shown = ("name", "state", "replicas", "replicas_wanted", "queue_depth", "oldest_wait_s", "gpus")
+    recent = await store.recent_jobs(100)
+    waits = [j["started"] - j["created"] for j in recent if "started" in j]
+    runs = [j["finished"] - j["started"] for j in recent if "started" in j and "finished" in j]
     return {
-        "models": [{k: m[k] for k in shown} for m in models],
-        "jobs": jobs,
+        "models": models,
+        "jobs": {
+            "recent": len(recent),
+            "by_state": dict(Counter(j["state"] for j in recent)),
+            "median_wait_s": statistics.median(waits) if waits else None,
+            "median_run_s": statistics.median(runs) if runs else None,
+        },
         "outcomes": await store.outcomes(),
     }

@@ -18,16 +18,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from nnfabric.graph.validate import Limits
 from pydantic import BaseModel, Field
+
+from .settings import Settings
+
+_FABRIC = Limits()  # the one set of defaults for what a job may send
 
 
 class ModelLimits(BaseModel):
     max_batch: int = Field(8, ge=1, description="jobs packed into one forward pass")
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(_FABRIC.max_new_tokens, ge=1)
     max_saved_bytes: int = Field(256 << 20, ge=1, description="bytes of saved values one job may return")
     timeout_s: float = Field(120.0, gt=0, description="execution time of one job")
-    max_nodes: int = Field(10_000, ge=1)
-    max_tensor_bytes: int = Field(64 << 20, ge=0, description="bytes of tensors a job may send")
+    max_nodes: int = Field(_FABRIC.max_nodes, ge=1)
+    max_tensor_bytes: int = Field(_FABRIC.max_tensor_bytes, ge=0, description="bytes of tensors a job may send")
 
 
 class ModelSpec(BaseModel):
@@ -57,3 +62,14 @@ class Catalog(BaseModel):
             if spec.name == name or spec.source == name:
                 return spec
         return None
+
+
+def limits_for(spec: ModelSpec, settings: Settings) -> Limits:
+    """What one job for `spec` may send: the gateway checks it and the worker checks it again
+    with the very same values, so what the gateway accepts the worker loads."""
+    return Limits(
+        max_nodes=spec.limits.max_nodes,
+        max_tensor_bytes=spec.limits.max_tensor_bytes,
+        max_new_tokens=spec.limits.max_new_tokens,
+        max_envelope_bytes=settings.max_envelope_bytes,
+    )

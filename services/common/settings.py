@@ -5,6 +5,7 @@ settings = Settings()              # NNFABRIC_REDIS_URL, NNFABRIC_CATALOG, ...
 
 from __future__ import annotations
 
+from nnfabric.graph.validate import Limits
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -15,7 +16,8 @@ class Settings(BaseSettings):
     catalog: str = "catalog.yaml"
     # How long payloads, results and event streams are kept after a job ends.
     result_ttl_s: int = 24 * 3600
-    max_envelope_bytes: int = 64 << 20
+    # A request body over this is refused (413) before it is parsed.
+    max_envelope_bytes: int = Limits().max_envelope_bytes
     # Results up to this size follow the `completed` event on the events websocket when the client
     # asks (`?result=inline`), saving it a request; larger ones are fetched from /result.
     inline_result_bytes: int = 4 << 20

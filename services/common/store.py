@@ -1,29 +1,35 @@
-"""Everything the fabric keeps in Redis: API keys, jobs, their events, payloads, results, queues.
+"""Everything the fabric keeps in Redis: API keys, jobs, their events, payloads, results, the
+per-model queues (streams with a consumer group) and the models' published state.
 
 Usage::
 
     store = Store(redis.asyncio.from_url(url), ttl_s=86400)
-    key, record = await store.create_key("alice", models=["gpt2"], rate_limit=60)
-    await store.submit(job_id, user="alice", model="gpt2", payload=data)
-    async for event_id, event in store.follow(job_id, after="0-0"): ...
+    key, record = await store.create_key("alice", models=["gpt2"], rate_limit=600)
+    await store.submit(job_id, user="alice", model="gpt2", payload=data, meta={})
+    events = await store.events(job_id, after="0-0", block_ms=1000)
 
-Every state change is written to the job's hash before its event is announced, in one
-transaction, so a reader that sees an event always finds the state it describes.
+This is the only module that names a Redis key or calls Redis: the api, the scheduler and the
+replicas go through these methods. Every state change is written to the job's hash before its
+event is announced, in one script, so a reader that sees an event always finds the state it
+describes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from nnfabric.protocol import TERMINAL, JobEvent, JobMeta, JobRecord
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
 GROUP = "schedulers"
+_QUEUE_PREFIX = "nnf:queue:"
 
 
 def _job(job_id: str) -> str:
@@ -42,8 +48,8 @@ def _result(job_id: str) -> str:
     return f"nnf:result:{job_id}"
 
 
-def queue_stream(model: str) -> str:
-    return f"nnf:queue:{model}"
+def _queue(model: str) -> str:
+    return _QUEUE_PREFIX + model
 
 
 def _queued(model: str) -> str:
@@ -56,6 +62,30 @@ def _recent(user: str) -> str:
 
 def _model(model: str) -> str:
     return f"nnf:model:{model}"
+
+
+def _replica(model: str, replica: str) -> str:
+    return f"nnf:replica:{model}:{replica}"
+
+
+def _key(digest: str) -> str:
+    return f"nnf:key:{digest}"
+
+
+_KEY_IDS = "nnf:key_ids"
+_HEARTBEAT = "nnf:heartbeat:"
+_RECENT = "nnf:recent"
+_OUTCOMES = "nnf:outcomes"
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A job waiting in a model's stream, as a scheduler read it."""
+
+    model: str
+    stream_id: str
+    job_id: str
+    user: str
 
 
 def hash_key(key: str) -> str:
@@ -88,16 +118,19 @@ def _api_key(raw: dict[str, str]) -> ApiKey | None:
     return ApiKey(raw["key_id"], raw["user"], json.loads(raw["models"]), int(raw["rate_limit"]), float(raw["created"]))
 
 
-def _job_record(raw: dict[str, str]) -> dict[str, Any] | None:
-    if not raw:
+def _job_record(raw: dict[str, str]) -> JobRecord | None:
+    if not raw or "state" not in raw:
         return None
-    job: dict[str, Any] = dict(raw)
+    job: dict[str, Any] = {k: v for k, v in raw.items() if v not in ("", "None")}
     for name in ("created", "started", "finished"):
         if name in job:
             job[name] = float(job[name])
+    for name in ("error_node", "error_trace"):
+        if name in job:
+            job[name] = int(job[name])
     job["bytes"] = int(job.get("bytes", 0))
-    job["meta"] = json.loads(job.get("meta", "{}"))
-    return job
+    job["meta"] = cast(JobMeta, json.loads(job.get("meta", "{}")))
+    return cast(JobRecord, job)
 
 
 # Scripts run atomically inside Redis: a state and its event are written together in one round
@@ -129,12 +162,12 @@ if not current or current == 'completed' or current == 'failed' or current == 'c
   return false
 end
 if ARGV[6] == '1' then redis.call('SET', result, ARGV[7], 'EX', ttl) end
-redis.call('HSET', job, unpack(ARGV, 8))
+redis.call('HSET', job, unpack(ARGV, 9))
 if terminal == '1' then
   local model = redis.call('HGET', job, 'model')
-  if model then redis.call('ZREM', 'nnf:queued:' .. model, id) end
+  if model then redis.call('ZREM', ARGV[8] .. model, id) end
   redis.call('DEL', payload)
-  redis.call('HINCRBY', 'nnf:outcomes', state, 1)
+  redis.call('HINCRBY', KEYS[5], state, 1)
 end
 local event = redis.call('XADD', events, '*', 'type', state, 'data', data)
 redis.call('EXPIRE', events, ttl)
@@ -150,37 +183,47 @@ class Store:
         self._submit = redis.register_script(_SUBMIT)  # sent by digest (EVALSHA) after the first call
         self._transition = redis.register_script(_TRANSITION)
 
+    @classmethod
+    def from_url(cls, url: str, ttl_s: int = 86400) -> Store:
+        return cls(Redis.from_url(url), ttl_s)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
     # -- API keys --------------------------------------------------------------------------
-    async def create_key(self, user: str, models: list[str], rate_limit: int = 60) -> tuple[str, ApiKey]:
+    async def create_key(self, user: str, models: list[str], rate_limit: int = 600) -> tuple[str, ApiKey]:
         """Make a key; only its hash is stored. Returns (the key, shown once; its record)."""
         key = "nnf_" + secrets.token_urlsafe(24)
         digest = hash_key(key)
         record = ApiKey(digest[:12], user, models, rate_limit, time.time())
         await self.redis.hset(
-            f"nnf:key:{digest}",
+            _key(digest),
             mapping={"key_id": record.key_id, "user": user, "models": json.dumps(models),
                      "rate_limit": rate_limit, "created": record.created},
         )  # fmt: skip
-        await self.redis.hset("nnf:key_ids", record.key_id, digest)
+        await self.redis.hset(_KEY_IDS, record.key_id, digest)
         return key, record
 
     async def lookup_key(self, key: str) -> ApiKey | None:
-        return _api_key(_decode_hash(await self.redis.hgetall(f"nnf:key:{hash_key(key)}")))
+        return _api_key(_decode_hash(await self.redis.hgetall(_key(hash_key(key)))))
 
     async def list_keys(self) -> list[ApiKey]:
         found = []
-        for digest in (await self.redis.hgetall("nnf:key_ids")).values():
-            record = _api_key(_decode_hash(await self.redis.hgetall(f"nnf:key:{_text(digest)}")))
+        for digest in (await self.redis.hgetall(_KEY_IDS)).values():
+            record = _api_key(_decode_hash(await self.redis.hgetall(_key(_text(digest)))))
             if record is not None:
                 found.append(record)
         return sorted(found, key=lambda k: k.created)
 
     async def revoke_key(self, key_id: str) -> bool:
-        digest = await self.redis.hget("nnf:key_ids", key_id)
+        digest = await self.redis.hget(_KEY_IDS, key_id)
         if digest is None:
             return False
-        await self.redis.delete(f"nnf:key:{_text(digest)}")
-        await self.redis.hdel("nnf:key_ids", key_id)
+        await self.redis.delete(_key(_text(digest)))
+        await self.redis.hdel(_KEY_IDS, key_id)
         return True
 
     async def authorize(self, key: str, window_s: int = 60) -> tuple[ApiKey | None, int]:
@@ -191,7 +234,7 @@ class Store:
         window = int(now // window_s)
         counter = f"nnf:rate:{digest[:12]}:{window}"  # digest[:12] is the key id
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(f"nnf:key:{digest}")
+            pipe.hgetall(_key(digest))
             pipe.incr(counter)
             pipe.expire(counter, window_s * 2)
             raw, count, _ = await pipe.execute()
@@ -208,16 +251,16 @@ class Store:
         record = {"id": job_id, "user": user, "model": model, "state": "queued", "created": str(now),
                   "bytes": str(len(payload)), "meta": json.dumps(meta)}  # fmt: skip
         fields = [item for pair in record.items() for item in pair]
-        keys = [_job(job_id), _payload(job_id), _queued(model), _events(job_id), queue_stream(model),
-                "nnf:recent", _recent(user)]  # fmt: skip
+        keys = [_job(job_id), _payload(job_id), _queued(model), _events(job_id), _queue(model),
+                _RECENT, _recent(user)]  # fmt: skip
         position = await self._submit(keys, [job_id, user, now, self.ttl_s, payload, *fields])
         return int(position)
 
-    async def job(self, job_id: str) -> dict[str, Any] | None:
+    async def job(self, job_id: str) -> JobRecord | None:
         job = _job_record(_decode_hash(await self.redis.hgetall(_job(job_id))))
         return None if job is None else (await self._with_positions([job]))[0]
 
-    async def _with_positions(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _with_positions(self, jobs: list[JobRecord]) -> list[JobRecord]:
         """Add each queued job's current queue position (one pipelined round trip)."""
         queued = [job for job in jobs if job["state"] == "queued"]
         if queued:
@@ -240,9 +283,10 @@ class Store:
         if stamp:
             mapping[stamp] = time.time()
         flat = [_text(item) for pair in mapping.items() for item in pair]
-        keys = [_job(job_id), _events(job_id), _payload(job_id), _result(job_id)]
+        keys = [_job(job_id), _events(job_id), _payload(job_id), _result(job_id), _OUTCOMES]
         args: list[str | int | bytes] = [job_id, state, int(state in TERMINAL), json.dumps(data or {}), self.ttl_s]
-        event_id = await self._transition(keys, [*args, int(result is not None), result or b"", *flat])
+        queued_prefix = _queued("")
+        event_id = await self._transition(keys, [*args, int(result is not None), result or b"", queued_prefix, *flat])
         return event_id is not None
 
     async def log(self, job_id: str, message: str) -> None:
@@ -253,16 +297,15 @@ class Store:
         await self.redis.expire(_events(job_id), self.ttl_s)
         return _text(event_id)
 
-    async def events(
-        self, job_id: str, after: str = "0-0", block_ms: int | None = None
-    ) -> list[tuple[str, dict[str, Any]]]:
-        """Events after `after`, waiting up to block_ms for the first one."""
+    async def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None) -> list[JobEvent]:
+        """Events after `after` (an event id), waiting up to block_ms for the first one."""
         reply = await self.redis.xread({_events(job_id): after}, count=100, block=block_ms)
         found = []
         for _stream, entries in reply or []:
             for event_id, fields in entries:
                 raw = _decode_hash(fields)
-                found.append((_text(event_id), {"type": raw["type"], **json.loads(raw["data"])}))
+                event = {"id": _text(event_id), "type": raw["type"], **json.loads(raw["data"])}
+                found.append(cast(JobEvent, event))
         return found
 
     async def payloads(self, job_ids: list[str]) -> list[bytes | None]:
@@ -294,9 +337,9 @@ class Store:
         wait = time.time() - float(oldest[0][1]) if oldest else None
         return int(depth), wait
 
-    async def recent_jobs(self, limit: int = 20, user: str | None = None) -> list[dict[str, Any]]:
+    async def recent_jobs(self, limit: int = 20, user: str | None = None) -> list[JobRecord]:
         """The newest jobs, of everyone or of one user (each list keeps the last 200)."""
-        ids = await self.redis.lrange(_recent(user) if user else "nnf:recent", 0, limit - 1)
+        ids = await self.redis.lrange(_recent(user) if user else _RECENT, 0, limit - 1)
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(_job(_text(job_id)))
@@ -305,15 +348,55 @@ class Store:
         return await self._with_positions(jobs)
 
     async def outcomes(self) -> dict[str, int]:
-        return {k: int(v) for k, v in _decode_hash(await self.redis.hgetall("nnf:outcomes")).items()}
+        return {k: int(v) for k, v in _decode_hash(await self.redis.hgetall(_OUTCOMES)).items()}
 
     async def heartbeat(self, component: str, ttl_s: int = 10) -> None:
-        await self.redis.set(f"nnf:heartbeat:{component}", time.time(), ex=ttl_s)
+        await self.redis.set(_HEARTBEAT + component, time.time(), ex=ttl_s)
 
     async def alive(self, prefix: str) -> list[str]:
-        return [_text(k).removeprefix("nnf:heartbeat:") async for k in self.redis.scan_iter(f"nnf:heartbeat:{prefix}*")]
+        return [_text(k).removeprefix(_HEARTBEAT) async for k in self.redis.scan_iter(f"{_HEARTBEAT}{prefix}*")]
 
-    # -- models ----------------------------------------------------------------------------
+    # -- queues (a stream per model, one consumer group of schedulers) ------------------------
+    async def ensure_queue(self, model: str) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+            await self.redis.xgroup_create(_queue(model), GROUP, id="0", mkstream=True)
+
+    async def read_queues(
+        self, models: list[str], consumer: str, pending: bool = False, block_ms: int | None = None, count: int = 256
+    ) -> list[QueueEntry]:
+        """New entries for `consumer` (or, with pending=True, those it read before and never
+        acknowledged, e.g. before a restart)."""
+        streams = {_queue(name): "0" if pending else ">" for name in models}
+        reply = await self.redis.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
+        found: list[QueueEntry] = []
+        for stream, entries in reply or []:
+            found += _entries(_text(stream).removeprefix(_QUEUE_PREFIX), entries)
+        return found
+
+    async def reclaim(self, model: str, consumer: str, min_idle_ms: int) -> list[QueueEntry]:
+        """Take over entries another (dead) consumer read but never acknowledged."""
+        found: list[QueueEntry] = []
+        start = "0-0"
+        while True:
+            reply = await self.redis.xautoclaim(
+                _queue(model), GROUP, consumer, min_idle_time=min_idle_ms, start_id=start, count=100
+            )
+            start, entries = _text(reply[0]), reply[1]
+            found += _entries(model, entries)
+            if start == "0-0" or not entries:
+                return found
+
+    async def ack(self, entries: list[QueueEntry]) -> None:
+        """The entries' jobs reached a final state: drop them from their streams."""
+        if not entries:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.xack(_queue(entry.model), GROUP, entry.stream_id)
+                pipe.xdel(_queue(entry.model), entry.stream_id)
+            await pipe.execute()
+
+    # -- models and their replicas ------------------------------------------------------------
     async def set_model(self, name: str, **fields: Any) -> None:
         values = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
         values["updated"] = time.time()
@@ -325,3 +408,24 @@ class Store:
             return _decode_hash(await self.redis.hgetall(_model(name)))
         values = await self.redis.hmget(_model(name), list(fields))
         return {f: _text(v) for f, v in zip(fields, values, strict=True) if v is not None}
+
+    async def replica_alive(self, model: str, replica: str, ttl_s: float) -> None:
+        """A replica holding `model` says it is alive for the next ttl_s seconds."""
+        await self.redis.set(_replica(model, replica), time.time(), px=int(ttl_s * 1000))
+
+    async def replica_gone(self, model: str, replica: str) -> None:
+        await self.redis.delete(_replica(model, replica))
+
+    async def live_replicas(self, model: str) -> int:
+        """Replicas of `model` whose last word is recent (each says so on its health check)."""
+        return len([k async for k in self.redis.scan_iter(_replica(model, "*"), count=100)])
+
+
+def _entries(model: str, entries: list[tuple[Any, dict[Any, Any]]]) -> list[QueueEntry]:
+    found = []
+    for stream_id, fields in entries:
+        if not fields:
+            continue  # deleted meanwhile
+        raw = _decode_hash(fields)
+        found.append(QueueEntry(model, _text(stream_id), raw["job"], raw.get("user", "")))
+    return found

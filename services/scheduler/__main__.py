@@ -6,8 +6,6 @@ import asyncio
 import logging
 import signal
 
-from redis.asyncio import Redis
-
 from ..common.catalog import Catalog
 from ..common.settings import Settings
 from ..common.store import Store
@@ -29,9 +27,8 @@ async def main() -> None:
     ray.init(address=None if settings.ray_address == "local" else settings.ray_address,
              namespace=settings.ray_namespace, include_dashboard=False, log_to_driver=False)  # fmt: skip
     logging.getLogger("ray.serve").addFilter(_BusyReplicaProbe())
-    store = Store(Redis.from_url(settings.redis_url), settings.result_ttl_s)
-    scheduler = Scheduler(store, Catalog.load(settings.catalog), ray_dispatch(), name=settings.scheduler_name,
-                          queue_timeout_s=settings.queue_timeout_s, reclaim_idle_ms=settings.reclaim_idle_ms)  # fmt: skip
+    store = Store.from_url(settings.redis_url, settings.result_ttl_s)
+    scheduler = Scheduler(store, Catalog.load(settings.catalog), ray_dispatch(), settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, scheduler.stop)

@@ -1,6 +1,6 @@
 """The scheduler: per-model Redis streams in, fair batches out to the model's Ray Serve replicas.
 
-    scheduler = Scheduler(store, catalog, dispatch=ray_dispatch)
+    scheduler = Scheduler(store, catalog, ray_dispatch(), Settings())
     await scheduler.run()           # until stop() is called
 
 Each model's stream has one consumer group; every scheduler process is a consumer in it, so
@@ -16,29 +16,22 @@ user with 1 only for that one job.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from redis.exceptions import ResponseError
+from nnfabric.protocol import TERMINAL
 
 from ..common.catalog import Catalog, ModelSpec
-from ..common.store import GROUP, TERMINAL, Store, queue_stream
+from ..common.settings import Settings
+from ..common.store import QueueEntry, Store
 
 log = logging.getLogger("nnfabric.scheduler")
 
 Dispatch = Callable[[ModelSpec, list[str]], Awaitable[dict[str, str]]]
-
-
-@dataclass
-class _Entry:
-    stream_id: str
-    job_id: str
-    user: str
+_Entry = QueueEntry
 
 
 @dataclass
@@ -77,17 +70,14 @@ class Scheduler:
         store: Store,
         catalog: Catalog,
         dispatch: Dispatch,
-        name: str = "scheduler-0",
-        queue_timeout_s: float = 3600.0,
-        reclaim_idle_ms: int = 30_000,
+        settings: Settings,
     ) -> None:
         self.store = store
-        self.redis: Any = store.redis
         self.catalog = catalog
         self.dispatch = dispatch
-        self.name = name
-        self.queue_timeout_s = queue_timeout_s
-        self.reclaim_idle_ms = reclaim_idle_ms
+        self.name = settings.scheduler_name
+        self.queue_timeout_s = settings.queue_timeout_s
+        self.reclaim_idle_ms = settings.reclaim_idle_ms
         self.queues = {spec.name: _ModelQueue(spec) for spec in catalog.models}
         self._stopping = asyncio.Event()
         self._freed = asyncio.Event()
@@ -95,16 +85,15 @@ class Scheduler:
 
     async def run(self) -> None:
         for spec in self.catalog.models:
-            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
-                await self.redis.xgroup_create(queue_stream(spec.name), GROUP, id="0", mkstream=True)
-            # Entries this consumer had read but not acknowledged before a restart.
-            await self._read(spec.name, "0")
+            await self.store.ensure_queue(spec.name)
+        # Entries this consumer had read but not acknowledged before a restart.
+        self._add(await self.store.read_queues(list(self.queues), self.name, pending=True, count=10_000))
         last_reclaim = 0.0
         reading: asyncio.Task[None] | None = None
         while not self._stopping.is_set():
             if time.monotonic() - last_reclaim > min(2.0, self.reclaim_idle_ms / 2000):
                 for name in self.queues:
-                    await self._reclaim(name)
+                    self._add(await self.store.reclaim(name, self.name, self.reclaim_idle_ms))
                 await self.store.heartbeat(f"scheduler:{self.name}")
                 last_reclaim = time.monotonic()
             # Wait for new entries, or for a batch to end (its replica is free now): whichever is first.
@@ -127,36 +116,12 @@ class Scheduler:
         self._freed.set()  # wake the loop so it sees the stop
 
     async def _read_new(self) -> None:
-        streams = {queue_stream(name): ">" for name in self.queues}
-        reply = await self.redis.xreadgroup(GROUP, self.name, streams, count=256, block=500)
-        for stream, entries in reply or []:
-            name = _text(stream).removeprefix("nnf:queue:")
-            self._add(name, entries)
+        self._add(await self.store.read_queues(list(self.queues), self.name, block_ms=500))
 
-    async def _read(self, name: str, start: str) -> None:
-        reply = await self.redis.xreadgroup(GROUP, self.name, {queue_stream(name): start}, count=10_000)
-        for _stream, entries in reply or []:
-            self._add(name, entries)
-
-    async def _reclaim(self, name: str) -> None:
-        """Take over entries another (dead) consumer read but never acknowledged."""
-        start = "0-0"
-        while True:
-            reply = await self.redis.xautoclaim(
-                queue_stream(name), GROUP, self.name, min_idle_time=self.reclaim_idle_ms, start_id=start, count=100
-            )
-            start, entries = _text(reply[0]), reply[1]
-            self._add(name, entries)
-            if start == "0-0" or not entries:
-                break
-
-    def _add(self, name: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        queue = self.queues[name]
-        for stream_id, fields in entries:
-            if not fields:
-                continue
-            raw = {_text(k): _text(v) for k, v in fields.items()}
-            queue.add(_Entry(_text(stream_id), raw["job"], raw.get("user", "")))
+    def _add(self, entries: list[_Entry]) -> None:
+        for entry in entries:
+            if entry.model in self.queues:
+                self.queues[entry.model].add(entry)
 
     async def _dispatch_ready(self, name: str) -> None:
         queue = self.queues[name]
@@ -174,7 +139,7 @@ class Scheduler:
         live = []
         for entry, found in zip(batch, await self.store.states([e.job_id for e in batch]), strict=True):
             if found is None or found[0] in TERMINAL:
-                await self._ack(name, entry)
+                await self._ack(entry)
                 continue
             if time.time() - found[1] > self.queue_timeout_s:
                 await self.store.transition(
@@ -183,7 +148,7 @@ class Scheduler:
                     {"message": "the job waited past the queue deadline"},
                     error="queue deadline passed",
                 )
-                await self._ack(name, entry)
+                await self._ack(entry)
                 continue
             live.append(entry)
         return live
@@ -200,23 +165,15 @@ class Scheduler:
                     await self.store.transition(
                         entry.job_id, "failed", {"message": f"the model replica failed: {exc}"}, error=str(exc)
                     )
-            await self._ack(name, *batch)
+            await self._ack(*batch)
         finally:
             queue.in_flight -= 1
             self._freed.set()
 
-    async def _ack(self, name: str, *entries: _Entry) -> None:
-        ids = [e.stream_id for e in entries]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(queue_stream(name), GROUP, *ids)
-            pipe.xdel(queue_stream(name), *ids)
-            await pipe.execute()
+    async def _ack(self, *entries: _Entry) -> None:
+        await self.store.ack(list(entries))
         for entry in entries:
-            self.queues[name].done(entry)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+            self.queues[entry.model].done(entry)
 
 
 def ray_dispatch() -> Dispatch:

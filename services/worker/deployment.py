@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from typing import Any
 
-import redis
 from ray import serve
-from redis.asyncio import Redis
 
 from ..common.catalog import Catalog, ModelSpec
 from ..common.settings import Settings
@@ -25,43 +24,38 @@ from ..common.store import Store
 
 log = logging.getLogger("nnfabric.worker")
 
+# Serve asks each replica for its health this often; each answer also renews the replica's
+# liveness in Redis for LIVENESS_S, so /v1/models counts only replicas that answered lately.
+HEALTH_PERIOD_S = 2.0
+LIVENESS_S = 3 * HEALTH_PERIOD_S
 
-@serve.deployment(max_ongoing_requests=1, health_check_period_s=10, graceful_shutdown_timeout_s=5)
+
+@serve.deployment(max_ongoing_requests=1, health_check_period_s=HEALTH_PERIOD_S, graceful_shutdown_timeout_s=5)
 class ModelReplica:
-    def __init__(self, spec: dict[str, Any], redis_url: str, ttl_s: int) -> None:
+    # Serve awaits an async constructor (so the replica can use the async Store); typeshed says None.
+    async def __init__(self, spec: dict[str, Any], settings: dict[str, Any]) -> None:  # type: ignore[misc]
         from .executor import BatchExecutor
         from .loader import load_model, tokenizer_files
 
         self.spec = ModelSpec.model_validate(spec)
-        self.redis_url = redis_url
-        self.ttl_s = ttl_s
-        self._store: Store | None = None
-        sync = redis.Redis.from_url(redis_url)
-        key = f"nnf:model:{self.spec.name}"
-        sync.hset(key, mapping={"state": "loading"})
+        self.settings = Settings.model_validate(settings)
+        self.store = Store.from_url(self.settings.redis_url, self.settings.result_ttl_s)
+        self.replica = uuid.uuid4().hex[:12]
+        await self.store.set_model(self.spec.name, state="loading")
         try:
-            model, tokenizer = load_model(self.spec)
+            model, tokenizer = await asyncio.to_thread(load_model, self.spec)
         except Exception as exc:
-            sync.hset(key, mapping={"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
+            await self.store.set_model(self.spec.name, state="failed", error=f"{type(exc).__name__}: {exc}")
             raise
-        self.executor = BatchExecutor(self.spec, model, tokenizer)
-        sync.hset(
-            key,
-            mapping={
-                "state": "ready",
-                "replicas": self.spec.replicas,
-                "structure": json.dumps(self.executor.tree.to_json()),
-                "tokenizer": json.dumps(tokenizer_files(tokenizer)),
-                "error": "",
-            },
+        self.executor = BatchExecutor(self.spec, model, tokenizer, self.settings)
+        await self.store.set_model(
+            self.spec.name,
+            state="ready",
+            structure=json.dumps(self.executor.tree.to_json()),
+            tokenizer=json.dumps(tokenizer_files(tokenizer)),
+            error="",
         )
-        sync.close()
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            self._store = Store(Redis.from_url(self.redis_url), self.ttl_s)
-        return self._store
+        await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S)
 
     async def run_batch(self, job_ids: list[str]) -> dict[str, str]:
         store = self.store
@@ -94,9 +88,14 @@ class ModelReplica:
                 states[job_id] = "failed"
         return states
 
-    def check_health(self) -> None:
-        if self.executor is None:
-            raise RuntimeError("model not loaded")
+    async def check_health(self) -> None:
+        """Healthy when Redis answers and the model is loaded; renews this replica's liveness."""
+        if self.executor.model is None:
+            raise RuntimeError("the model is not loaded")
+        await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S)
+
+    async def __del__(self) -> None:
+        await self.store.replica_gone(self.spec.name, self.replica)
 
 
 def model_app(spec: ModelSpec, settings: Settings) -> Any:
@@ -105,7 +104,7 @@ def model_app(spec: ModelSpec, settings: Settings) -> Any:
         name=spec.deployment,
         num_replicas=spec.replicas,
         ray_actor_options={"num_gpus": spec.gpus, "num_cpus": 0 if spec.gpus else 1},
-    ).bind(spec.model_dump(), settings.redis_url, settings.result_ttl_s)
+    ).bind(spec.model_dump(), settings.model_dump())
 
 
 def build_app(args: dict[str, str]) -> Any:

@@ -17,14 +17,17 @@ from typing import Any
 
 import torch
 from nnfabric.errors import InterventionError
+from nnfabric.graph.codec import decode_request
 from nnfabric.graph.ir import Graph, Invoke, Node, Ref, TensorRef
-from nnfabric.graph.validate import GraphError, Limits, validate_session
+from nnfabric.graph.leaves import map_leaves
+from nnfabric.graph.tree import ModuleTree
+from nnfabric.graph.validate import GraphError
 from nnfabric.runtime.adapters import CausalLMAdapter
 from nnfabric.runtime.execute import run_graph, run_session
-from nnfabric.runtime.wire import pack_result, pack_session_result, result_nbytes, unpack_requests
-from nnfabric.tracing.tree import ModuleTree
+from nnfabric.runtime.wire import load_blob, pack_saved, saved_nbytes
 
-from ..common.catalog import ModelSpec
+from ..common.catalog import ModelSpec, limits_for
+from ..common.settings import Settings
 
 _UNMERGEABLE = {"backward", "grad", "set_grad", "stop"}
 
@@ -43,23 +46,18 @@ class Outcome:
 
 
 class BatchExecutor:
-    def __init__(self, spec: ModelSpec, model: Any, tokenizer: Any) -> None:
+    def __init__(self, spec: ModelSpec, model: Any, tokenizer: Any, settings: Settings | None = None) -> None:
         self.spec = spec
         self.model = model
         self.adapter = CausalLMAdapter(model, tokenizer)
         self.tree = ModuleTree.from_module(model)
         self.paths = self.tree.paths()
-        limits = spec.limits
-        self.limits = Limits(
-            max_nodes=limits.max_nodes,
-            max_tensor_bytes=limits.max_tensor_bytes,
-            max_new_tokens=limits.max_new_tokens,
-        )
+        self.limits = limits_for(spec, settings or Settings())
 
     def decode(self, payload: bytes) -> tuple[list[Graph], dict[str, torch.Tensor]]:
-        graphs, tensors = unpack_requests(payload, self.limits)
-        validate_session(graphs, self.limits, tensor_names=set(tensors), module_paths=self.paths)
-        return graphs, tensors
+        """The same validation as the gateway's (one function, the same limits)."""
+        graphs, blob = decode_request(payload, self.limits, self.paths)
+        return graphs, load_blob(blob)
 
     def run(self, jobs: list[tuple[str, bytes]]) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
@@ -69,6 +67,9 @@ class BatchExecutor:
                 graphs, tensors = self.decode(payload)
             except GraphError as exc:
                 outcomes[job_id] = Outcome(error=f"invalid graph: {exc}", node=exc.node, trace=exc.trace)
+                continue
+            except Exception as exc:  # bytes the validator passed but the loader refused: this job's alone
+                outcomes[job_id] = Outcome(error=f"invalid tensors: {type(exc).__name__}: {exc}")
                 continue
             decoded.append((job_id, graphs, tensors))
         mergeable = [(job_id, gs[0], t) for job_id, gs, t in decoded if len(gs) == 1 and _mergeable(gs[0])]
@@ -83,7 +84,7 @@ class BatchExecutor:
         start = time.monotonic()
         try:
             saved = run_session(graphs, tensors, self.adapter, deadline=start + self.spec.limits.timeout_s)
-            return self._finish(saved[0] if len(graphs) == 1 else saved, start)
+            return self._finish(saved, len(graphs) > 1, start)
         except InterventionError as exc:
             return Outcome(error=exc.reason, node=exc.node, seconds=time.monotonic() - start, trace=exc.trace)
         except torch.OutOfMemoryError:
@@ -95,15 +96,14 @@ class BatchExecutor:
         finally:
             self._clean()
 
-    def _finish(self, saved: dict[int, Any] | list[dict[int, Any]], start: float) -> Outcome:
-        size = result_nbytes(saved)
+    def _finish(self, saved: list[dict[int, Any]], session: bool, start: float) -> Outcome:
+        size = saved_nbytes(saved)
         if size > self.spec.limits.max_saved_bytes:
             return Outcome(
                 error=f"saved values take {size} bytes, over this model's limit of {self.spec.limits.max_saved_bytes}",
                 seconds=time.monotonic() - start,
             )
-        packed = pack_session_result(saved) if isinstance(saved, list) else pack_result(saved)
-        return Outcome(result=packed, seconds=time.monotonic() - start)
+        return Outcome(result=pack_saved(saved, session), seconds=time.monotonic() - start)
 
     def _run_merged(self, jobs: list[tuple[str, Graph, dict[str, torch.Tensor]]]) -> dict[str, Outcome]:
         merged, tensors, offsets = merge_graphs([(g, t) for _, g, t in jobs])
@@ -118,7 +118,10 @@ class BatchExecutor:
         outcomes = {}
         for (job_id, graph, _), offset in zip(jobs, offsets, strict=True):
             own = {nid: saved[nid + offset] for nid in graph.saves if nid + offset in saved}
-            outcomes[job_id] = self._finish(own, start)
+            try:
+                outcomes[job_id] = self._finish([own], False, start)
+            except Exception as exc:  # e.g. a saved value that cannot be encoded: its owner's failure
+                outcomes[job_id] = Outcome(error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - start)
         return outcomes
 
     def _clean(self) -> None:
@@ -168,18 +171,11 @@ def merge_graphs(
 
 
 def _shift(value: Any, offset: int, prefix: str) -> Any:
-    if isinstance(value, Ref):
-        return Ref(value.id + offset)
-    if isinstance(value, TensorRef):
-        return TensorRef(prefix + value.name)
-    if isinstance(value, list):
-        return [_shift(v, offset, prefix) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_shift(v, offset, prefix) for v in value)
-    if isinstance(value, dict):
-        return {k: _shift(v, offset, prefix) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(
-            _shift(value.start, offset, prefix), _shift(value.stop, offset, prefix), _shift(value.step, offset, prefix)
-        )
-    return value
+    def leaf(item: Any) -> Any:
+        if isinstance(item, Ref):
+            return Ref(item.id + offset)
+        if isinstance(item, TensorRef):
+            return TensorRef(prefix + item.name)
+        return item
+
+    return map_leaves(value, leaf)

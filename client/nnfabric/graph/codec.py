@@ -17,7 +17,7 @@ import struct
 from typing import Any
 
 from .ir import RESULT_SCHEMA, SCHEMA, DType, Graph, Invoke, Node, Ref, SourceLine, TensorRef
-from .validate import GraphError, Limits, check_safetensors, validate_session
+from .validate import GraphError, LimitExceeded, Limits, check_safetensors, validate_session
 
 MAGIC = b"NNFB"
 _PREFIX = len(MAGIC) + 8
@@ -30,10 +30,12 @@ __all__ = [
     "decode_result",
     "decode_value",
     "encode_graph",
+    "graphs_from_header",
     "encode_result",
     "encode_session",
     "encode_value",
     "split_envelope",
+    "validate_request",
 ]
 
 
@@ -130,7 +132,7 @@ def split_envelope(data: bytes, limits: Limits | None = None) -> tuple[dict[str,
         raise GraphError("not an nnfabric envelope (bad magic bytes)")
     (size,) = struct.unpack("<Q", data[len(MAGIC) : _PREFIX])
     if size > limits.max_header_bytes:
-        raise GraphError(f"header of {size} bytes exceeds the limit of {limits.max_header_bytes}")
+        raise LimitExceeded(f"header of {size} bytes exceeds the limit of {limits.max_header_bytes}")
     if _PREFIX + size > len(data):
         raise GraphError("envelope is truncated: header runs past the end")
     try:
@@ -188,14 +190,15 @@ def graphs_from_header(header: dict[str, Any], limits: Limits) -> list[Graph]:
     if "session" not in header:
         return [graph_from_json(header.get("graph"), limits)]
     session = header["session"]
-    _expect(isinstance(session, list), "session must be a list of graphs")
-    _expect(1 <= len(session) <= limits.max_traces, f"a session holds 1..{limits.max_traces} traces")
+    _expect(isinstance(session, list) and len(session) >= 1, "session must be a non-empty list of graphs")
+    if len(session) > limits.max_traces:
+        raise LimitExceeded(f"a session holds at most {limits.max_traces} traces, this one has {len(session)}")
     graphs = []
     for index, data in enumerate(session):
         try:
             graphs.append(graph_from_json(data, limits))
         except GraphError as exc:
-            raise GraphError(f"trace {index}: {exc}", exc.node, index) from None
+            raise type(exc)(f"trace {index}: {exc}", exc.node, index) from None
     return graphs
 
 
@@ -210,10 +213,8 @@ def graph_from_json(data: Any, limits: Limits) -> Graph:
     _expect(kind in ("trace", "generate"), f"graph kind must be 'trace' or 'generate', got {_short(kind)}")
     nodes_data = data.get("nodes")
     _expect(isinstance(nodes_data, list), "graph.nodes must be a list")
-    _expect(
-        len(nodes_data) <= limits.max_nodes,
-        f"graph has {len(nodes_data)} nodes, over the limit of {limits.max_nodes}",
-    )
+    if len(nodes_data) > limits.max_nodes:
+        raise LimitExceeded(f"graph has {len(nodes_data)} nodes, over the limit of {limits.max_nodes}")
     depth = limits.max_depth
     graph = Graph(kind=kind)
     for index, nd in enumerate(nodes_data):
@@ -249,9 +250,8 @@ def graph_from_json(data: Any, limits: Limits) -> Graph:
         graph.add(node)
     invokes = data.get("invokes")
     _expect(isinstance(invokes, list) and len(invokes) >= 1, "graph.invokes must be a non-empty list")
-    _expect(
-        len(invokes) <= limits.max_invokes, f"graph has {len(invokes)} invokes, over the limit of {limits.max_invokes}"
-    )
+    if len(invokes) > limits.max_invokes:
+        raise LimitExceeded(f"graph has {len(invokes)} invokes, over the limit of {limits.max_invokes}")
     for index, inv in enumerate(invokes):
         _expect(isinstance(inv, dict), f"invoke {index} must be an object")
         args = inv.get("args")
@@ -276,25 +276,35 @@ def graph_from_json(data: Any, limits: Limits) -> Graph:
     return graph
 
 
-def decode_request(data: bytes, limits: Limits | None = None) -> tuple[list[Graph], bytes]:
+def decode_request(
+    data: bytes, limits: Limits, module_paths: set[str] | frozenset[str] | None = None
+) -> tuple[list[Graph], bytes]:
     """Envelope bytes -> validated ([Graph, ...], safetensors blob): one graph, or a session's.
-    Raises GraphError, never anything else."""
-    limits = limits or Limits()
+    Raises GraphError (LimitExceeded for sizes), never anything else."""
     if len(data) > limits.max_envelope_bytes:
-        raise GraphError(f"envelope of {len(data)} bytes exceeds the limit of {limits.max_envelope_bytes}")
+        raise LimitExceeded(f"envelope of {len(data)} bytes exceeds the limit of {limits.max_envelope_bytes}")
     header, blob = split_envelope(data, limits)
+    return validate_request(header, blob, limits, module_paths), blob
+
+
+def validate_request(
+    header: dict[str, Any], blob: bytes, limits: Limits, module_paths: set[str] | frozenset[str] | None = None
+) -> list[Graph]:
+    """The one validation of a request, after `split_envelope`: schema version, graphs, tensor
+    blob, every node against the registry and the model's module paths. The gateway, the worker
+    and the loopback backend all come through here."""
     schema = header.get("schema")
     if schema != SCHEMA:
         raise GraphError(version_message(schema, SCHEMA))
     graphs = graphs_from_header(header, limits)
     tensors = check_safetensors(blob, limits)
-    validate_session(graphs, limits, tensor_names=set(tensors))
-    return graphs, blob
+    validate_session(graphs, limits, tensor_names=set(tensors), module_paths=module_paths)
+    return graphs
 
 
 def decode_graph(data: bytes, limits: Limits | None = None) -> tuple[Graph, bytes]:
     """Envelope bytes of a single trace -> validated (Graph, safetensors blob)."""
-    graphs, blob = decode_request(data, limits)
+    graphs, blob = decode_request(data, limits or Limits())
     if len(graphs) != 1:
         raise GraphError(f"expected one graph, got a session of {len(graphs)}")
     return graphs[0], blob
@@ -320,7 +330,7 @@ def encode_result(values: dict[str, Any], blob: bytes, extra: dict[str, Any] | N
 
 def decode_result(data: bytes, limits: Limits | None = None) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
     """Result envelope -> (values with TensorRefs, safetensors blob, the whole header)."""
-    limits = limits or Limits(max_envelope_bytes=1 << 62, max_tensor_bytes=1 << 62, max_header_bytes=1 << 30)
+    limits = limits or Limits.local()
     header, blob = split_envelope(data, limits)
     if header.get("schema") != RESULT_SCHEMA:
         raise GraphError(version_message(header.get("schema"), RESULT_SCHEMA))

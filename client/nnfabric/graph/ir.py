@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .leaves import iter_leaves
+
 SCHEMA = "nnfabric.graph/1"
 RESULT_SCHEMA = "nnfabric.result/1"
 
@@ -68,23 +70,7 @@ class Node:
     id: int = -1
 
     def refs(self) -> list[int]:
-        found: list[int] = []
-        _collect_refs(self.args, found)
-        _collect_refs(self.kwargs, found)
-        return found
-
-
-def _collect_refs(value: Any, found: list[int]) -> None:
-    if isinstance(value, Ref):
-        found.append(value.id)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _collect_refs(item, found)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _collect_refs(item, found)
-    elif isinstance(value, slice):
-        _collect_refs([value.start, value.stop, value.step], found)
+        return [leaf.id for leaf in iter_leaves((self.args, self.kwargs)) if isinstance(leaf, Ref)]
 
 
 @dataclass
@@ -109,25 +95,11 @@ class Graph:
         return node
 
     def tensor_names(self) -> set[str]:
-        names: set[str] = set()
-        _collect_tensor_names([n.args for n in self.nodes], names)
-        _collect_tensor_names([n.kwargs for n in self.nodes], names)
-        _collect_tensor_names([(i.args, i.kwargs) for i in self.invokes], names)
-        return names
+        values = [(n.args, n.kwargs) for n in self.nodes] + [(i.args, i.kwargs) for i in self.invokes]
+        return {leaf.name for leaf in iter_leaves(values) if isinstance(leaf, TensorRef)}
 
     def module_paths(self) -> set[str]:
         from .ops import OPS
 
         paths = {n.args[0] for n in self.nodes if OPS[n.op].module_event or n.op == "call_module"}
         return {p for p in paths if isinstance(p, str)}
-
-
-def _collect_tensor_names(value: Any, names: set[str]) -> None:
-    if isinstance(value, TensorRef):
-        names.add(value.name)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _collect_tensor_names(item, names)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _collect_tensor_names(item, names)

@@ -14,7 +14,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .ir import DType, Graph, Node, Ref, TensorRef
+from .ir import DType, Graph, Node, Ref, SourceLine, TensorRef
+from .leaves import iter_leaves
 from .ops import DTYPES, OPS, TENSOR_ATTRIBUTES
 
 
@@ -25,18 +26,33 @@ class GraphError(ValueError):
         super().__init__(message)
         self.node = node
         self.trace = trace  # which trace of a session, when the job is one
+        self.line: SourceLine | None = None  # the user's line that recorded the node, when known
+
+
+class LimitExceeded(GraphError):
+    """The request is larger than a limit allows (bytes, nodes, invokes, traces): HTTP 413."""
 
 
 @dataclass(frozen=True)
 class Limits:
+    """What one job may send. These defaults are the fabric's (the catalog's per-model limits and
+    the gateway's settings start from them); `Limits.local()` is for a researcher's own machine."""
+
     max_nodes: int = 10_000
     max_depth: int = 32
     max_invokes: int = 256
     max_header_bytes: int = 16 << 20
-    max_tensor_bytes: int = 256 << 20
-    max_envelope_bytes: int = 300 << 20
-    max_new_tokens: int = 1024
+    max_tensor_bytes: int = 64 << 20
+    max_envelope_bytes: int = 96 << 20
+    max_new_tokens: int = 256
     max_traces: int = 16  # traces in one session
+
+    @classmethod
+    def local(cls) -> Limits:
+        """Your own machine: only the structural limits (nesting depth) still apply."""
+        huge = 1 << 62
+        return cls(max_nodes=huge, max_invokes=huge, max_header_bytes=huge, max_tensor_bytes=huge,
+                   max_envelope_bytes=huge, max_new_tokens=huge, max_traces=huge)  # fmt: skip
 
 
 _SAFETENSORS_DTYPES = {
@@ -50,7 +66,7 @@ def check_safetensors(blob: bytes, limits: Limits) -> dict[str, tuple[str, list[
     if not blob:
         return {}
     if len(blob) > limits.max_tensor_bytes + limits.max_header_bytes:
-        raise GraphError(f"tensors of {len(blob)} bytes exceed the limit of {limits.max_tensor_bytes}")
+        raise LimitExceeded(f"tensors of {len(blob)} bytes exceed the limit of {limits.max_tensor_bytes}")
     if len(blob) < 8:
         raise GraphError("tensor blob is truncated")
     (size,) = struct.unpack("<Q", blob[:8])
@@ -88,7 +104,7 @@ def check_safetensors(blob: bytes, limits: Limits) -> dict[str, tuple[str, list[
         total += end - start
         found[name] = (info["dtype"], info["shape"])
     if total > limits.max_tensor_bytes:
-        raise GraphError(f"tensors of {total} bytes exceed the limit of {limits.max_tensor_bytes}")
+        raise LimitExceeded(f"tensors of {total} bytes exceed the limit of {limits.max_tensor_bytes}")
     return found
 
 
@@ -100,27 +116,19 @@ def _where(node: Node) -> str:
 
 
 def _check_value(value: Any, node: Node, tensor_names: set[str] | None) -> None:
-    if isinstance(value, Ref):
-        if value.id >= node.id:
-            raise GraphError(
-                f"{_where(node)} refers to node {value.id}, which is not earlier in the graph "
-                "(forward references and cycles are not allowed)",
-                node.id,
-            )
-    elif isinstance(value, TensorRef):
-        if tensor_names is not None and value.name not in tensor_names:
-            raise GraphError(f"{_where(node)} refers to tensor {value.name!r}, which is not in the blob", node.id)
-    elif isinstance(value, DType):
-        if value.name not in DTYPES:
-            raise GraphError(f"{_where(node)} uses unknown dtype {value.name!r}", node.id)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _check_value(item, node, tensor_names)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _check_value(item, node, tensor_names)
-    elif isinstance(value, slice):
-        _check_value([value.start, value.stop, value.step], node, tensor_names)
+    for leaf in iter_leaves(value):
+        if isinstance(leaf, Ref):
+            if leaf.id >= node.id:
+                raise GraphError(
+                    f"{_where(node)} refers to node {leaf.id}, which is not earlier in the graph "
+                    "(forward references and cycles are not allowed)",
+                    node.id,
+                )
+        elif isinstance(leaf, TensorRef):
+            if tensor_names is not None and leaf.name not in tensor_names:
+                raise GraphError(f"{_where(node)} refers to tensor {leaf.name!r}, which is not in the blob", node.id)
+        elif isinstance(leaf, DType) and leaf.name not in DTYPES:
+            raise GraphError(f"{_where(node)} uses unknown dtype {leaf.name!r}", node.id)
 
 
 def _is_int(value: Any) -> bool:
@@ -177,9 +185,11 @@ def validate_graph(
     """Raise GraphError unless the graph is safe and well formed. `None` skips that check."""
     limits = limits or Limits()
     if len(graph.nodes) > limits.max_nodes:
-        raise GraphError(f"graph has {len(graph.nodes)} nodes, over the limit of {limits.max_nodes}")
-    if not 1 <= len(graph.invokes) <= limits.max_invokes:
-        raise GraphError(f"graph needs 1..{limits.max_invokes} invokes, has {len(graph.invokes)}")
+        raise LimitExceeded(f"graph has {len(graph.nodes)} nodes, over the limit of {limits.max_nodes}")
+    if len(graph.invokes) > limits.max_invokes:
+        raise LimitExceeded(f"graph has {len(graph.invokes)} invokes, over the limit of {limits.max_invokes}")
+    if not graph.invokes:
+        raise GraphError("graph needs at least one invoke")
     for index, node in enumerate(graph.nodes):
         if node.id != index:
             raise GraphError(f"node at position {index} has id {node.id}")
@@ -214,11 +224,13 @@ def validate_session(
 ) -> None:
     """A job's traces (one, or a session's several): each valid, and values from earlier traces only."""
     limits = limits or Limits()
-    if not 1 <= len(graphs) <= limits.max_traces:
-        raise GraphError(f"a session holds 1..{limits.max_traces} traces, this one has {len(graphs)}")
+    if len(graphs) > limits.max_traces:
+        raise LimitExceeded(f"a session holds at most {limits.max_traces} traces, this one has {len(graphs)}")
+    if not graphs:
+        raise GraphError("a job needs at least one trace")
     total = sum(len(g.nodes) for g in graphs)
     if total > limits.max_nodes:
-        raise GraphError(f"the session has {total} nodes, over the limit of {limits.max_nodes}")
+        raise LimitExceeded(f"the session has {total} nodes, over the limit of {limits.max_nodes}")
     for index, graph in enumerate(graphs):
         try:
             validate_graph(graph, limits, tensor_names=tensor_names, module_paths=module_paths)
@@ -234,8 +246,10 @@ def validate_session(
                     )
         except GraphError as exc:
             if len(graphs) > 1 and exc.trace is None:
-                raise GraphError(f"trace {index}: {exc}", exc.node, index) from None
-            raise
+                exc = type(exc)(f"trace {index}: {exc}", exc.node, index)
+            if exc.node is not None and 0 <= exc.node < len(graph.nodes):
+                exc.line = graph.nodes[exc.node].line
+            raise exc from None
 
 
 _OPTIONS: dict[str, type | tuple[type, ...]] = {

@@ -1,13 +1,14 @@
-"""Talking to the fabric: submit a trace's graph, follow its events, fetch its saved values.
+"""Talking to the fabric over HTTP: submit a job, follow its events, fetch its saved values.
 
 Usage::
 
-    fabric = nnfabric.connect("http://127.0.0.1:8000", api_key="nnf_...")   # or NNFABRIC_URL/_API_KEY
-    model = fabric.model("gpt2")            # module tree + tokenizer from the API; no weights
-    with model.trace("The Eiffel Tower is in", remote=True):
-        hidden = model.transformer.h[5].output.save()
+    client = FabricClient("http://127.0.0.1:8000", api_key="nnf_...")
+    reply = client.submit(envelope_bytes)          # {"id": ..., "position": ...}
+    client.wait(reply["id"]); data = client.result(reply["id"])
+    backend = RemoteBackend(client, "gpt2")       # what `remote=True` runs on
 
-A local `LanguageModel(..., remote_name="gpt2")` runs the same block remotely too.
+Researchers use `nnfabric.connect()` and `fabric.model(name)` (nnfabric.fabric), which build on
+this. Nothing here knows the model or tracing classes: a job arrives as a `JobRequest`.
 """
 
 from __future__ import annotations
@@ -15,25 +16,21 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 import httpx
 
+from ..backends import JobRequest
 from ..errors import RemoteError
 from ..graph.ir import SourceLine
+from ..protocol import TERMINAL, CancelReply, JobRecord, ModelInfo, ModelStructure, SubmitReply
 
-if TYPE_CHECKING:
-    from ..models import Model
-    from ..tracing.tracer import Tracer
-
-_default: Session | None = None
-_TERMINAL = {"completed", "failed", "cancelled"}
+_default: FabricClient | None = None
 
 
-class Session:
+class FabricClient:
     """A connection to one fabric with one API key."""
 
     def __init__(self, url: str, api_key: str, timeout: float = 30.0, progress: bool | None = None) -> None:
@@ -44,26 +41,22 @@ class Session:
         # Results that came inline on a job's events websocket, until result() takes them.
         self._inline: dict[str, bytes] = {}
 
-    def model(self, name: str) -> Any:
-        """A thin LanguageModel for a hosted model: its module tree and tokenizer, no weights."""
-        from ..models import LanguageModel
-        from ..tracing.tree import ModuleTree
+    def __repr__(self) -> str:
+        return f"<nnfabric.Fabric {self.url}>"
 
-        tree = ModuleTree.from_json(self._get(f"/v1/models/{name}/structure")["tree"])
-        files = self._get(f"/v1/models/{name}/tokenizer")["files"]
-        tokenizer = _tokenizer_from_files(files)
-        model = LanguageModel(tree=tree, tokenizer=tokenizer, remote_name=name)
-        object.__setattr__(model, "_session", self)
-        return model
+    def structure(self, name: str) -> ModelStructure:
+        return cast(ModelStructure, self._get(f"/v1/models/{name}/structure"))
 
-    def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+    def tokenizer_files(self, name: str) -> dict[str, str]:
+        files: dict[str, str] = self._get(f"/v1/models/{name}/tokenizer")["files"]
+        return files
+
+    def jobs(self, limit: int = 20) -> list[JobRecord]:
         """This key's user's recent jobs, newest first."""
-        result: list[dict[str, Any]] = self._get(f"/v1/jobs?limit={limit}")
-        return result
+        return cast(list[JobRecord], self._get(f"/v1/jobs?limit={limit}"))
 
-    def models(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._get("/v1/models")
-        return result
+    def models(self) -> list[ModelInfo]:
+        return cast(list[ModelInfo], self._get("/v1/models"))
 
     def _get(self, path: str) -> Any:
         response = self.http.get(path)
@@ -71,15 +64,13 @@ class Session:
         return response.json()
 
     # -- jobs ----------------------------------------------------------------------------
-    def submit(self, body: bytes) -> dict[str, Any]:
+    def submit(self, body: bytes) -> SubmitReply:
         response = self.http.post("/v1/jobs", content=body, headers={"Content-Type": "application/octet-stream"})
         _raise_for(response)
-        result: dict[str, Any] = response.json()
-        return result
+        return cast(SubmitReply, response.json())
 
-    def status(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._get(f"/v1/jobs/{job_id}")
-        return result
+    def status(self, job_id: str) -> JobRecord:
+        return cast(JobRecord, self._get(f"/v1/jobs/{job_id}"))
 
     def result(self, job_id: str) -> bytes:
         """The result envelope; a large one is streamed with a byte count on the terminal."""
@@ -103,11 +94,10 @@ class Session:
                     bar.advance(task, len(chunk))
             return b"".join(chunks)
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> CancelReply:
         response = self.http.delete(f"/v1/jobs/{job_id}")
         _raise_for(response)
-        result: dict[str, Any] = response.json()
-        return result
+        return cast(CancelReply, response.json())
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Follow the job's events until it ends (websocket; polling if that fails)."""
@@ -141,10 +131,10 @@ class Session:
                         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                         if remaining == 0.0:
                             raise TimeoutError(f"job {job_id} did not finish in time")
-                        event = json.loads(ws.recv(timeout=remaining))
+                        event: dict[str, Any] = json.loads(ws.recv(timeout=remaining))
                         after = event["id"]
                         progress.show(event)
-                        if event["type"] in _TERMINAL:
+                        if event["type"] in TERMINAL:
                             final = dict(event)
                             if event.get("inline"):  # the result follows as one binary frame
                                 self._keep_inline(job_id, ws.recv(timeout=remaining))
@@ -166,7 +156,7 @@ class Session:
         while True:
             job = self.status(job_id)
             progress.show({"type": job["state"], "position": job.get("position")})
-            if job["state"] in _TERMINAL:
+            if job["state"] in TERMINAL:
                 return {
                     "type": job["state"],
                     "message": job.get("error"),
@@ -234,15 +224,6 @@ def _raise_for(response: httpx.Response) -> None:
     raise RemoteError(f"{response.status_code}: {detail}", source, node, status=response.status_code, trace=trace)
 
 
-def _tokenizer_from_files(files: dict[str, str]) -> Any:
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in files.items():
-            Path(tmp, Path(name).name).write_text(text)
-        return AutoTokenizer.from_pretrained(tmp)
-
-
 def config_path() -> Path:
     """~/.config/nnfabric/config.toml (or under $XDG_CONFIG_HOME), written by `nnfabric login`."""
     root = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
@@ -271,10 +252,9 @@ def write_config(url: str, api_key: str) -> Path:
     return path
 
 
-def connect(url: str | None = None, api_key: str | None = None, progress: bool | None = None) -> Session:
-    """Connect to a fabric and make it the default. Each of url and api_key comes from the
-    argument, else NNFABRIC_URL / NNFABRIC_API_KEY, else ~/.config/nnfabric/config.toml."""
-    global _default
+def connection_settings(url: str | None = None, api_key: str | None = None) -> tuple[str, str]:
+    """Each of url and api_key: the argument, else NNFABRIC_URL / NNFABRIC_API_KEY, else
+    ~/.config/nnfabric/config.toml."""
     config = read_config()
     url = url or os.environ.get("NNFABRIC_URL") or config.get("url")
     api_key = api_key or os.environ.get("NNFABRIC_API_KEY") or config.get("api_key")
@@ -283,15 +263,21 @@ def connect(url: str | None = None, api_key: str | None = None, progress: bool |
             "connect() needs a URL and an API key: pass them, set NNFABRIC_URL and NNFABRIC_API_KEY, "
             "or run `nnfabric login`"
         )
-    _default = Session(url, api_key, progress=progress)
+    return url, api_key
+
+
+def set_default(client: FabricClient) -> None:
+    global _default
+    _default = client
+
+
+def default_fabric() -> FabricClient:
+    """The connection `remote=True` uses when a model names none: the last `connect()`, else one
+    made from the environment or the config file."""
+    if _default is None:
+        set_default(FabricClient(*connection_settings()))
+    assert _default is not None
     return _default
-
-
-def _session_for(model: Model) -> Session:
-    session: Session | None = getattr(model, "_session", None) or _default
-    if session is None:
-        return connect()
-    return session
 
 
 class Job:
@@ -305,39 +291,37 @@ class Job:
     `nnfabric.job(job_id)` reattaches from another process (then `result()` is the way in).
     """
 
-    def __init__(self, session: Session, job_id: str, tracers: list[Tracer] | None = None, session_job: bool = False):
-        self.session = session
+    def __init__(self, fabric: FabricClient, job_id: str, request: JobRequest | None = None) -> None:
+        self.fabric = fabric
         self.id = job_id
-        self._tracers = tracers or []
-        self._session_job = session_job
+        self._request = request
         self._values: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"<nnfabric.Job {self.id}>"
 
-    def status(self) -> dict[str, Any]:
-        return self.session.status(self.id)
+    def status(self) -> JobRecord:
+        return self.fabric.status(self.id)
 
-    def cancel(self) -> dict[str, Any]:
-        return self.session.cancel(self.id)
+    def cancel(self) -> CancelReply:
+        return self.fabric.cancel(self.id)
 
     def wait(self, timeout: float | None = None) -> Job:
         """Wait until the job ends; raise RemoteError (at your line) if it failed."""
         if self._values is not None:
             return self
-        final = self.session.wait(self.id, timeout)
+        final = self.fabric.wait(self.id, timeout)
         if final["type"] != "completed":
             node, trace = final.get("node"), final.get("trace")
             message = final.get("message") or f"job {final['type']}"
-            raise RemoteError(f"{message} (job {self.id})", self._line(trace, node), node, trace=trace)
-        from ..runtime.wire import unpack_values
+            line = self._request.line(trace, node) if self._request else None
+            raise RemoteError(f"{message} (job {self.id})", line, node, trace=trace)
+        from ..runtime.wire import split_saved, unpack_values
 
-        self._values = unpack_values(self.session.result(self.id))
-        for index, tracer in enumerate(self._tracers):
-            prefix = f"{index}." if self._session_job else ""
-            tracer._resolve(
-                {int(k.removeprefix(prefix)): v for k, v in self._values.items() if not prefix or k.startswith(prefix)}
-            )
+        self._values = unpack_values(self.fabric.result(self.id))
+        if self._request is not None:
+            per_trace = split_saved(self._values, len(self._request.graphs))
+            self._request.deliver(per_trace)
         return self
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
@@ -353,68 +337,25 @@ class Job:
             for name, key in names.items()
         }
 
-    def _line(self, trace: Any, node: Any) -> SourceLine | None:
-        if not self._tracers or not isinstance(node, int):
-            return None
-        graph = self._tracers[trace if isinstance(trace, int) and 0 <= trace < len(self._tracers) else 0]._graph
-        return graph.nodes[node].line if 0 <= node < len(graph.nodes) else None
 
+class RemoteBackend:
+    """`remote=True`: the job runs on the fabric as model `name`."""
 
-def job(job_id: str, session: Session | None = None) -> Job:
-    """Reattach to a job by id (from any process), with the default connection."""
-    return Job(session or _default or connect(), job_id)
+    def __init__(self, fabric: FabricClient, name: str) -> None:
+        self.fabric = fabric
+        self.name = name
 
+    def run(self, request: JobRequest) -> Job:
+        from ..runtime.wire import pack_job
 
-def _saved_names(tracers: list[Tracer], session_job: bool) -> dict[str, Any]:
-    """Variable names of saved values in the submitting code, so a reattached job can say which is which."""
-    from ..tracing.proxy import Proxy
-
-    frame = tracers[0]._frame
-    if frame is None:
-        return {}
-    index = {id(t): i for i, t in enumerate(tracers)}
-
-    def key(value: Any) -> str | None:
-        if (
-            not isinstance(value, Proxy)
-            or id(value._tracer) not in index
-            or value._id not in value._tracer._graph.saves
-        ):
-            return None
-        return f"{index[id(value._tracer)]}.{value._id}" if session_job else str(value._id)
-
-    names: dict[str, Any] = {}
-    for name, value in frame.f_locals.items():
-        if name.startswith("_"):
-            continue
-        if isinstance(value, (list, tuple)) and value and all(key(v) for v in value):
-            names[name] = [key(v) for v in value]
-        elif key(value):
-            names[name] = key(value)
-    return names
-
-
-def submit_traces(model: Model, tracers: list[Tracer], session_job: bool) -> Job:
-    """Send a trace (or a session's traces) to the fabric as one job."""
-    from ..runtime.wire import pack_request, pack_session_request
-
-    name = getattr(model, "_remote_name", None)
-    if not name:
-        raise RemoteError(
-            "this model has no name on the fabric: use fabric.model(name) or LanguageModel(..., remote_name=)"
-        )
-    session = _session_for(model)
-    extra = {"model": name, "names": _saved_names(tracers, session_job)}
-    tensors = {k: v for tracer in tracers for k, v in tracer._tensors.items()}
-    if session_job:
-        body = pack_session_request([t._graph for t in tracers], tensors, extra)
-    else:
-        body = pack_request(tracers[0]._graph, tensors, extra)
-    job = Job(session, "", tracers, session_job)
-    try:
-        job.id = session.submit(body)["id"]
-    except RemoteError as error:
-        raise RemoteError(
-            error.reason, job._line(error.trace, error.node) or error.line, error.node, error.status, error.trace
-        ) from None
-    return job
+        extra = {"model": self.name, "names": request.names}
+        body = pack_job(request.graphs, request.tensors, request.session, extra)
+        job = Job(self.fabric, "", request)
+        try:
+            job.id = self.fabric.submit(body)["id"]
+        except RemoteError as error:
+            line = request.line(error.trace, error.node) or error.line
+            raise RemoteError(error.reason, line, error.node, error.status, error.trace) from None
+        if request.blocking:
+            job.wait()
+        return job

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import InterventionError
 from ..graph.ir import Graph, Ref, TensorRef
+from ..graph.leaves import map_leaves
 from .adapters import Batch
 from .interleaver import Interleaver
 
@@ -30,17 +31,14 @@ class Adapter(Protocol):
 
 
 def _inputs(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(value, TensorRef):
-        return tensors[value.name]
-    if isinstance(value, Ref):
-        raise InterventionError("invoke inputs cannot refer to graph values")
-    if isinstance(value, list):
-        return [_inputs(v, tensors) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_inputs(v, tensors) for v in value)
-    if isinstance(value, dict):
-        return {k: _inputs(v, tensors) for k, v in value.items()}
-    return value
+    def leaf(item: Any) -> Any:
+        if isinstance(item, TensorRef):
+            return tensors[item.name]
+        if isinstance(item, Ref):
+            raise InterventionError("invoke inputs cannot refer to graph values")
+        return item
+
+    return map_leaves(value, leaf)
 
 
 def run_session(
@@ -70,13 +68,7 @@ def run_session(
 
 def _detached(value: Any) -> Any:
     # A value crossing into the next trace starts a fresh autograd history there.
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detached(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    return value
+    return map_leaves(value, lambda leaf: leaf.detach() if isinstance(leaf, torch.Tensor) else leaf)
 
 
 def run_graph(

@@ -20,21 +20,48 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from ..errors import InterventionError
 from ..graph.ir import DType, Graph, Node, Ref, TensorRef
+from ..graph.leaves import map_leaves
 from .torch_ops import apply_simple, dtype_of
 
 _MISSING: Any = object()
 _SKIPPED: Any = object()
 
-EventKey = tuple[Any, ...]
-_END: EventKey = ("", "end", 0, 0)
-_READS = {"output": "out", "input": "in", "inputs": "in"}
-_WRITES = {"set_output": "out", "set_input": "in", "set_inputs": "in"}
+Side = Literal["in", "out"]
+
+
+@dataclass(frozen=True)
+class ModuleEvent:
+    """A module's input ("in") or output ("out") at one call of one generation step."""
+
+    path: str
+    side: Side
+    step: int
+    call: int
+
+
+@dataclass(frozen=True)
+class GradEvent:
+    """The gradient of the activation that node `node` read arrives (during a backward)."""
+
+    node: int
+
+
+@dataclass(frozen=True)
+class EndEvent:
+    """The model's forward pass (or generation) has returned."""
+
+
+EventKey = ModuleEvent | GradEvent | EndEvent
+_END = EndEvent()
+_READS: dict[str, Side] = {"output": "out", "input": "in", "inputs": "in"}
+_WRITES: dict[str, Side] = {"set_output": "out", "set_input": "in", "set_inputs": "in"}
 _GRAD_OPS = {"grad", "set_grad"}
 
 
@@ -51,10 +78,13 @@ class _Thread:
 
 
 def _describe(key: EventKey) -> str:
-    path, side, step, call = key
-    where = f"model.{path}" if path else "the model"
-    what = "output" if side == "out" else "input"
-    detail = f"call {call}" + (f", generation step {step}" if step else "")
+    if isinstance(key, EndEvent):
+        return "the end of the model's run"
+    if isinstance(key, GradEvent):
+        return f"the gradient of node {key.node}"
+    where = f"model.{key.path}" if key.path else "the model"
+    what = "output" if key.side == "out" else "input"
+    detail = f"call {key.call}" + (f", generation step {key.step}" if key.step else "")
     return f"{where} {what} ({detail})"
 
 
@@ -96,7 +126,7 @@ class Interleaver:
         self._row_base: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
         self._keep: list[Any] = []
         self._handles: list[Any] = []
-        self.wanted: set[EventKey] = set()
+        self.wanted: set[ModuleEvent] = set()
         self.needs_grad = any(n.op in _GRAD_OPS or n.op == "backward" for n in self.nodes)
         self._plan()
 
@@ -108,7 +138,7 @@ class Interleaver:
             nid = node.id
             if node.op in _READS or node.op in _WRITES:
                 side = _READS.get(node.op) or _WRITES[node.op]
-                key: EventKey = (node.args[0], side, node.args[1], node.args[2])
+                key = ModuleEvent(node.args[0], side, node.args[1], node.args[2])
                 self.pin[nid] = key
                 self.wanted.add(key)
                 if node.op in _READS:
@@ -121,7 +151,7 @@ class Interleaver:
             elif node.op == "model_output":
                 self.pin[nid] = _END
             if node.op in _GRAD_OPS:
-                self.pin[nid] = ("grad", node.args[0].id)
+                self.pin[nid] = GradEvent(node.args[0].id)
                 deferred[nid] = True
             elif any(deferred[d] for d in self.deps[nid]):
                 deferred[nid] = True
@@ -133,8 +163,8 @@ class Interleaver:
         if self.graph.kind == "generate":
             self._handles.append(root.register_forward_pre_hook(self._step_hook, prepend=True))
         sides: dict[str, set[str]] = {}
-        for path, side, _, _ in self.wanted:
-            sides.setdefault(path, set()).add(side)
+        for event in self.wanted:
+            sides.setdefault(event.path, set()).add(event.side)
         for path, which in sides.items():
             module = root.get_submodule(path)
             if "in" in which:
@@ -183,11 +213,11 @@ class Interleaver:
             self.step += 1
             self.counts.clear()
 
-    def _count(self, path: str, side: str) -> EventKey:
+    def _count(self, path: str, side: Side) -> ModuleEvent:
         slot = (path, side)
         call = self.counts.get(slot, 0)
         self.counts[slot] = call + 1
-        return (path, side, max(self.step, 0), call)
+        return ModuleEvent(path, side, max(self.step, 0), call)
 
     def _input_hook(self, path: str, module: Any, args: Any, kwargs: Any) -> Any:
         if self.bypass:
@@ -207,7 +237,7 @@ class Interleaver:
             return None
         return self._event(key, output)
 
-    def _event(self, key: EventKey, value: Any) -> Any:
+    def _event(self, key: ModuleEvent, value: Any) -> Any:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise InterventionError("the job ran past its time limit and was stopped")
         outer_live, outer_value = self.live, self._event_value
@@ -289,7 +319,7 @@ class Interleaver:
         return True
 
     def _why_not_live(self, node: Node, key: EventKey) -> str:
-        if key[0] == "grad":
+        if isinstance(key, GradEvent):
             return (
                 "this gradient was never computed: call .backward() inside the trace on a value "
                 "that depends on this activation"
@@ -308,21 +338,16 @@ class Interleaver:
 
     # -- executing one node -------------------------------------------------------------------
     def _resolve(self, value: Any) -> Any:
-        if isinstance(value, Ref):
-            return self.values[value.id]
-        if isinstance(value, TensorRef):
-            return self.tensors[value.name]
-        if isinstance(value, DType):
-            return dtype_of(value.name)
-        if isinstance(value, list):
-            return [self._resolve(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(self._resolve(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self._resolve(v) for k, v in value.items()}
-        if isinstance(value, slice):
-            return slice(self._resolve(value.start), self._resolve(value.stop), self._resolve(value.step))
-        return value
+        return map_leaves(value, self._resolve_leaf)
+
+    def _resolve_leaf(self, leaf: Any) -> Any:
+        if isinstance(leaf, Ref):
+            return self.values[leaf.id]
+        if isinstance(leaf, TensorRef):
+            return self.tensors[leaf.name]
+        if isinstance(leaf, DType):
+            return dtype_of(leaf.name)
+        return leaf
 
     def _execute(self, node: Node) -> Any:
         try:
@@ -432,7 +457,7 @@ class Interleaver:
                 continue
             src = grad_node.args[0].id
             value = self.values[src]
-            if value is _MISSING or value is _SKIPPED or ("grad", src) in self.fired:
+            if value is _MISSING or value is _SKIPPED or GradEvent(src) in self.fired:
                 continue
             if not isinstance(value, torch.Tensor):
                 raise self._error(grad_node, f".grad needs a tensor, got {type(value).__name__}")
@@ -463,7 +488,7 @@ class Interleaver:
         self._grad_state = {"full": grad, "rows": dict(sources)}
         self.live = set()
         for src, rows in sources:
-            key = ("grad", src)
+            key = GradEvent(src)
             self.live.add(key)
             self.fired.add(key)
             self._grads[src] = grad if rows is None else grad[rows[0] : rows[1]]

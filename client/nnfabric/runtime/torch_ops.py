@@ -6,7 +6,8 @@ Usage::
     apply_simple("binary", ["add", a, b], {})
 
 Names map to callables through fixed tables built here from the registry's constants; a name
-from a request only ever selects an entry of these tables.
+from a request only ever selects an entry of these tables. (Recording calls is tracing's job:
+`nnfabric.tracing.recording`.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..graph.ops import BINARY_OPERATORS, DTYPES, TENSOR_ATTRIBUTES, TENSOR_METHODS, TORCH_FUNCTIONS, UNARY_OPERATORS
+from ..graph.ops import BINARY_OPERATORS, DTYPES, TENSOR_ATTRIBUTES, TORCH_FUNCTIONS, UNARY_OPERATORS
 
 
 def _lookup(dotted: str) -> Any:
@@ -28,60 +29,10 @@ def _lookup(dotted: str) -> Any:
 
 
 FUNCTIONS: dict[str, Any] = {name: _lookup(name) for name in sorted(TORCH_FUNCTIONS)}
-_FUNCTION_NAMES: dict[Any, str] = {fn: name for name, fn in FUNCTIONS.items()}
+# A torch callable -> its allowed name (tracing uses it to record calls that met a proxy).
+FUNCTION_NAMES: dict[Any, str] = {fn: name for name, fn in FUNCTIONS.items()}
 BINARY: dict[str, Any] = {name: getattr(operator, name) for name in BINARY_OPERATORS}
 UNARY: dict[str, Any] = {name: getattr(operator, name) for name in UNARY_OPERATORS}
-
-# Tensor dunders reached through __torch_function__ when a real tensor meets a proxy.
-_DUNDER_BINARY = {
-    "add": "add", "sub": "sub", "mul": "mul", "truediv": "truediv", "div": "truediv",
-    "floordiv": "floordiv", "mod": "mod", "pow": "pow", "matmul": "matmul", "and": "and_",
-    "or": "or_", "xor": "xor", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
-}  # fmt: skip
-
-
-def record_torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Turn a torch call that met a Proxy into a graph node, or say why it cannot be."""
-    from ..tracing.proxy import Proxy
-
-    tracer = _find_tracer(args, kwargs)
-    if tracer is None:
-        raise TypeError(f"{getattr(func, '__name__', func)} got a proxy from an ended trace")
-    name = _FUNCTION_NAMES.get(func)
-    if name is not None:
-        return tracer._record("call_function", [name, *args], kwargs)
-    fname = getattr(func, "__name__", "")
-    if fname.startswith("__") and fname.endswith("__"):
-        core = fname[2:-2]
-        reflected = core.startswith("r") and core[1:] in _DUNDER_BINARY
-        key = core[1:] if reflected else core
-        if key in _DUNDER_BINARY and len(args) == 2:
-            left, right = (args[1], args[0]) if reflected else args
-            return tracer._record("binary", [_DUNDER_BINARY[key], left, right], {})
-        if core == "getitem":
-            return tracer._record("getitem", list(args), {})
-    if fname in TENSOR_METHODS and args and not isinstance(args[0], Proxy):
-        return tracer._record("call_method", [fname, *args], kwargs)
-    raise TypeError(
-        f"{getattr(func, '__qualname__', func)} is not an allowed operation inside a trace; "
-        "see nnfabric.graph.ops for the allowed functions and methods"
-    )
-
-
-def _find_tracer(args: Any, kwargs: Any) -> Any:
-    from ..tracing.proxy import Proxy
-
-    stack: list[Any] = [args, kwargs]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Proxy):
-            return item._tracer
-        if isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-    return None
-
 
 _DTYPE_TABLE: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 

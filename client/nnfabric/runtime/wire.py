@@ -1,14 +1,14 @@
-"""Graphs and results to and from wire bytes, with their tensors in a safetensors blob.
+"""Jobs and results to and from wire bytes, with their tensors in a safetensors blob.
 
 Usage::
 
-    data = pack_request(graph, tensors)          # client
-    graph, tensors = unpack_request(data)        # worker (validated; never unpickled)
-    data = pack_result(saved)                    # worker
-    saved = unpack_result(data)                  # client
+    data = pack_job(graphs, tensors, session=False, extra={"model": "gpt2"})   # client
+    graphs, blob = decode_request(data, limits, module_paths)                   # worker (nnfabric.graph)
+    tensors = load_blob(blob)                                                   # never unpickled
+    data = pack_saved(saved, session=False)                                     # worker
+    per_trace = split_saved(unpack_values(data), traces=1)                      # client
 
-A session (several traces as one job) travels the same way with pack_session_request /
-unpack_requests and pack_session_result / unpack_session_result.
+A result's keys are node ids ("12"), or "trace.node" ("1.12") for a session of several traces.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from ..graph.codec import decode_request, decode_result, encode_graph, encode_result, encode_session
+from ..graph.codec import decode_result, encode_graph, encode_result, encode_session
 from ..graph.ir import DType, Graph, TensorRef
-from ..graph.validate import Limits
+from ..graph.leaves import map_leaves
 from .torch_ops import dtype_of
 
 
@@ -33,30 +33,30 @@ def _blob(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_tensors({k: v.detach().contiguous().clone() for k, v in tensors.items()})
 
 
-def pack_request(graph: Graph, tensors: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> bytes:
-    return encode_graph(graph, _blob(tensors), extra)
+def load_blob(blob: bytes) -> dict[str, torch.Tensor]:
+    """A validated safetensors blob's tensors (safetensors parses data only: never code)."""
+    return load_tensors(blob) if blob else {}
 
 
-def pack_session_request(
-    graphs: list[Graph], tensors: dict[str, torch.Tensor], extra: dict[str, Any] | None = None
+def pack_job(
+    graphs: list[Graph], tensors: dict[str, torch.Tensor], session: bool, extra: dict[str, Any] | None = None
 ) -> bytes:
-    return encode_session(graphs, _blob(tensors), extra)
-
-
-def unpack_requests(data: bytes, limits: Limits | None = None) -> tuple[list[Graph], dict[str, torch.Tensor]]:
-    """A job's traces (one, or a session's several) and their tensors, validated."""
-    graphs, blob = decode_request(data, limits)
-    return graphs, (load_tensors(blob) if blob else {})
-
-
-def unpack_request(data: bytes, limits: Limits | None = None) -> tuple[Graph, dict[str, torch.Tensor]]:
-    graphs, tensors = unpack_requests(data, limits)
+    """A trace (session=False, one graph) or a session's traces, as one job envelope."""
+    if session:
+        return encode_session(graphs, _blob(tensors), extra)
     if len(graphs) != 1:
-        raise ValueError(f"expected one graph, got a session of {len(graphs)}")
-    return graphs[0], tensors
+        raise ValueError(f"a job that is not a session has one graph, not {len(graphs)}")
+    return encode_graph(graphs[0], _blob(tensors), extra)
+
+
+def pack_request(graph: Graph, tensors: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> bytes:
+    """One trace's job envelope (`pack_job` with session=False)."""
+    return pack_job([graph], tensors, False, extra)
 
 
 class _Collector:
+    """Result values -> graph values, with every tensor moved into the blob by a generated name."""
+
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
 
@@ -80,56 +80,51 @@ class _Collector:
         raise TypeError(f"a saved value of type {type(value).__name__} cannot be returned")
 
 
-def _pack(values: dict[str, Any]) -> bytes:
+def _keyed(saved: list[dict[int, Any]], session: bool) -> dict[str, Any]:
+    if session:
+        return {f"{trace}.{k}": v for trace, values in enumerate(saved) for k, v in values.items()}
+    (values,) = saved
+    return {str(k): v for k, v in values.items()}
+
+
+def pack_saved(saved: list[dict[int, Any]], session: bool) -> bytes:
+    """Each trace's saved values as one result envelope."""
     collector = _Collector()
-    encoded = {k: collector.encode(v) for k, v in values.items()}
+    encoded = {k: collector.encode(v) for k, v in _keyed(saved, session).items()}
     return encode_result(encoded, _blob(collector.tensors))
 
 
-def pack_result(saved: dict[int, Any]) -> bytes:
-    return _pack({str(k): v for k, v in saved.items()})
-
-
-def pack_session_result(saved: list[dict[int, Any]]) -> bytes:
-    """Each trace's saved values, keyed "trace.node"."""
-    return _pack({f"{trace}.{k}": v for trace, values in enumerate(saved) for k, v in values.items()})
-
-
-def result_nbytes(saved: dict[int, Any] | list[dict[int, Any]]) -> int:
+def saved_nbytes(saved: list[dict[int, Any]]) -> int:
+    """Bytes of the tensors among saved values (what a result will carry)."""
     collector = _Collector()
-    parts = saved if isinstance(saved, list) else [saved]
-    collector.encode([list(part.values()) for part in parts])
+    collector.encode([list(part.values()) for part in saved])
     return sum(t.numel() * t.element_size() for t in collector.tensors.values())
 
 
-def unpack_session_result(data: bytes, traces: int) -> list[dict[int, Any]]:
+def split_saved(values: dict[str, Any], traces: int) -> list[dict[int, Any]]:
+    """A result's values by key -> each trace's saved values by node id."""
     found: list[dict[int, Any]] = [{} for _ in range(traces)]
-    for key, value in unpack_values(data).items():
-        trace, _, node = key.partition(".")
-        found[int(trace)][int(node)] = value
+    for key, value in values.items():
+        trace, _, node = key.rpartition(".")
+        found[int(trace or 0)][int(node)] = value
     return found
-
-
-def unpack_result(data: bytes) -> dict[int, Any]:
-    return {int(k): v for k, v in unpack_values(data).items()}
 
 
 def unpack_values(data: bytes) -> dict[str, Any]:
     """A result's values by their keys: "node", or "trace.node" for a session."""
     values, blob, _ = decode_result(data)
-    tensors = load_tensors(blob) if blob else {}
+    tensors = load_blob(blob)
 
-    def decode(value: Any) -> Any:
-        if isinstance(value, TensorRef):
-            return tensors[value.name]
-        if isinstance(value, DType):
-            return dtype_of(value.name)
-        if isinstance(value, tuple):
-            return tuple(decode(v) for v in value)
-        if isinstance(value, list):
-            return [decode(v) for v in value]
-        if isinstance(value, dict):
-            return {k: decode(v) for k, v in value.items()}
-        return value
+    def decode(leaf: Any) -> Any:
+        if isinstance(leaf, TensorRef):
+            return tensors[leaf.name]
+        if isinstance(leaf, DType):
+            return dtype_of(leaf.name)
+        return leaf
 
-    return {k: decode(v) for k, v in values.items()}
+    return {k: map_leaves(v, decode) for k, v in values.items()}
+
+
+def unpack_result(data: bytes) -> dict[int, Any]:
+    """A single trace's result: saved values by node id."""
+    return split_saved(unpack_values(data), 1)[0]

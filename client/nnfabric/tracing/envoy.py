@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .tree import ModuleTree
+from ..graph.tree import ModuleTree
 
 if TYPE_CHECKING:
     from .tracer import Tracer

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..graph.leaves import iter_leaves
 from ..graph.ops import TENSOR_METHODS
+from ..runtime.torch_ops import FUNCTION_NAMES
 
 if TYPE_CHECKING:
     from .tracer import Tracer
@@ -147,8 +149,6 @@ class Proxy:
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        from ..runtime.torch_ops import record_torch_function
-
         return record_torch_function(func, args, kwargs or {})
 
     # Proxies are graph handles, so identity hashing keeps them usable as dict keys.
@@ -209,3 +209,44 @@ for _name in ("eq", "ne", "lt", "le", "gt", "ge"):
     setattr(Proxy, f"__{_name}__", _binary(_name))
 for _name in ("neg", "pos", "abs", "invert"):
     setattr(Proxy, f"__{_name}__", _unary(_name))
+
+
+# Tensor dunders reached through __torch_function__ when a real tensor meets a proxy.
+_DUNDER_BINARY = {
+    "add": "add", "sub": "sub", "mul": "mul", "truediv": "truediv", "div": "truediv",
+    "floordiv": "floordiv", "mod": "mod", "pow": "pow", "matmul": "matmul", "and": "and_",
+    "or": "or_", "xor": "xor", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
+}  # fmt: skip
+
+
+def record_torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Turn a torch call that met a Proxy into a graph node, or say why it cannot be."""
+    tracer = _find_tracer(args, kwargs)
+    if tracer is None:
+        raise TypeError(f"{getattr(func, '__name__', func)} got a proxy from an ended trace")
+    name = FUNCTION_NAMES.get(func)
+    if name is not None:
+        return tracer._record("call_function", [name, *args], kwargs)
+    fname = getattr(func, "__name__", "")
+    if fname.startswith("__") and fname.endswith("__"):
+        core = fname[2:-2]
+        reflected = core.startswith("r") and core[1:] in _DUNDER_BINARY
+        key = core[1:] if reflected else core
+        if key in _DUNDER_BINARY and len(args) == 2:
+            left, right = (args[1], args[0]) if reflected else args
+            return tracer._record("binary", [_DUNDER_BINARY[key], left, right], {})
+        if core == "getitem":
+            return tracer._record("getitem", list(args), {})
+    if fname in TENSOR_METHODS and args and not isinstance(args[0], Proxy):
+        return tracer._record("call_method", [fname, *args], kwargs)
+    raise TypeError(
+        f"{getattr(func, '__qualname__', func)} is not an allowed operation inside a trace; "
+        "see nnfabric.graph.ops for the allowed functions and methods"
+    )
+
+
+def _find_tracer(args: Any, kwargs: Any) -> Any:
+    for leaf in iter_leaves((args, kwargs)):
+        if isinstance(leaf, Proxy):
+            return leaf._tracer
+    return None

@@ -19,19 +19,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..backends import Remote
 from ..errors import InterventionError
 
 if TYPE_CHECKING:
-    from .tracer import Tracer
+    from ..remote.client import Job
+    from .tracer import TracedModel, Tracer
 
 
 class TraceSession:
-    def __init__(self, model: Any, remote: bool = False, blocking: bool = True) -> None:
+    def __init__(self, model: TracedModel, remote: Remote = False, blocking: bool = True) -> None:
         self._model = model
         self._remote = remote
         self._blocking = blocking
         self.tracers: list[Tracer] = []
-        self.job: Any = None  # a remote.client.Job once submitted
+        self.job: Job | None = None  # the fabric's job, once submitted
 
     def __enter__(self) -> TraceSession:
         if self._model._open_session is not None:
@@ -45,8 +47,11 @@ class TraceSession:
         self._model._open_session = None
         if exc_type is not None or not self.tracers:
             return
+        from .tracer import run_traces
+
         try:
-            self._model._execute(self.tracers, session=True, remote=self._remote, blocking=self._blocking)
+            run_traces(self._model, self.tracers, session=True, remote=self._remote, blocking=self._blocking)
+            self.job = self.tracers[0].job
         except InterventionError as error:
             raise self.tracers[error.trace or 0]._at_user_line(error) from error.__cause__
         finally:

@@ -19,28 +19,96 @@ import os
 import sys
 import types
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from ..backends import Backend, JobRequest, Remote
 from ..errors import InterventionError
 from ..graph.ir import DType, Graph, Invoke, Node, Ref, SourceLine, TensorRef
+from ..graph.leaves import map_leaves
 from .proxy import Proxy
 
 if TYPE_CHECKING:
+    from ..remote.client import Job
     from .envoy import Envoy
+    from .session import TraceSession
 
 ArgList = list[Any]  # `Tracer.list` shadows the builtin inside the class
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class TracedModel(Protocol):
+    """What tracing needs of a model (nnfabric.Model is one)."""
+
+    _tracer: Tracer | None
+    _open_session: TraceSession | None
+
+    def _module_at(self, path: str) -> Any: ...
+
+    def _prepare_invoke_inputs(
+        self, inputs: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]: ...
+
+    def _backend(self, remote: Remote) -> Backend: ...
+
+
+def run_traces(model: TracedModel, tracers: list[Tracer], session: bool, remote: Remote, blocking: bool) -> None:
+    """Run a trace (or a session's traces) on the backend `remote` selects; each tracer's saved
+    proxies get their values, now or (non-blocking remote jobs) once the job is waited on."""
+    backend = model._backend(remote)
+
+    def deliver(per_trace: list[dict[int, Any]]) -> None:
+        for tracer, values in zip(tracers, per_trace, strict=True):
+            tracer._resolve(values)
+
+    request = JobRequest(
+        graphs=[t._graph for t in tracers],
+        tensors={name: t for tracer in tracers for name, t in tracer._tensors.items()},
+        deliver=deliver,
+        session=session,
+        blocking=blocking,
+        names=_saved_names(tracers, session) if remote is True else {},
+    )
+    job = backend.run(request)
+    for tracer in tracers:
+        tracer.job = job
+
+
+def _saved_names(tracers: list[Tracer], session: bool) -> dict[str, Any]:
+    """Variable names of saved values in the submitting code, so a reattached job can say which is which."""
+    frame = tracers[0]._frame
+    if frame is None:
+        return {}
+    index = {id(t): i for i, t in enumerate(tracers)}
+
+    def key(value: Any) -> str | None:
+        if (
+            not isinstance(value, Proxy)
+            or id(value._tracer) not in index
+            or value._id not in value._tracer._graph.saves
+        ):
+            return None
+        return f"{index[id(value._tracer)]}.{value._id}" if session else str(value._id)
+
+    names: dict[str, Any] = {}
+    for name, value in frame.f_locals.items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, (list, tuple)) and value and all(key(v) for v in value):
+            names[name] = [key(v) for v in value]
+        elif key(value):
+            names[name] = key(value)
+    return names
+
+
 class Tracer:
     def __init__(
         self,
-        model: Any,
+        model: TracedModel,
         inputs: tuple[Any, ...],
         input_kwargs: dict[str, Any],
         kind: Literal["trace", "generate"] = "trace",
         options: dict[str, Any] | None = None,
-        remote: bool = False,
+        remote: Remote = False,
         blocking: bool = True,
     ) -> None:
         self._model = model
@@ -55,7 +123,7 @@ class Tracer:
         self._frame: types.FrameType | None = None
         self._invoke: int | None = None
         self._implicit = bool(inputs) or bool(input_kwargs)
-        self.job: Any = None  # a remote.client.Job for remote traces
+        self.job: Job | None = None  # the fabric's job, for remote traces
         # Inside `model.session()`: recorded now, run with the session's other traces at its end.
         self._session = model._open_session
         self._index = 0
@@ -90,7 +158,7 @@ class Tracer:
             self._session.tracers.append(self)  # runs when the session ends
             return
         try:
-            self._model._execute([self], session=False, remote=self._remote, blocking=self._blocking)
+            run_traces(self._model, [self], session=False, remote=self._remote, blocking=self._blocking)
         except InterventionError as error:
             raise self._at_user_line(error) from error.__cause__
         finally:
@@ -337,17 +405,7 @@ def _replicate(tracer: Tracer, first: int, start: int, stop: int, optional: bool
 
 
 def _remap(value: Any, mapping: dict[int, int]) -> Any:
-    if isinstance(value, Ref):
-        return Ref(mapping.get(value.id, value.id))
-    if isinstance(value, tuple):
-        return tuple(_remap(v, mapping) for v in value)
-    if isinstance(value, list):
-        return [_remap(v, mapping) for v in value]
-    if isinstance(value, dict):
-        return {k: _remap(v, mapping) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(_remap(value.start, mapping), _remap(value.stop, mapping), _remap(value.step, mapping))
-    return value
+    return map_leaves(value, lambda leaf: Ref(mapping.get(leaf.id, leaf.id)) if isinstance(leaf, Ref) else leaf)
 
 
 def _instruction_at(code: types.CodeType, lineno: int) -> int:

@@ -1,0 +1,164 @@
+"""The fabric's HTTP records: one definition for the api (response models), the CLI and the client.
+
+Usage::
+
+    job: JobRecord = fabric.status(job_id)      # {"id", "state", "position", ...}
+    if job["state"] in TERMINAL: ...
+
+Plain typed dicts (no pydantic, no HTTP library), so the thin client reads them as the JSON
+they are and the gateway declares them in its OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NotRequired
+
+from typing_extensions import TypedDict
+
+JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
+EventType = Literal["queued", "running", "completed", "failed", "cancelled", "log"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+class LineInfo(TypedDict):
+    """A line of the user's code that recorded a node."""
+
+    file: str
+    line: int
+    code: str
+
+
+class ErrorBody(TypedDict):
+    """Every 4xx/5xx answer: `detail` says what went wrong; the rest say where, when known."""
+
+    detail: str
+    node: NotRequired[int | None]
+    trace: NotRequired[int | None]
+    line: NotRequired[LineInfo | None]
+    state: NotRequired[str]
+
+
+class JobMeta(TypedDict, total=False):
+    kind: str  # "trace", "generate" or "session"
+    traces: int
+    nodes: int
+    names: dict[str, Any]  # saved values' variable names in the submitting code
+
+
+class JobRecord(TypedDict):
+    id: str
+    user: str
+    model: str
+    state: JobState
+    created: float
+    bytes: int
+    meta: JobMeta
+    started: NotRequired[float]
+    finished: NotRequired[float]
+    position: NotRequired[int | None]  # while queued: jobs ahead of it
+    error: NotRequired[str]
+    error_node: NotRequired[int]
+    error_trace: NotRequired[int]
+
+
+class SubmitReply(TypedDict):
+    id: str
+    state: JobState
+    model: str
+    position: int
+    status: str
+    events: str
+    result: str
+
+
+class CancelReply(TypedDict):
+    id: str
+    state: JobState
+
+
+class JobEvent(TypedDict):
+    """One event of a job's stream (a websocket text frame); fields beyond id and type by type."""
+
+    id: str
+    type: EventType
+    position: NotRequired[int]  # queued
+    batch: NotRequired[int]  # running: jobs in its batch
+    result: NotRequired[str]  # completed: where the result is
+    bytes: NotRequired[int]
+    seconds: NotRequired[float]
+    inline: NotRequired[bool]  # completed: the result follows as one binary frame
+    message: NotRequired[str | None]  # failed, log
+    node: NotRequired[int | None]
+    trace: NotRequired[int | None]
+    by: NotRequired[str]  # cancelled
+
+
+class ModelLimitsInfo(TypedDict):
+    max_batch: int
+    max_new_tokens: int
+    max_saved_bytes: int
+    timeout_s: float
+    max_nodes: int
+    max_tensor_bytes: int
+
+
+class ModelInfo(TypedDict):
+    name: str
+    source: str
+    dtype: str
+    gpus: int
+    state: str  # "ready", "loading", "failed", "unavailable" (no live replica), "not started"
+    error: str | None
+    replicas: int  # replicas alive now
+    replicas_wanted: int
+    queue_depth: int
+    oldest_wait_s: float | None
+    limits: ModelLimitsInfo
+
+
+class ModuleTreeJSON(TypedDict):
+    type: str
+    children: dict[str, Any]  # name -> ModuleTreeJSON
+
+
+class ModelStructure(TypedDict):
+    name: str
+    tree: ModuleTreeJSON
+
+
+class TokenizerFiles(TypedDict):
+    files: dict[str, str]
+
+
+class Health(TypedDict):
+    ok: bool
+
+
+class Readiness(TypedDict):
+    ready: bool
+    checks: dict[str, Any]
+
+
+class StatusModel(TypedDict):
+    name: str
+    state: str
+    replicas: int
+    replicas_wanted: int
+    queue_depth: int
+    oldest_wait_s: float | None
+    gpus: int
+
+
+class StatusJobs(TypedDict):
+    """Aggregates over the most recent jobs: no ids, no users, no contents."""
+
+    recent: int
+    by_state: dict[str, int]
+    median_wait_s: float | None
+    median_run_s: float | None
+
+
+class StatusPage(TypedDict):
+    models: list[StatusModel]
+    jobs: StatusJobs
+    outcomes: dict[str, int]

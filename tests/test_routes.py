@@ -1,0 +1,188 @@
+"""The gateway's routes with FastAPI's TestClient on a real Redis, without Ray: every status code
+a caller can meet, in milliseconds. A model is "published" the way a replica publishes it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from nnfabric.graph import Graph, Invoke, Node, Ref, SourceLine
+from nnfabric.runtime.wire import pack_request
+from starlette.websockets import WebSocketDisconnect
+
+from services.api.app import create_app
+from services.common.redis_server import RedisServer
+from services.common.settings import Settings
+from services.common.store import Store
+
+PROMPT = "The Eiffel Tower is in the city of"
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = RedisServer.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def api(redis_url, gpt2, tmp_path_factory):
+    folder: Path = tmp_path_factory.mktemp("routes")
+    catalog = folder / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"models": [
+        {"name": "tiny", "source": "x", "limits": {"max_nodes": 50, "max_tensor_bytes": 1000}},
+        {"name": "cold", "source": "y"},
+    ]}))  # fmt: skip
+
+    async def setup() -> dict[str, str]:
+        store = Store.from_url(redis_url)
+        await store.redis.flushdb()
+        await store.set_model("tiny", state="ready", structure=json.dumps(gpt2._tree.to_json()))
+        await store.replica_alive("tiny", "r1", ttl_s=3600)
+        keys = {
+            "alice": (await store.create_key("alice", ["*"]))[0],
+            "bob": (await store.create_key("bob", ["*"]))[0],
+            "scoped": (await store.create_key("carol", ["other"]))[0],
+            "slow": (await store.create_key("dave", ["*"], rate_limit=2))[0],
+        }
+        await store.close()
+        return keys
+
+    keys = asyncio.run(setup())
+    settings = Settings(redis_url=redis_url, catalog=str(catalog), max_envelope_bytes=200_000)
+    with TestClient(create_app(settings)) as client:
+        client.keys = keys  # type: ignore[attr-defined]
+        yield client
+
+
+def auth(api, who="alice"):
+    return {"Authorization": f"Bearer {api.keys[who]}"}
+
+
+def envelope(model="tiny", path="transformer.h.0", nodes=1, tensors=None):
+    graph = Graph()
+    graph.invokes.append(Invoke(args=[PROMPT]))
+    graph.add(Node("output", [path, 0, 0], line=SourceLine("study.py", 7, "h = model.x.output")))
+    for _ in range(nodes - 1):
+        graph.add(Node("getattr", [Ref(0), "shape"]))
+    graph.saves.append(0)
+    return pack_request(graph, tensors or {}, extra={"model": model})
+
+
+def post(api, body, who="alice"):
+    return api.post("/v1/jobs", content=body, headers={**auth(api, who), "Content-Type": "application/octet-stream"})
+
+
+def test_authentication_and_scopes(api):
+    assert api.post("/v1/jobs", content=envelope()).status_code == 401
+    assert api.post("/v1/jobs", content=envelope(), headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert post(api, envelope(), "scoped").status_code == 403
+    missing = post(api, envelope(model="gpt-9"))
+    assert missing.status_code == 404 and "gpt-9" in missing.json()["detail"]
+    cold = post(api, envelope(model="cold"))
+    assert cold.status_code == 503 and cold.headers["Retry-After"]
+
+
+def test_invalid_requests_are_422_with_the_node_and_line(api):
+    bad = post(api, envelope(path="transformer.hh.0"))
+    body = bad.json()
+    assert bad.status_code == 422 and "transformer.hh.0" in body["detail"] and body["node"] == 0
+    assert body["line"] == {"file": "study.py", "line": 7, "code": "h = model.x.output"}
+    assert post(api, b"garbage").status_code == 422
+    skew = post(api, envelope().replace(b"nnfabric.graph/1", b"nnfabric.graph/2"))
+    assert skew.status_code == 422 and "upgrade" in skew.json()["detail"]
+
+
+def test_limits_are_413(api):
+    too_many = post(api, envelope(nodes=51))
+    assert too_many.status_code == 413 and "50" in too_many.json()["detail"]
+    import torch
+
+    heavy = post(api, envelope(tensors={"t0": torch.zeros(1000)}))
+    assert heavy.status_code == 413 and "1000" in heavy.json()["detail"]
+    assert post(api, b"x" * 200_001).status_code == 413
+
+    def chunks():  # no Content-Length: the body is cut as it streams in
+        for _ in range(30):
+            yield b"x" * 10_000
+
+    streamed = api.post("/v1/jobs", content=chunks(), headers=auth(api))
+    assert streamed.status_code == 413
+
+
+def test_submit_read_cancel_and_other_users(api):
+    reply = post(api, envelope())
+    assert reply.status_code == 202, reply.text
+    job = reply.json()
+    assert job["state"] == "queued" and job["model"] == "tiny" and isinstance(job["position"], int)
+    record = api.get(f"/v1/jobs/{job['id']}", headers=auth(api)).json()
+    assert record["state"] == "queued" and record["user"] == "alice" and record["meta"]["nodes"] == 1
+    assert job["id"] in [j["id"] for j in api.get("/v1/jobs", headers=auth(api)).json()]
+    for method, path in [("GET", ""), ("GET", "/result"), ("DELETE", "")]:
+        assert api.request(method, f"/v1/jobs/{job['id']}{path}", headers=auth(api, "bob")).status_code == 404
+    assert job["id"] not in [j["id"] for j in api.get("/v1/jobs", headers=auth(api, "bob")).json()]
+    early = api.get(f"/v1/jobs/{job['id']}/result", headers=auth(api))
+    assert early.status_code == 409 and early.json()["state"] == "queued"
+    assert api.delete(f"/v1/jobs/{job['id']}", headers=auth(api)).json() == {"id": job["id"], "state": "cancelled"}
+    assert api.delete(f"/v1/jobs/{job['id']}", headers=auth(api)).status_code == 409
+    assert api.get("/v1/jobs?limit=0", headers=auth(api)).status_code == 422
+    assert api.get(f"/v1/jobs/{'x' * 5000}", headers=auth(api)).status_code == 404
+
+
+def test_events_websocket(api):
+    job_id = post(api, envelope()).json()["id"]
+    api.delete(f"/v1/jobs/{job_id}", headers=auth(api))
+    with api.websocket_connect(f"/v1/jobs/{job_id}/events", headers=auth(api)) as ws:
+        events = [ws.receive_json(), ws.receive_json()]
+    assert [e["type"] for e in events] == ["queued", "cancelled"] and events[1]["by"] == "user"
+    with api.websocket_connect(f"/v1/jobs/{job_id}/events?after={events[0]['id']}", headers=auth(api)) as ws:
+        assert ws.receive_json()["id"] == events[1]["id"]  # resumes after the given event
+    for query, code in [("?after=garbage", 4400), ("", 4404)]:
+        with pytest.raises(WebSocketDisconnect) as closed:
+            who = "alice" if query else "bob"
+            with api.websocket_connect(f"/v1/jobs/{job_id}/events{query}", headers=auth(api, who)) as ws:
+                ws.receive_json()
+        assert closed.value.code == code
+
+
+def test_rate_limit(api):
+    statuses = [api.get("/v1/models", headers=auth(api, "slow")).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+
+
+def test_models_health_and_public_status(api, redis_url):
+    models = {m["name"]: m for m in api.get("/v1/models", headers=auth(api)).json()}
+    assert models["tiny"]["state"] == "ready" and models["tiny"]["replicas"] == 1
+    assert models["cold"]["state"] == "not started" and models["cold"]["replicas"] == 0
+    assert api.get("/v1/models/tiny/structure", headers=auth(api)).json()["tree"]["type"] == "GPT2LMHeadModel"
+    assert api.get("/v1/models/cold/structure", headers=auth(api)).status_code == 503
+    assert api.get("/healthz").json() == {"ok": True}
+    ready = api.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["ray"] == "no scheduler connected to Ray"
+    status = api.get("/status.json").json()
+    assert status["jobs"]["recent"] >= 1 and "alice" not in json.dumps(status)
+
+    async def replica_gone() -> None:
+        store = Store.from_url(redis_url)
+        await store.replica_gone("tiny", "r1")
+        await store.close()
+
+    asyncio.run(replica_gone())
+    tiny = api.get("/v1/models/tiny", headers=auth(api)).json()
+    assert tiny["state"] == "unavailable" and tiny["replicas"] == 0
+
+
+def test_openapi_declares_the_records_and_error_shapes(api):
+    spec = api.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert {"JobRecord", "SubmitReply", "ModelInfo", "ErrorBody", "JobEvent"} - set(schemas) <= {"JobEvent"}
+    submit = spec["paths"]["/v1/jobs"]["post"]
+    assert submit["responses"]["202"]["content"]["application/json"]["schema"]["$ref"].endswith("SubmitReply")
+    assert submit["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorBody")
+    assert "application/octet-stream" in submit["requestBody"]["content"]
+    job = spec["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert job["$ref"].endswith("JobRecord")

@@ -1,0 +1,182 @@
+"""The scheduler on a real Redis with a fake dispatch (no Ray): fair share, queue deadlines,
+cancellation, and a crashed scheduler's entries taken over by another."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.common.catalog import Catalog, ModelLimits, ModelSpec
+from services.common.redis_server import RedisServer
+from services.common.settings import Settings
+from services.common.store import Store
+from services.scheduler.scheduler import Scheduler
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = RedisServer.start()
+    yield server.url
+    server.stop()
+
+
+def catalog(max_batch: int = 1, replicas: int = 1) -> Catalog:
+    limits = ModelLimits(max_batch=max_batch)  # type: ignore[call-arg]
+    return Catalog(models=[ModelSpec(name=MODEL, source="x", replicas=replicas, limits=limits)])
+
+
+class FakeReplica:
+    """Stands in for the model's Serve deployment: records batches and completes their jobs."""
+
+    def __init__(self, store: Store, hold: asyncio.Event | None = None) -> None:
+        self.store = store
+        self.batches: list[list[str]] = []
+        self.hold = hold
+
+    async def __call__(self, spec: ModelSpec, job_ids: list[str]) -> dict[str, str]:
+        self.batches.append(list(job_ids))
+        if self.hold is not None:
+            await self.hold.wait()
+        for job_id in job_ids:
+            await self.store.transition(job_id, "running")
+            await self.store.transition(job_id, "completed", result=b"ok")
+        return dict.fromkeys(job_ids, "completed")
+
+    @property
+    def order(self) -> list[str]:
+        return [job for batch in self.batches for job in batch]
+
+
+async def _settle(store: Store, job_ids: list[str], timeout: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [s[0] if s else "missing" for s in await store.states(job_ids)]
+        if all(s in ("completed", "failed", "cancelled") for s in states):
+            return states
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"jobs did not finish: {states}")
+
+
+async def _fresh(url: str) -> Store:
+    store = Store.from_url(url)
+    await store.redis.flushdb()
+    return store
+
+
+def _settings(url: str, **overrides: object) -> Settings:
+    return Settings(redis_url=url, **overrides)  # type: ignore[arg-type]
+
+
+def test_fair_share_one_job_per_user_in_turn(redis_url):
+    async def scenario() -> None:
+        store = await _fresh(redis_url)
+        jobs = {user: [f"{user}-{i}" for i in range(n)] for user, n in [("alice", 6), ("bob", 2), ("carol", 1)]}
+        for user, ids in jobs.items():
+            for job_id in ids:
+                await store.submit(job_id, user, MODEL, b"payload", {})
+        replica = FakeReplica(store)
+        scheduler = Scheduler(store, catalog(max_batch=1), replica, _settings(redis_url))
+        task = asyncio.create_task(scheduler.run())
+        states = await _settle(store, [j for ids in jobs.values() for j in ids])
+        scheduler.stop()
+        await task
+        await store.close()
+        assert set(states) == {"completed"}
+        order = replica.order
+        assert sorted(order) == sorted(j for ids in jobs.values() for j in ids)  # each exactly once
+        # Bob's and carol's jobs do not wait behind alice's backlog: all run before her third.
+        third_of_alice = order.index("alice-2")
+        assert all(order.index(j) < third_of_alice for j in jobs["bob"] + jobs["carol"]), order
+        # Each user's own jobs keep their order.
+        assert [j for j in order if j.startswith("alice")] == jobs["alice"]
+
+    asyncio.run(scenario())
+
+
+def test_batches_pack_different_users_up_to_max_batch(redis_url):
+    async def scenario() -> None:
+        store = await _fresh(redis_url)
+        ids = [f"{user}-{i}" for i in range(3) for user in ("alice", "bob")]
+        for job_id in ids:
+            await store.submit(job_id, job_id.split("-")[0], MODEL, b"payload", {})
+        replica = FakeReplica(store)
+        scheduler = Scheduler(store, catalog(max_batch=4), replica, _settings(redis_url))
+        task = asyncio.create_task(scheduler.run())
+        await _settle(store, ids)
+        scheduler.stop()
+        await task
+        await store.close()
+        assert all(len(b) <= 4 for b in replica.batches) and sum(map(len, replica.batches)) == 6
+        first = replica.batches[0]
+        assert {j.split("-")[0] for j in first} == {"alice", "bob"}  # both users in the first batch
+
+    asyncio.run(scenario())
+
+
+def test_queue_deadline_fails_late_jobs_without_running_them(redis_url):
+    async def scenario() -> None:
+        store = await _fresh(redis_url)
+        await store.submit("late", "alice", MODEL, b"payload", {})
+        await asyncio.sleep(0.6)
+        await store.submit("fresh", "alice", MODEL, b"payload", {})
+        replica = FakeReplica(store)
+        scheduler = Scheduler(store, catalog(max_batch=2), replica, _settings(redis_url, queue_timeout_s=0.5))
+        task = asyncio.create_task(scheduler.run())
+        states = await _settle(store, ["late", "fresh"])
+        scheduler.stop()
+        await task
+        late = await store.job("late")
+        await store.close()
+        assert states == ["failed", "completed"]
+        assert late is not None and "deadline" in late.get("error", "")
+        assert replica.order == ["fresh"]
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_jobs_are_never_dispatched(redis_url):
+    async def scenario() -> None:
+        store = await _fresh(redis_url)
+        for job_id in ("keep", "drop"):
+            await store.submit(job_id, "alice", MODEL, b"payload", {})
+        assert await store.transition("drop", "cancelled", {"by": "user"})
+        replica = FakeReplica(store)
+        scheduler = Scheduler(store, catalog(max_batch=2), replica, _settings(redis_url))
+        task = asyncio.create_task(scheduler.run())
+        states = await _settle(store, ["keep", "drop"])
+        scheduler.stop()
+        await task
+        depth, _ = await store.queue_depth(MODEL)
+        await store.close()
+        assert states == ["completed", "cancelled"] and replica.order == ["keep"] and depth == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_schedulers_entries_are_taken_over(redis_url):
+    async def scenario() -> None:
+        store = await _fresh(redis_url)
+        ids = [f"job-{i}" for i in range(3)]
+        for job_id in ids:
+            await store.submit(job_id, "alice", MODEL, b"payload", {})
+        stuck = FakeReplica(store, hold=asyncio.Event())  # never returns: the scheduler "dies" holding them
+        first = Scheduler(store, catalog(max_batch=3), stuck, _settings(redis_url, scheduler_name="a"))
+        task = asyncio.create_task(first.run())
+        while not stuck.batches:
+            await asyncio.sleep(0.02)
+        task.cancel()  # gone without acknowledging anything
+        replica = FakeReplica(store)
+        settings = _settings(redis_url, scheduler_name="b", reclaim_idle_ms=300)
+        second = Scheduler(store, catalog(max_batch=3), replica, settings)
+        task2 = asyncio.create_task(second.run())
+        states = await _settle(store, ids)
+        second.stop()
+        await task2
+        await store.close()
+        assert states == ["completed"] * 3 and sorted(replica.order) == ids
+
+    asyncio.run(scenario())
