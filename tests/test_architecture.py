@@ -187,9 +187,13 @@ def test_redis_keys_are_named_only_in_the_store():
 
 
 def test_the_client_distribution_ships_no_server(tmp_path):
+    import shutil
+
+    source = tmp_path / "client"  # setuptools writes build/ beside the sources: build a copy
+    shutil.copytree(ROOT / "client", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
-         str(ROOT / "client")],
+         str(source)],
         check=True,
     )  # fmt: skip
     (wheel,) = tmp_path.glob("nnfabric-*.whl")

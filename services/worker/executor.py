@@ -11,7 +11,10 @@ its batch-mates. Nothing of a job outlives it on the model: hooks are removed, g
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,7 @@ from nnfabric.graph.tree import ModuleTree
 from nnfabric.graph.validate import GraphError
 from nnfabric.runtime.adapters import CausalLMAdapter
 from nnfabric.runtime.execute import run_graph, run_session
+from nnfabric.runtime.guards import Budget
 from nnfabric.runtime.wire import load_blob, pack_saved, saved_nbytes
 
 from ..common.catalog import ModelSpec, limits_for
@@ -80,10 +84,15 @@ class BatchExecutor:
                 outcomes[job_id] = self._run_one(graphs, tensors)
         return outcomes
 
+    def _budget(self, start: float) -> Budget:
+        return Budget(deadline=start + self.spec.limits.timeout_s)
+
     def _run_one(self, graphs: list[Graph], tensors: dict[str, torch.Tensor]) -> Outcome:
         start = time.monotonic()
         try:
-            saved = run_session(graphs, tensors, self.adapter, deadline=start + self.spec.limits.timeout_s)
+            seed = graphs[0].options.get("seed") if len(graphs) == 1 else None
+            with private_rng(seed if isinstance(seed, int) else None):
+                saved = run_session(graphs, tensors, self.adapter, self._budget(start))
             return self._finish(saved, len(graphs) > 1, start)
         except InterventionError as exc:
             return Outcome(error=exc.reason, node=exc.node, seconds=time.monotonic() - start, trace=exc.trace)
@@ -97,22 +106,28 @@ class BatchExecutor:
             self._clean()
 
     def _finish(self, saved: list[dict[int, Any]], session: bool, start: float) -> Outcome:
-        size = saved_nbytes(saved)
-        if size > self.spec.limits.max_saved_bytes:
-            return Outcome(
-                error=f"saved values take {size} bytes, over this model's limit of {self.spec.limits.max_saved_bytes}",
-                seconds=time.monotonic() - start,
-            )
-        return Outcome(result=pack_saved(saved, session), seconds=time.monotonic() - start)
+        limit = self.spec.limits.max_saved_bytes
+        size = saved_nbytes(saved)  # tensors first: cheap, and it spares packing a huge one
+        if size <= limit:
+            packed = pack_saved(saved, session)
+            size = len(packed)  # every saved value counts: lists and numbers too
+            if size <= limit:
+                return Outcome(result=packed, seconds=time.monotonic() - start)
+        return Outcome(
+            error=f"saved values take {size} bytes, over this model's limit of {limit}",
+            seconds=time.monotonic() - start,
+        )
 
     def _run_merged(self, jobs: list[tuple[str, Graph, dict[str, torch.Tensor]]]) -> dict[str, Outcome]:
         merged, tensors, offsets = merge_graphs([(g, t) for _, g, t in jobs])
         start = time.monotonic()
         try:
-            saved = run_graph(merged, tensors, self.adapter, deadline=start + self.spec.limits.timeout_s)
+            with private_rng(None):
+                saved = run_graph(merged, tensors, self.adapter, self._budget(start), isolated=True)
         except Exception:
             self._clean()
-            # Someone's job failed: run each alone so the failure stays with its owner.
+            # Someone's job failed, or needs a run of its own (NeedsSolo): run each alone, so a
+            # failure stays with its owner.
             return {job_id: self._run_one([graph], t) for job_id, graph, t in jobs}
         self._clean()
         outcomes = {}
@@ -130,11 +145,24 @@ class BatchExecutor:
 
 
 def _mergeable(graph: Graph) -> bool:
+    """May share a forward pass: a plain trace, every invoke naming its own rows (an invoke
+    without inputs is the whole batch), no gradients or early stop, no options (a seed)."""
     return (
         graph.kind == "trace"
-        and all(inv.args is not None or inv.kwargs for inv in graph.invokes)
+        and all(inv.args is not None for inv in graph.invokes)
+        and not graph.options
         and not any(node.op in _UNMERGEABLE for node in graph.nodes)
     )
+
+
+@contextlib.contextmanager
+def private_rng(seed: int | None) -> Iterator[None]:
+    """A job's own random stream: seeded by the job (or at random), and the replica's global
+    generator is as it was afterwards, so no job can steer or predict another's randomness."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed if seed is not None else secrets.randbits(63))
+        yield
 
 
 def merge_graphs(

@@ -16,8 +16,10 @@ import math
 import struct
 from typing import Any
 
+from .bounded_json import parse_json
 from .ir import RESULT_SCHEMA, SCHEMA, DType, Graph, Invoke, Node, Ref, SourceLine, TensorRef
-from .validate import GraphError, LimitExceeded, Limits, check_safetensors, validate_session
+from .tensor_blob import check_safetensors
+from .validate import GraphError, LimitExceeded, Limits, validate_session
 
 MAGIC = b"NNFB"
 _PREFIX = len(MAGIC) + 8
@@ -135,10 +137,7 @@ def split_envelope(data: bytes, limits: Limits | None = None) -> tuple[dict[str,
         raise LimitExceeded(f"header of {size} bytes exceeds the limit of {limits.max_header_bytes}")
     if _PREFIX + size > len(data):
         raise GraphError("envelope is truncated: header runs past the end")
-    try:
-        header = json.loads(data[_PREFIX : _PREFIX + size])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise GraphError(f"header is not valid JSON: {exc}") from None
+    header = parse_json(data[_PREFIX : _PREFIX + size], limits)
     if not isinstance(header, dict):
         raise GraphError("header must be a JSON object")
     return header, data[_PREFIX + size :]

@@ -9,8 +9,6 @@ Raises GraphError with a message that names the node, its op and, where known, t
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,71 +39,24 @@ class Limits:
     max_nodes: int = 10_000
     max_depth: int = 32
     max_invokes: int = 256
-    max_header_bytes: int = 16 << 20
+    max_header_bytes: int = 8 << 20
     max_tensor_bytes: int = 64 << 20
     max_envelope_bytes: int = 96 << 20
     max_new_tokens: int = 256
     max_traces: int = 16  # traces in one session
+    max_tensors: int = 4096  # tensors carried beside the graph
+    # Parsing bounds: objects and lists in a JSON header (counted before it is parsed), and
+    # characters in any one string (a prompt included: tokenizing is paid before the model runs).
+    max_json_containers: int = 400_000
+    max_string_chars: int = 262_144
 
     @classmethod
     def local(cls) -> Limits:
         """Your own machine: only the structural limits (nesting depth) still apply."""
         huge = 1 << 62
         return cls(max_nodes=huge, max_invokes=huge, max_header_bytes=huge, max_tensor_bytes=huge,
-                   max_envelope_bytes=huge, max_new_tokens=huge, max_traces=huge)  # fmt: skip
-
-
-_SAFETENSORS_DTYPES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-
-
-def check_safetensors(blob: bytes, limits: Limits) -> dict[str, tuple[str, list[int]]]:
-    """Validate a safetensors blob's header without torch; return {name: (dtype, shape)}."""
-    if not blob:
-        return {}
-    if len(blob) > limits.max_tensor_bytes + limits.max_header_bytes:
-        raise LimitExceeded(f"tensors of {len(blob)} bytes exceed the limit of {limits.max_tensor_bytes}")
-    if len(blob) < 8:
-        raise GraphError("tensor blob is truncated")
-    (size,) = struct.unpack("<Q", blob[:8])
-    if size > min(limits.max_header_bytes, len(blob) - 8):
-        raise GraphError("tensor blob header is truncated or too large")
-    try:
-        header = json.loads(blob[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise GraphError("tensor blob header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise GraphError("tensor blob header must be an object")
-    data_len = len(blob) - 8 - size
-    found: dict[str, tuple[str, list[int]]] = {}
-    total = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        ok = (
-            isinstance(info, dict)
-            and info.get("dtype") in _SAFETENSORS_DTYPES
-            and isinstance(info.get("shape"), list)
-            and all(isinstance(d, int) and d >= 0 for d in info["shape"])
-            and isinstance(info.get("data_offsets"), list)
-            and len(info["data_offsets"]) == 2
-            and all(isinstance(o, int) for o in info["data_offsets"])
-        )
-        if not ok:
-            raise GraphError(f"tensor {name!r}: malformed entry in the tensor blob")
-        start, end = info["data_offsets"]
-        count = 1
-        for d in info["shape"]:
-            count *= d
-        if not 0 <= start <= end <= data_len or end - start != count * _SAFETENSORS_DTYPES[info["dtype"]]:
-            raise GraphError(f"tensor {name!r}: data offsets do not match its shape and dtype")
-        total += end - start
-        found[name] = (info["dtype"], info["shape"])
-    if total > limits.max_tensor_bytes:
-        raise LimitExceeded(f"tensors of {total} bytes exceed the limit of {limits.max_tensor_bytes}")
-    return found
+                   max_envelope_bytes=huge, max_new_tokens=huge, max_traces=huge, max_tensors=huge,
+                   max_json_containers=huge, max_string_chars=huge)  # fmt: skip
 
 
 def _where(node: Node) -> str:
@@ -169,6 +120,9 @@ def validate_node(
             raise GraphError(f"{_where(node)}: attribute {name!r} may not be read", node.id)
     if node.op == "from_trace" and not (_is_int(node.args[0]) and _is_int(node.args[1])):
         raise GraphError(f"{_where(node)}: trace and node must be integers", node.id)
+    if "out" in node.kwargs:
+        # `out=` writes into a tensor the graph names: it could alias a value it may not write.
+        raise GraphError(f"{_where(node)}: the out= argument is not allowed; use the returned value", node.id)
     if node.op in ("setitem", "set_grad", "grad", "append") and not isinstance(node.args[0], Ref):
         raise GraphError(f"{_where(node)}: its first argument must be a node reference", node.id)
     _check_value(node.args, node, tensor_names)
@@ -198,6 +152,8 @@ def validate_graph(
         if not 0 <= save < len(graph.nodes):
             raise GraphError(f"saved node {save} does not exist")
     for index, inv in enumerate(graph.invokes):
+        if inv.args is None and inv.kwargs:
+            raise GraphError(f"invoke {index}: an invoke without inputs (the whole batch) takes no keyword inputs")
         dummy = Node("literal", [None], id=len(graph.nodes) + 1)
         for value in (inv.args or [], inv.kwargs):
             try:

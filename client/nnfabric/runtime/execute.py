@@ -19,6 +19,7 @@ from ..errors import InterventionError
 from ..graph.ir import Graph, Ref, TensorRef
 from ..graph.leaves import map_leaves
 from .adapters import Batch
+from .guards import Budget
 from .interleaver import Interleaver
 
 
@@ -42,7 +43,7 @@ def _inputs(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def run_session(
-    graphs: list[Graph], tensors: dict[str, torch.Tensor], adapter: Adapter, deadline: float | None = None
+    graphs: list[Graph], tensors: dict[str, torch.Tensor], adapter: Adapter, budget: Budget | None = None
 ) -> list[dict[int, Any]]:
     """Run a session's traces in order; a later trace's `from_trace` nodes receive earlier values
     without them leaving the machine. Returns each trace's saved values."""
@@ -57,7 +58,7 @@ def run_session(
         imports = {n.id: kept[n.args[0]][n.args[1]] for n in graph.nodes if n.op == "from_trace"}
         extended = dataclasses.replace(graph, saves=sorted(set(graph.saves) | needed[index]))
         try:
-            values = run_graph(extended, tensors, adapter, deadline, imports)
+            values = run_graph(extended, tensors, adapter, budget, imports)
         except InterventionError as exc:
             exc.trace = index if len(graphs) > 1 else None
             raise
@@ -75,11 +76,13 @@ def run_graph(
     graph: Graph,
     tensors: dict[str, torch.Tensor],
     adapter: Adapter,
-    deadline: float | None = None,
+    budget: Budget | None = None,
     imports: dict[int, Any] | None = None,
+    isolated: bool = False,
 ) -> dict[int, Any]:
     """Execute `graph` in one batched forward pass (or one generation); return saved values.
-    `imports` are the values of its `from_trace` nodes, when it is part of a session."""
+    `imports` are the values of its `from_trace` nodes, when it is part of a session; a
+    `budget` bounds time and sizes (the fabric's); `isolated` is a merged run of several jobs."""
     invokes = [
         (None if inv.args is None else _inputs(inv.args, tensors), _inputs(inv.kwargs, tensors))
         for inv in graph.invokes
@@ -88,7 +91,11 @@ def run_graph(
         batch = adapter.batch(invokes)
     except (ValueError, TypeError) as exc:
         raise InterventionError(f"bad inputs: {exc}") from exc
-    with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, deadline, imports) as run:
+    if budget is not None:
+        budget.check_time()  # tokenizing is paid before the model runs
+    if isolated and graph.kind == "trace" and "input_ids" in batch.kwargs:
+        batch.kwargs.setdefault("use_cache", False)  # a key/value cache object spans every row
+    with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated) as run:
         if graph.kind == "generate":
             run.call(lambda: adapter.generate(batch, graph.options))
         else:

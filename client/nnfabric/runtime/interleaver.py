@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +27,7 @@ import torch
 from ..errors import InterventionError
 from ..graph.ir import DType, Graph, Node, Ref, TensorRef
 from ..graph.leaves import map_leaves
+from .guards import Budget, NeedsSolo
 from .torch_ops import apply_simple, dtype_of
 
 _MISSING: Any = object()
@@ -96,12 +96,16 @@ class Interleaver:
         root: torch.nn.Module,
         rows: list[tuple[int, int] | None],
         batch_size: int,
-        deadline: float | None = None,
+        budget: Budget | None = None,
         imports: dict[int, Any] | None = None,
+        isolated: bool = False,
     ) -> None:
         self.graph = graph
         self.imports = imports or {}
-        self.deadline = deadline
+        self.budget = budget
+        # A merged run of several jobs: every read and write must stay inside the job's rows.
+        self.isolated = isolated
+        self._shared: set[int] = set()  # storages of per-job copies of values without a batch dimension
         self.nodes = graph.nodes
         self.tensors = tensors
         self.root = root
@@ -238,8 +242,8 @@ class Interleaver:
         return self._event(key, output)
 
     def _event(self, key: ModuleEvent, value: Any) -> Any:
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise InterventionError("the job ran past its time limit and was stopped")
+        if self.budget is not None:
+            self.budget.check_time()
         outer_live, outer_value = self.live, self._event_value
         self.live = {key}
         self._event_value = value
@@ -353,8 +357,14 @@ class Interleaver:
         try:
             args = [self._resolve(a) for a in node.args]
             kwargs = {k: self._resolve(v) for k, v in node.kwargs.items()}
-            return self._dispatch(node, args, kwargs)
-        except (EarlyStop, InterventionError):
+            if self.budget is not None:
+                self.budget.check_time()
+                self.budget.check_op(node.op, args, kwargs)
+            value = self._dispatch(node, args, kwargs)
+            if self.budget is not None:
+                self.budget.check_value(value)
+            return value
+        except (EarlyStop, InterventionError, NeedsSolo):
             raise
         except Exception as exc:
             raise self._error(node, f"{type(exc).__name__}: {exc}") from exc
@@ -373,6 +383,10 @@ class Interleaver:
         if op == "set_output" or op == "set_inputs":
             self._event_value = self._merge_rows(self._event_value, args[3], rows)
             return None
+        if self.isolated and (op == "setitem" or (op == "call_method" and args[0].endswith("_"))):
+            target = args[0] if op == "setitem" else args[1]
+            if isinstance(target, torch.Tensor) and target.untyped_storage().data_ptr() in self._shared:
+                raise NeedsSolo(f"node {node.id} writes into a value every row shares")
         if op == "set_input":
             call_args, call_kwargs = self._event_value
             if call_args:
@@ -414,7 +428,13 @@ class Interleaver:
             return value
         if isinstance(value, torch.Tensor):
             if value.dim() == 0 or value.shape[0] != self.batch_size:
-                return value
+                if not self.isolated:
+                    return value
+                # Every row's value: this job reads a copy, and writing into it needs a solo run.
+                copy = value.clone()
+                self._shared.add(copy.untyped_storage().data_ptr())
+                self._keep.append(copy)
+                return copy
             view = value[rows[0] : rows[1]]
             self._row_base[id(view)] = (value, rows)
             self._keep.append(view)
@@ -425,6 +445,8 @@ class Interleaver:
             return [self._slice_rows(v, rows) for v in value]
         if isinstance(value, dict):
             return {k: self._slice_rows(v, rows) for k, v in value.items()}
+        if self.isolated and not (value is None or isinstance(value, (bool, int, float, str, torch.dtype))):
+            raise NeedsSolo(f"a {type(value).__name__} is not split by rows")
         return value
 
     def _merge_rows(self, current: Any, new: Any, rows: tuple[int, int] | None) -> Any:
@@ -432,6 +454,8 @@ class Interleaver:
             return new
         if isinstance(current, torch.Tensor):
             if current.dim() == 0 or current.shape[0] != self.batch_size:
+                if self.isolated:
+                    raise NeedsSolo("a write to a value every row shares")
                 return new
             merged = current.clone()
             merged[rows[0] : rows[1]] = new
