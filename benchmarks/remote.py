@@ -58,7 +58,7 @@ async def make_key(url: str) -> str:
     from services.common.store import Store
 
     store = Store.from_url(url)
-    key, _ = await store.create_key("bench", ["*"], rate_limit=1_000_000)
+    key, _ = await store.create_key("bench", ["*"], max_active=1000)
     await store.close()
     return key
 

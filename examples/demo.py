@@ -64,7 +64,7 @@ async def create_key(redis_url: str) -> str:
 
     store = Store.from_url(redis_url)
     try:
-        key, _ = await store.create_key("demo", ["*"], rate_limit=600)
+        key, _ = await store.create_key("demo", ["*"])
         return key
     finally:
         await store.close()

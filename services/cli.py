@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .common.settings import Settings
-from .common.store import ApiKey, Store
+from .common.store import MAX_ACTIVE, MAX_STREAMS, ApiKey, Store
 
 app = typer.Typer(help="nnfabric-server: run the fabric and administer it", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (stored hashed in Redis)", no_args_is_help=True)
@@ -45,12 +45,15 @@ def _with_store(action: Callable[[Store], Awaitable[T]]) -> T:
 def keys_create(
     user: str,
     models: str = typer.Option("*", help="comma-separated model names, or * for all"),
-    rate_limit: int = typer.Option(600, help="requests per minute"),
+    max_active: int = typer.Option(MAX_ACTIVE, help="jobs queued or running at once"),
+    max_streams: int = typer.Option(MAX_STREAMS, help="event websockets open at once"),
+    rate_limit: int = typer.Option(0, help="job submissions a minute (0: no limit)"),
 ) -> None:
     """Create a key for USER; the key is shown once."""
     names = [m.strip() for m in models.split(",") if m.strip()]
-    key, record = _with_store(lambda store: store.create_key(user, names, rate_limit))
-    console.print(f"key id {record.key_id} for {user} (models: {models}, {rate_limit}/min)")
+    key, record = _with_store(lambda store: store.create_key(user, names, rate_limit, max_active, max_streams))
+    rate = f"{rate_limit} jobs/min" if rate_limit else "no rate limit"
+    console.print(f"key id {record.key_id} for {user} (models: {models}; {max_active} jobs at once; {rate})")
     typer.echo(key)
 
 
@@ -58,10 +61,12 @@ def keys_create(
 def keys_list() -> None:
     """List keys (ids only; keys themselves are never stored)."""
     found: list[ApiKey] = _with_store(lambda store: store.list_keys())
-    table = Table("key id", "user", "models", "rate/min", "created")
+    table = Table("key id", "user", "models", "jobs at once", "streams", "jobs/min", "created")
     for key in found:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created))
-        table.add_row(key.key_id, key.user, ",".join(key.models), str(key.rate_limit), created)
+        rate = str(key.rate_limit) if key.rate_limit else "-"
+        table.add_row(key.key_id, key.user, ",".join(key.models), str(key.max_active), str(key.max_streams), rate,
+                      created)  # fmt: skip
     console.print(table)
 
 

@@ -43,9 +43,9 @@ async def _make_keys(url: str) -> dict[str, str]:
 
     store = Store(Redis.from_url(url))
     keys = {}
-    keys["alice"], _ = await store.create_key("alice", ["*"], rate_limit=10_000)
-    keys["bob"], _ = await store.create_key("bob", ["tiny-gpt2"], rate_limit=10_000)
-    keys["scoped"], _ = await store.create_key("carol", ["other-model"], rate_limit=10_000)
+    keys["alice"], _ = await store.create_key("alice", ["*"])
+    keys["bob"], _ = await store.create_key("bob", ["tiny-gpt2"])
+    keys["scoped"], _ = await store.create_key("carol", ["other-model"])
     keys["slow"], _ = await store.create_key("dave", ["*"], rate_limit=3)
     await store.redis.aclose()
     return keys

@@ -149,9 +149,41 @@ def test_events_websocket(api):
         assert closed.value.code == code
 
 
-def test_rate_limit(api):
-    statuses = [api.get("/v1/models", headers=auth(api, "slow")).status_code for _ in range(3)]
-    assert statuses == [200, 200, 429]
+def test_rate_limit_counts_submissions_only(api):
+    assert all(api.get("/v1/models", headers=auth(api, "slow")).status_code == 200 for _ in range(10))
+    statuses = [post(api, envelope(), "slow").status_code for _ in range(3)]
+    assert statuses == [202, 202, 429]
+
+
+def test_active_jobs_and_streams_are_capped_per_key(api, redis_url):
+    async def capped_key() -> str:
+        store = Store.from_url(redis_url)
+        key, _ = await store.create_key("gina", ["*"], max_active=2, max_streams=1)
+        await store.close()
+        return key
+
+    api.keys["capped"] = asyncio.run(capped_key())
+    ids = [post(api, envelope(), "capped") for _ in range(3)]
+    assert [r.status_code for r in ids] == [202, 202, 429] and "2 jobs" in ids[2].json()["detail"]
+    first = ids[0].json()["id"]
+    with api.websocket_connect(f"/v1/jobs/{first}/events", headers=auth(api, "capped")) as ws:
+        assert ws.receive_json()["type"] == "queued"
+        with pytest.raises(WebSocketDisconnect) as refused:
+            with api.websocket_connect(f"/v1/jobs/{first}/events", headers=auth(api, "capped")) as second:
+                second.receive_json()
+        assert refused.value.code == 4429
+    second = ids[1].json()["id"]
+    with api.websocket_connect(f"/v1/jobs/{second}/events", headers=auth(api, "capped")) as ws:
+        assert ws.receive_json()["type"] == "queued"  # the first stream's slot was given back
+    api.delete(f"/v1/jobs/{first}", headers=auth(api, "capped"))
+    assert post(api, envelope(), "capped").status_code == 202  # a job slot freed when the job ended
+
+
+def test_failed_authentication_is_throttled_per_address(api):
+    statuses = [api.get("/v1/models", headers={"Authorization": f"Bearer nnf_guess{i}"}).status_code
+                for i in range(31)]  # fmt: skip
+    assert statuses[:30] == [401] * 30 and statuses[30] == 429
+    assert api.get("/v1/models", headers=auth(api)).status_code == 429  # the address waits, whatever the key
 
 
 def test_models_health_and_public_status(api, redis_url):

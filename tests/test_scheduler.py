@@ -11,10 +11,14 @@ import pytest
 from services.common.catalog import Catalog, ModelLimits, ModelSpec
 from services.common.redis_server import RedisServer
 from services.common.settings import Settings
-from services.common.store import Store
+from services.common.store import ApiKey, Store
 from services.scheduler.scheduler import Scheduler
 
 MODEL = "tiny"
+
+
+def key_of(user: str) -> ApiKey:
+    return ApiKey(f"key-{user}", user, ["*"], 0, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +81,7 @@ def test_fair_share_one_job_per_user_in_turn(redis_url):
         jobs = {user: [f"{user}-{i}" for i in range(n)] for user, n in [("alice", 6), ("bob", 2), ("carol", 1)]}
         for user, ids in jobs.items():
             for job_id in ids:
-                await store.submit(job_id, user, MODEL, b"payload", {})
+                await store.submit(job_id, key_of(user), MODEL, b"payload", {})
         replica = FakeReplica(store)
         scheduler = Scheduler(store, catalog(max_batch=1), replica, _settings(redis_url))
         task = asyncio.create_task(scheduler.run())
@@ -102,7 +106,7 @@ def test_batches_pack_different_users_up_to_max_batch(redis_url):
         store = await _fresh(redis_url)
         ids = [f"{user}-{i}" for i in range(3) for user in ("alice", "bob")]
         for job_id in ids:
-            await store.submit(job_id, job_id.split("-")[0], MODEL, b"payload", {})
+            await store.submit(job_id, key_of(job_id.split("-")[0]), MODEL, b"payload", {})
         replica = FakeReplica(store)
         scheduler = Scheduler(store, catalog(max_batch=4), replica, _settings(redis_url))
         task = asyncio.create_task(scheduler.run())
@@ -120,9 +124,9 @@ def test_batches_pack_different_users_up_to_max_batch(redis_url):
 def test_queue_deadline_fails_late_jobs_without_running_them(redis_url):
     async def scenario() -> None:
         store = await _fresh(redis_url)
-        await store.submit("late", "alice", MODEL, b"payload", {})
+        await store.submit("late", key_of("alice"), MODEL, b"payload", {})
         await asyncio.sleep(0.6)
-        await store.submit("fresh", "alice", MODEL, b"payload", {})
+        await store.submit("fresh", key_of("alice"), MODEL, b"payload", {})
         replica = FakeReplica(store)
         scheduler = Scheduler(store, catalog(max_batch=2), replica, _settings(redis_url, queue_timeout_s=0.5))
         task = asyncio.create_task(scheduler.run())
@@ -142,7 +146,7 @@ def test_cancelled_jobs_are_never_dispatched(redis_url):
     async def scenario() -> None:
         store = await _fresh(redis_url)
         for job_id in ("keep", "drop"):
-            await store.submit(job_id, "alice", MODEL, b"payload", {})
+            await store.submit(job_id, key_of("alice"), MODEL, b"payload", {})
         assert await store.transition("drop", "cancelled", {"by": "user"})
         replica = FakeReplica(store)
         scheduler = Scheduler(store, catalog(max_batch=2), replica, _settings(redis_url))
@@ -162,7 +166,7 @@ def test_a_dead_schedulers_entries_are_taken_over(redis_url):
         store = await _fresh(redis_url)
         ids = [f"job-{i}" for i in range(3)]
         for job_id in ids:
-            await store.submit(job_id, "alice", MODEL, b"payload", {})
+            await store.submit(job_id, key_of("alice"), MODEL, b"payload", {})
         stuck = FakeReplica(store, hold=asyncio.Event())  # never returns: the scheduler "dies" holding them
         first = Scheduler(store, catalog(max_batch=3), stuck, _settings(redis_url, scheduler_name="a"))
         task = asyncio.create_task(first.run())

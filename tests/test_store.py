@@ -9,7 +9,11 @@ import pytest
 from redis.asyncio import Redis
 
 from services.common.redis_server import RedisServer
-from services.common.store import Store
+from services.common.store import ApiKey, Store
+
+
+def key_of(user: str) -> ApiKey:
+    return ApiKey(f"key-{user}", user, ["*"], 0, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,8 @@ def test_submit_persists_announces_and_enqueues_in_order(redis_url):
     async def scenario():
         redis = Redis.from_url(redis_url)
         store = Store(redis, ttl_s=600)
-        first = await store.submit("j1", "alice", "m", b"payload-1", {"kind": "trace"})
-        second = await store.submit("j2", "bob", "m", b"payload-2", {"kind": "trace"})
+        first = await store.submit("j1", key_of("alice"), "m", b"payload-1", {"kind": "trace"})
+        second = await store.submit("j2", key_of("bob"), "m", b"payload-2", {"kind": "trace"})
         assert (first, second) == (0, 1)
         assert await redis.get("nnf:payload:j2") == b"payload-2"
         assert 0 < await redis.ttl("nnf:payload:j2") <= 600
@@ -56,7 +60,7 @@ def test_terminal_states_are_final_and_clean_up(redis_url):
     async def scenario():
         redis = Redis.from_url(redis_url)
         store = Store(redis, ttl_s=600)
-        await store.submit("k1", "alice", "n", b"p", {})
+        await store.submit("k1", key_of("alice"), "n", b"p", {})
         assert await store.transition("k1", "running", {"batch": 1})
         assert (await redis.hget("nnf:job:k1", "started")) is not None
         assert await store.transition("k1", "completed", {"bytes": 3}, result=b"res", error=None)
@@ -74,16 +78,43 @@ def test_terminal_states_are_final_and_clean_up(redis_url):
     run(scenario())
 
 
-def test_authorize_counts_requests_against_the_limit(redis_url):
+def test_rate_limit_counts_submissions_and_failed_keys_are_throttled_per_address(redis_url):
     async def scenario():
         redis = Redis.from_url(redis_url)
         store = Store(redis)
         key, record = await store.create_key("carol", ["m"], rate_limit=2)
-        assert (await store.authorize(key))[1] == 0
-        assert (await store.authorize(key))[1] == 0
-        found, retry = await store.authorize(key)
-        assert found is not None and found.key_id == record.key_id and 1 <= retry <= 60
-        assert await store.authorize("nnf_not-a-key") == (None, 0)
+        found, wait = await store.authorize(key, "10.0.0.1")
+        assert found is not None and found.key_id == record.key_id and wait == 0
+        assert [await store.count_submit(found) for _ in range(3)][:2] == [0, 0]
+        assert 1 <= await store.count_submit(found) <= 60
+        unlimited, _ = await store.create_key("erin", ["m"])
+        erin = (await store.authorize(unlimited, "10.0.0.1"))[0]
+        assert [await store.count_submit(erin) for _ in range(100)] == [0] * 100  # no limit by default
+        # Guessing keys: after 30 failures a minute the address waits, even with a good key.
+        for _ in range(30):
+            assert await store.authorize("nnf_guess", "10.0.0.9") == (None, 0)
+        refused, wait = await store.authorize(key, "10.0.0.9")
+        assert refused is None and 1 <= wait <= 60
+        assert (await store.authorize(key, "10.0.0.1"))[0] is not None  # other addresses are unaffected
+        await redis.aclose()
+
+    run(scenario())
+
+
+def test_active_jobs_are_capped_per_key_and_freed_when_they_end(redis_url):
+    async def scenario():
+        redis = Redis.from_url(redis_url)
+        store = Store(redis)
+        await redis.flushdb()
+        _, record = await store.create_key("frank", ["m"], max_active=2)
+        assert await store.submit("a1", record, "m", b"p", {}) == 0
+        assert await store.submit("a2", record, "m", b"p", {}) == 1
+        assert await store.submit("a3", record, "m", b"p", {}) is None
+        assert await redis.exists("nnf:job:a3") == 0  # nothing of a refused job is stored
+        assert await store.transition("a1", "completed", result=b"r")
+        assert await store.submit("a3", record, "m", b"p", {}) is not None
+        await redis.delete("nnf:job:a2")  # expired without ending: its slot is freed too
+        assert await store.submit("a4", record, "m", b"p", {}) is not None
         await redis.aclose()
 
     run(scenario())
@@ -94,7 +125,7 @@ def test_a_cancelled_job_gets_no_result_and_batches_read_in_one_go(redis_url):
         redis = Redis.from_url(redis_url)
         store = Store(redis, ttl_s=600)
         for job_id in ("b1", "b2", "b3"):
-            await store.submit(job_id, "dave", "q", job_id.encode(), {})
+            await store.submit(job_id, key_of("dave"), "q", job_id.encode(), {})
         assert await store.payloads(["b1", "nope", "b3"]) == [b"b1", None, b"b3"]
         assert await store.transition("b2", "cancelled", {"by": "user"})
         states = await store.states(["b1", "b2", "nope"])

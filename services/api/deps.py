@@ -32,14 +32,18 @@ def _bearer(header: str | None) -> str:
     return header[7:].strip()
 
 
+def client_address(connection: Request | WebSocket) -> str:
+    return connection.client.host if connection.client else "unknown"
+
+
 async def require_key(request: Request, store: Annotated[Store, Depends(get_store)]) -> ApiKey:
-    key, retry = await store.authorize(_bearer(request.headers.get("authorization")))
+    key, wait = await store.authorize(_bearer(request.headers.get("authorization")), client_address(request))
+    if wait:
+        raise HTTPException(
+            429, "too many failed authentications from this address; try later", headers={"Retry-After": str(wait)}
+        )
     if key is None:
         raise HTTPException(401, "unknown API key")
-    if retry:
-        raise HTTPException(
-            429, f"rate limit of {key.rate_limit} requests a minute reached", headers={"Retry-After": str(retry)}
-        )
     return key
 
 
@@ -50,11 +54,14 @@ KeyDep = Annotated[ApiKey, Depends(require_key)]
 
 
 async def websocket_key(websocket: WebSocket) -> ApiKey | None:
+    """The key of a websocket (header, or ?key= for clients that cannot set headers); failed
+    attempts count against the client address as on HTTP."""
     store: Store = websocket.app.state.store
     header = websocket.headers.get("authorization")
     token = websocket.query_params.get("key")
     try:
         raw = _bearer(header) if header else (token or "")
     except HTTPException:
-        return None
-    return await store.lookup_key(raw) if raw else None
+        raw = ""
+    key, wait = await store.authorize(raw, client_address(websocket))
+    return None if wait else key

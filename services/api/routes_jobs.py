@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import re
@@ -10,6 +11,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.concurrency import run_in_threadpool
 from nnfabric.graph.codec import split_envelope, validate_request
 from nnfabric.graph.tree import ModuleTree
 from nnfabric.graph.validate import GraphError, LimitExceeded, Limits
@@ -76,9 +78,16 @@ async def submit(
     request: Request, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
 ) -> SubmitReply:
     """Validate a job envelope against the model and enqueue it; answers at once with its id."""
+    wait = await store.count_submit(key)
+    if wait:
+        raise ApiError(429, f"rate limit of {key.rate_limit} jobs a minute reached", headers={"Retry-After": str(wait)})
     body = await _body(request, settings.max_envelope_bytes)
+    # Parsing and validating cost CPU in proportion to what a stranger sent: off the event loop,
+    # so /healthz and everyone else's requests keep being answered meanwhile.
     try:
-        header, blob = split_envelope(body, Limits(max_envelope_bytes=settings.max_envelope_bytes))
+        header, blob = await run_in_threadpool(
+            split_envelope, body, Limits(max_envelope_bytes=settings.max_envelope_bytes)
+        )
     except GraphError as exc:
         raise InvalidJob(exc) from None
     name = header.get("model")
@@ -96,7 +105,7 @@ async def submit(
     if len(body) > limits.max_envelope_bytes:
         raise InvalidJob(LimitExceeded(f"request of {len(body)} bytes exceeds the limit"))
     try:
-        graphs = validate_request(header, blob, limits, _module_paths(state["structure"]))
+        graphs = await run_in_threadpool(validate_request, header, blob, limits, _module_paths(state["structure"]))
     except GraphError as exc:
         raise InvalidJob(exc) from None
     job_id = uuid.uuid4().hex
@@ -106,7 +115,13 @@ async def submit(
         "nodes": sum(len(g.nodes) for g in graphs),
         "names": _names(header.get("names")),
     }
-    position = await store.submit(job_id, key.user, spec.name, body, dict(meta))
+    position = await store.submit(job_id, key, spec.name, body, dict(meta))
+    if position is None:
+        raise ApiError(
+            429,
+            f"this key already has {key.max_active} jobs queued or running; wait for one to end",
+            headers={"Retry-After": "1"},
+        )
     return {
         "id": job_id,
         "state": "queued",
@@ -182,9 +197,38 @@ async def events(websocket: WebSocket, job_id: str, after: str = "0-0", result: 
     if job is None or job["user"] != key.user:
         await websocket.close(code=4404, reason="no such job")
         return
-    limit = websocket.app.state.settings.inline_result_bytes if result == "inline" else 0
+    if not await store.open_stream(key):
+        await websocket.close(code=4429, reason=f"this key already has {key.max_streams} event streams open")
+        return
+    try:
+        await _stream(websocket, store, job_id, after, result == "inline")
+    finally:
+        # Given back even when the server cancels this handler (the slot must not leak).
+        await asyncio.shield(store.close_stream(key))
+
+
+async def _stream(websocket: WebSocket, store: Store, job_id: str, after: str, inline: bool) -> None:
+    """Send events until a final one; stop as soon as the client goes away (its stream slot is
+    then free again, even while the job waits in the queue)."""
     await websocket.accept()
-    cursor = after
+    sender = asyncio.create_task(_send_events(websocket, store, job_id, after, inline))
+    watcher = asyncio.create_task(_until_disconnected(websocket))
+    try:
+        await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sender, watcher):
+            task.cancel()
+        await asyncio.gather(sender, watcher, return_exceptions=True)
+
+
+async def _until_disconnected(websocket: WebSocket) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+
+async def _send_events(websocket: WebSocket, store: Store, job_id: str, cursor: str, inline: bool) -> None:
+    limit = websocket.app.state.settings.inline_result_bytes if inline else 0
     try:
         while True:
             batch = await store.events(job_id, cursor, block_ms=1000)
@@ -201,5 +245,5 @@ async def events(websocket: WebSocket, job_id: str, after: str = "0-0", result: 
                     return
             if not batch:
                 await asyncio.sleep(0)
-    except WebSocketDisconnect:
+    except (WebSocketDisconnect, RuntimeError):
         return

@@ -4,7 +4,7 @@ per-model queues (streams with a consumer group) and the models' published state
 Usage::
 
     store = Store(redis.asyncio.from_url(url), ttl_s=86400)
-    key, record = await store.create_key("alice", models=["gpt2"], rate_limit=600)
+    key, record = await store.create_key("alice", models=["gpt2"], max_active=64)
     await store.submit(job_id, user="alice", model="gpt2", payload=data, meta={})
     events = await store.events(job_id, after="0-0", block_ms=1000)
 
@@ -72,6 +72,10 @@ def _key(digest: str) -> str:
     return f"nnf:key:{digest}"
 
 
+def _active(key_id: str) -> str:
+    return f"nnf:active:{key_id}"
+
+
 _KEY_IDS = "nnf:key_ids"
 _HEARTBEAT = "nnf:heartbeat:"
 _RECENT = "nnf:recent"
@@ -92,13 +96,23 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# Per-key defaults. Concurrency caps keep one user from crowding out the rest; a rate limit
+# (submissions a minute) is off unless an operator sets one, so an honest loop of small
+# sequential traces runs at full speed.
+MAX_ACTIVE = 64  # jobs queued or running at once
+MAX_STREAMS = 16  # event websockets open at once
+AUTH_FAILURES_PER_MINUTE = 30  # per client address; then 429 until the minute ends
+
+
 @dataclass
 class ApiKey:
     key_id: str
     user: str
     models: list[str]
-    rate_limit: int
+    rate_limit: int  # job submissions a minute; 0: no limit
     created: float
+    max_active: int = MAX_ACTIVE
+    max_streams: int = MAX_STREAMS
 
     def allows(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -115,7 +129,10 @@ def _decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
 def _api_key(raw: dict[str, str]) -> ApiKey | None:
     if not raw:
         return None
-    return ApiKey(raw["key_id"], raw["user"], json.loads(raw["models"]), int(raw["rate_limit"]), float(raw["created"]))
+    return ApiKey(
+        raw["key_id"], raw["user"], json.loads(raw["models"]), int(raw["rate_limit"]), float(raw["created"]),
+        int(raw.get("max_active", MAX_ACTIVE)), int(raw.get("max_streams", MAX_STREAMS)),
+    )  # fmt: skip
 
 
 def _job_record(raw: dict[str, str]) -> JobRecord | None:
@@ -138,9 +155,21 @@ def _job_record(raw: dict[str, str]) -> JobRecord | None:
 # (The model's queue key and the outcome counter are named inside; this is a single Redis, not a cluster.)
 _SUBMIT = """
 local job, payload, queued, events, stream, recent, mine = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local active = KEYS[8]
 local id, user, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local cap, job_prefix = tonumber(ARGV[6]), ARGV[7]
+-- The key's jobs that have not ended; ids whose job ended or expired are dropped on the way.
+for _, other in ipairs(redis.call('SMEMBERS', active)) do
+  local state = redis.call('HGET', job_prefix .. other, 'state')
+  if not state or state == 'completed' or state == 'failed' or state == 'cancelled' then
+    redis.call('SREM', active, other)
+  end
+end
+if redis.call('SCARD', active) >= cap then return -1 end
+redis.call('SADD', active, id)
+redis.call('EXPIRE', active, ttl)
 redis.call('SET', payload, ARGV[5], 'EX', ttl)
-redis.call('HSET', job, unpack(ARGV, 6))
+redis.call('HSET', job, unpack(ARGV, 8))
 redis.call('EXPIRE', job, ttl)
 redis.call('ZADD', queued, now, id)
 local position = redis.call('ZRANK', queued, id)
@@ -166,6 +195,8 @@ redis.call('HSET', job, unpack(ARGV, 9))
 if terminal == '1' then
   local model = redis.call('HGET', job, 'model')
   if model then redis.call('ZREM', ARGV[8] .. model, id) end
+  local key = redis.call('HGET', job, 'key')
+  if key then redis.call('SREM', KEYS[6] .. key, id) end
   redis.call('DEL', payload)
   redis.call('HINCRBY', KEYS[5], state, 1)
 end
@@ -194,15 +225,23 @@ class Store:
         return bool(await self.redis.ping())
 
     # -- API keys --------------------------------------------------------------------------
-    async def create_key(self, user: str, models: list[str], rate_limit: int = 600) -> tuple[str, ApiKey]:
+    async def create_key(
+        self,
+        user: str,
+        models: list[str],
+        rate_limit: int = 0,
+        max_active: int = MAX_ACTIVE,
+        max_streams: int = MAX_STREAMS,
+    ) -> tuple[str, ApiKey]:
         """Make a key; only its hash is stored. Returns (the key, shown once; its record)."""
         key = "nnf_" + secrets.token_urlsafe(24)
         digest = hash_key(key)
-        record = ApiKey(digest[:12], user, models, rate_limit, time.time())
+        record = ApiKey(digest[:12], user, models, rate_limit, time.time(), max_active, max_streams)
         await self.redis.hset(
             _key(digest),
             mapping={"key_id": record.key_id, "user": user, "models": json.dumps(models),
-                     "rate_limit": rate_limit, "created": record.created},
+                     "rate_limit": rate_limit, "created": record.created, "max_active": max_active,
+                     "max_streams": max_streams},
         )  # fmt: skip
         await self.redis.hset(_KEY_IDS, record.key_id, digest)
         return key, record
@@ -226,35 +265,71 @@ class Store:
         await self.redis.hdel(_KEY_IDS, key_id)
         return True
 
-    async def authorize(self, key: str, window_s: int = 60) -> tuple[ApiKey | None, int]:
-        """Look the key up and count one request against its rate limit, in one round trip.
-        Returns (the key's record or None, 0 if allowed else seconds until the window resets)."""
-        digest = hash_key(key)
+    async def authorize(self, key: str, client: str, window_s: int = 60) -> tuple[ApiKey | None, int]:
+        """Look the key up, in one round trip with the client address's failed attempts.
+        Returns (the key's record or None, 0 if the client may go on, else seconds to wait):
+        a client that keeps presenting unknown keys is slowed down, whatever key it tries next."""
         now = time.time()
         window = int(now // window_s)
-        counter = f"nnf:rate:{digest[:12]}:{window}"  # digest[:12] is the key id
+        failures = f"nnf:authfail:{client[:64]}:{window}"
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(_key(digest))
-            pipe.incr(counter)
-            pipe.expire(counter, window_s * 2)
-            raw, count, _ = await pipe.execute()
+            pipe.hgetall(_key(hash_key(key)))
+            pipe.get(failures)
+            raw, failed = await pipe.execute()
+        wait = max(1, int((window + 1) * window_s - now))
+        if int(failed or 0) >= AUTH_FAILURES_PER_MINUTE:
+            return None, wait
         record = _api_key(_decode_hash(raw))
-        if record is not None and count > record.rate_limit:
-            return record, max(1, int((window + 1) * window_s - now))
+        if record is None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.incr(failures)
+                pipe.expire(failures, window_s * 2)
+                await pipe.execute()
         return record, 0
 
-    # -- jobs ------------------------------------------------------------------------------
-    async def submit(self, job_id: str, user: str, model: str, payload: bytes, meta: dict[str, Any]) -> int:
-        """Store the payload and job, announce `queued`, then enqueue (one atomic script).
-        Returns the queue position."""
+    async def count_submit(self, key: ApiKey, window_s: int = 60) -> int:
+        """Count a submission against the key's rate limit: 0 if allowed, else seconds to wait."""
+        if key.rate_limit <= 0:
+            return 0
         now = time.time()
-        record = {"id": job_id, "user": user, "model": model, "state": "queued", "created": str(now),
-                  "bytes": str(len(payload)), "meta": json.dumps(meta)}  # fmt: skip
+        window = int(now // window_s)
+        counter = f"nnf:rate:{key.key_id}:{window}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(counter)
+            pipe.expire(counter, window_s * 2)
+            count, _ = await pipe.execute()
+        return max(1, int((window + 1) * window_s - now)) if count > key.rate_limit else 0
+
+    async def open_stream(self, key: ApiKey) -> bool:
+        """Count an event websocket against the key's cap; False (and not counted) if full."""
+        counter = f"nnf:streams:{key.key_id}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(counter)
+            pipe.expire(counter, 3600)  # a crashed api's counts fade
+            count, _ = await pipe.execute()
+        if count > key.max_streams:
+            await self.redis.decr(counter)
+            return False
+        return True
+
+    async def close_stream(self, key: ApiKey) -> None:
+        await self.redis.decr(f"nnf:streams:{key.key_id}")
+
+    # -- jobs ------------------------------------------------------------------------------
+    async def submit(self, job_id: str, key: ApiKey, model: str, payload: bytes, meta: dict[str, Any]) -> int | None:
+        """Store the payload and job, announce `queued`, then enqueue (one atomic script).
+        Returns the queue position, or None (nothing stored) when the key already has its
+        `max_active` jobs queued or running."""
+        now = time.time()
+        record = {"id": job_id, "user": key.user, "key": key.key_id, "model": model, "state": "queued",
+                  "created": str(now), "bytes": str(len(payload)), "meta": json.dumps(meta)}  # fmt: skip
         fields = [item for pair in record.items() for item in pair]
         keys = [_job(job_id), _payload(job_id), _queued(model), _events(job_id), _queue(model),
-                _RECENT, _recent(user)]  # fmt: skip
-        position = await self._submit(keys, [job_id, user, now, self.ttl_s, payload, *fields])
-        return int(position)
+                _RECENT, _recent(key.user), _active(key.key_id)]  # fmt: skip
+        args: list[str | int | float | bytes] = [job_id, key.user, now, self.ttl_s, payload, key.max_active,
+                                                 _job(""), *fields]  # fmt: skip
+        position = int(await self._submit(keys, args))
+        return None if position < 0 else position
 
     async def job(self, job_id: str) -> JobRecord | None:
         job = _job_record(_decode_hash(await self.redis.hgetall(_job(job_id))))
@@ -283,7 +358,7 @@ class Store:
         if stamp:
             mapping[stamp] = time.time()
         flat = [_text(item) for pair in mapping.items() for item in pair]
-        keys = [_job(job_id), _events(job_id), _payload(job_id), _result(job_id), _OUTCOMES]
+        keys = [_job(job_id), _events(job_id), _payload(job_id), _result(job_id), _OUTCOMES, _active("")]
         args: list[str | int | bytes] = [job_id, state, int(state in TERMINAL), json.dumps(data or {}), self.ttl_s]
         queued_prefix = _queued("")
         event_id = await self._transition(keys, [*args, int(result is not None), result or b"", queued_prefix, *flat])
