@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from .common.settings import Settings
 from .common.store import MAX_ACTIVE, MAX_STREAMS, ApiKey, Store
@@ -61,7 +61,8 @@ def keys_create(
 def keys_list() -> None:
     """List keys (ids only; keys themselves are never stored)."""
     found: list[ApiKey] = _with_store(lambda store: store.list_keys())
-    table = Table("key id", "user", "models", "jobs at once", "streams", "jobs/min", "created")
+    table = Table(Column("key id", no_wrap=True, min_width=12), "user", "models", "jobs at once", "streams",
+                  "jobs/min", "created")  # fmt: skip
     for key in found:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created))
         rate = str(key.rate_limit) if key.rate_limit else "-"

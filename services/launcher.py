@@ -82,7 +82,7 @@ class EmbeddedFabric:
     ) -> EmbeddedFabric:
         import ray
 
-        redis = None if redis_url else RedisServer.start()
+        redis = None if redis_url else RedisServer.start(data_dir=Settings(**overrides).redis_data_dir)
         try:
             return cls._start(catalog_path, redis, redis_url or (redis.url if redis else ""), port, deploy, overrides)
         except BaseException:
@@ -104,9 +104,7 @@ class EmbeddedFabric:
         overrides: dict[str, Any],
     ) -> EmbeddedFabric:
         import ray
-        import uvicorn
 
-        from .api.app import create_app
         from .worker.deployment import deploy_catalog
 
         catalog = Catalog.load(catalog_path)
@@ -128,15 +126,7 @@ class EmbeddedFabric:
         chosen = Catalog(models=[m for m in catalog.models if deploy is None or m.name in deploy])
         deploy_catalog(_convert_here(chosen, settings), settings)
         port = port or free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host=settings.api_host, port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError(f"the api could not start on port {port}")
-            time.sleep(0.05)
+        server, thread = _serve_api(settings, port)
         fabric = cls(
             f"http://{settings.api_host}:{port}",
             settings,
@@ -149,6 +139,14 @@ class EmbeddedFabric:
         )
         fabric.start_scheduler()
         return fabric
+
+    def restart_api(self) -> None:
+        """Stop the api and start a fresh one on the same port (what a rolling restart does)."""
+        assert self._server is not None and self._thread is not None
+        self._server.should_exit = True
+        self._thread.join(10)
+        port = int(self.url.rsplit(":", 1)[1])
+        self._server, self._thread = _serve_api(self.settings, port)
 
     def start_scheduler(self, name: str | None = None) -> None:
         env = {**self.env, "NNFABRIC_SCHEDULER_NAME": name or self.settings.scheduler_name, "PYTHONPATH": str(ROOT)}
@@ -193,3 +191,19 @@ class EmbeddedFabric:
             ray.shutdown()
             if self.redis is not None:
                 self.redis.stop()
+
+
+def _serve_api(settings: Settings, port: int) -> tuple[Any, threading.Thread]:
+    import uvicorn
+
+    from .api.app import create_app
+
+    config = uvicorn.Config(create_app(settings), host=settings.api_host, port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the api could not start on port {port}")
+        time.sleep(0.05)
+    return server, thread

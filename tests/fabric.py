@@ -25,7 +25,11 @@ def start_fabric(tmp: Path, model_dir: Path) -> EmbeddedFabric:
     catalog_path = tmp / "catalog.yaml"
     write_catalog(catalog_path, model_dir)
     fabric = EmbeddedFabric.start(
-        catalog_path, deploy=["tiny-gpt2"], reclaim_idle_ms=1500, max_envelope_bytes=2_000_000
+        catalog_path,
+        deploy=["tiny-gpt2"],
+        reclaim_idle_ms=1500,
+        max_envelope_bytes=2_000_000,
+        redis_data_dir=str(tmp / "redis"),
     )
     try:
         fabric.keys = asyncio.run(_make_keys(fabric.settings.redis_url))  # type: ignore[attr-defined]

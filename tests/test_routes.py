@@ -179,11 +179,25 @@ def test_active_jobs_and_streams_are_capped_per_key(api, redis_url):
     assert post(api, envelope(), "capped").status_code == 202  # a job slot freed when the job ended
 
 
-def test_failed_authentication_is_throttled_per_address(api):
-    statuses = [api.get("/v1/models", headers={"Authorization": f"Bearer nnf_guess{i}"}).status_code
-                for i in range(31)]  # fmt: skip
-    assert statuses[:30] == [401] * 30 and statuses[30] == 429
-    assert api.get("/v1/models", headers=auth(api)).status_code == 429  # the address waits, whatever the key
+def _forget_failures(redis_url: str) -> None:
+    async def forget() -> None:
+        store = Store.from_url(redis_url)
+        for key in await store.redis.keys("nnf:authfail:*"):
+            await store.redis.delete(key)
+        await store.close()
+
+    asyncio.run(forget())
+
+
+def test_failed_authentication_is_throttled_per_address(api, redis_url):
+    _forget_failures(redis_url)  # every test here comes from one address
+    try:
+        statuses = [api.get("/v1/models", headers={"Authorization": f"Bearer nnf_guess{i}"}).status_code
+                    for i in range(31)]  # fmt: skip
+        assert statuses[:30] == [401] * 30 and statuses[30] == 429
+        assert api.get("/v1/models", headers=auth(api)).status_code == 429  # the address waits, whatever the key
+    finally:
+        _forget_failures(redis_url)
 
 
 def test_models_health_and_public_status(api, redis_url):

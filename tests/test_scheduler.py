@@ -184,3 +184,47 @@ def test_a_dead_schedulers_entries_are_taken_over(redis_url):
         assert states == ["completed"] * 3 and sorted(replica.order) == ids
 
     asyncio.run(scenario())
+
+
+class LosingReplica(FakeReplica):
+    """Starts every job, then dies mid-batch the first `losses` times it is called."""
+
+    def __init__(self, store: Store, losses: int) -> None:
+        super().__init__(store)
+        self.losses = losses
+
+    async def __call__(self, spec: ModelSpec, job_ids: list[str]) -> dict[str, str]:
+        if self.losses > 0:
+            self.losses -= 1
+            self.batches.append(list(job_ids))
+            for job_id in job_ids:
+                await self.store.transition(job_id, "running")
+            raise RuntimeError("ActorDiedError: node 10.0.0.7 pid 4242 actor 9f3e... died")
+        return await super().__call__(spec, job_ids)
+
+
+@pytest.mark.parametrize("losses, expected", [(1, "completed"), (2, "failed")])
+def test_a_lost_replicas_jobs_run_once_more(redis_url, losses, expected):
+    async def scenario() -> None:
+        store = await _fresh(redis_url)
+        await store.submit("victim", key_of("alice"), MODEL, b"payload", {})
+        replica = LosingReplica(store, losses)
+        scheduler = Scheduler(store, catalog(max_batch=1), replica, _settings(redis_url))
+        task = asyncio.create_task(scheduler.run())
+        states = await _settle(store, ["victim"])
+        await store.submit("later", key_of("bob"), MODEL, b"payload", {})
+        later = await _settle(store, ["later"])
+        scheduler.stop()
+        await task
+        job = await store.job("victim")
+        events = [e["type"] for e in await store.events("victim")]
+        await store.close()
+        assert states == [expected] and later == ["completed"]
+        assert replica.order.count("victim") == losses + (expected == "completed")
+        assert job is not None and job["attempts"] == min(losses + 1, 2)
+        if expected == "failed":
+            # The user reads why, not Ray's internals (addresses, process and actor ids).
+            assert "replica was lost" in job["error"] and "10.0.0.7" not in job["error"]
+        assert events[:3] == ["queued", "running", "queued"]  # queued again, visibly
+
+    asyncio.run(scenario())

@@ -59,6 +59,7 @@ class JobRecord(TypedDict):
     error: NotRequired[str]
     error_node: NotRequired[int]
     error_trace: NotRequired[int]
+    attempts: NotRequired[int]  # times a replica started it (a lost replica's jobs run once more)
 
 
 class SubmitReply(TypedDict):
@@ -82,6 +83,8 @@ class JobEvent(TypedDict):
     id: str
     type: EventType
     position: NotRequired[int]  # queued
+    retry: NotRequired[bool]  # queued again: its replica was lost
+    reason: NotRequired[str]
     batch: NotRequired[int]  # running: jobs in its batch
     result: NotRequired[str]  # completed: where the result is
     bytes: NotRequired[int]

@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from nnfabric.graph.validate import GraphError, LimitExceeded
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 class ApiError(Exception):
@@ -34,8 +36,19 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.message, **exc.extra}, status_code=exc.status, headers=exc.headers)
 
 
+async def store_unreachable(request: Request, exc: Exception) -> JSONResponse:
+    # Redis restarting or unreachable: nothing the caller did wrong, and worth retrying.
+    return JSONResponse(
+        {"detail": "the job store is unreachable for a moment; retry shortly"},
+        status_code=503,
+        headers={"Retry-After": "2"},
+    )
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error_handler)
+    for error in (RedisConnectionError, RedisTimeoutError):
+        app.add_exception_handler(error, store_unreachable)
 
 
 # Error shapes per status, for the OpenAPI document of each route.

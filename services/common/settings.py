@@ -13,6 +13,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NNFABRIC_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Where the one-machine fabric (`nnfabric-server serve`) keeps its own Redis's append-only
+    # file when no NNFABRIC_REDIS_URL is given: jobs, keys and results survive a restart.
+    redis_data_dir: str = "~/.local/share/nnfabric/redis"
     catalog: str = "catalog.yaml"
     # How long payloads, results and event streams are kept after a job ends.
     result_ttl_s: int = 24 * 3600

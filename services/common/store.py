@@ -142,7 +142,7 @@ def _job_record(raw: dict[str, str]) -> JobRecord | None:
     for name in ("created", "started", "finished"):
         if name in job:
             job[name] = float(job[name])
-    for name in ("error_node", "error_trace"):
+    for name in ("error_node", "error_trace", "attempts"):
         if name in job:
             job[name] = int(job[name])
     job["bytes"] = int(job.get("bytes", 0))
@@ -192,6 +192,7 @@ if not current or current == 'completed' or current == 'failed' or current == 'c
 end
 if ARGV[6] == '1' then redis.call('SET', result, ARGV[7], 'EX', ttl) end
 redis.call('HSET', job, unpack(ARGV, 9))
+if state == 'running' then redis.call('HINCRBY', job, 'attempts', 1) end
 if terminal == '1' then
   local model = redis.call('HGET', job, 'model')
   if model then redis.call('ZREM', ARGV[8] .. model, id) end
@@ -206,6 +207,24 @@ return event
 """
 
 
+# A job goes back to the queue (its replica was lost): unless it has ended meanwhile.
+_REQUEUE = """
+local job, events, queued = KEYS[1], KEYS[2], KEYS[3]
+local id, data, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local current = redis.call('HGET', job, 'state')
+if not current or current == 'completed' or current == 'failed' or current == 'cancelled' then
+  return false
+end
+redis.call('HSET', job, 'state', 'queued')
+redis.call('ZADD', queued, redis.call('HGET', job, 'created'), id)
+local position = redis.call('ZRANK', queued, id)
+local event = redis.call('XADD', events, '*', 'type', 'queued',
+                         'data', '{"retry": true, "position": ' .. position .. ', "reason": ' .. data .. '}')
+redis.call('EXPIRE', events, ttl)
+return event
+"""
+
+
 class Store:
     def __init__(self, redis: Redis, ttl_s: int = 86400) -> None:
         # redis-py's stubs type replies as unions of every wire type; we decode them ourselves.
@@ -213,6 +232,7 @@ class Store:
         self.ttl_s = ttl_s
         self._submit = redis.register_script(_SUBMIT)  # sent by digest (EVALSHA) after the first call
         self._transition = redis.register_script(_TRANSITION)
+        self._requeue = redis.register_script(_REQUEUE)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 86400) -> Store:
@@ -364,6 +384,12 @@ class Store:
         event_id = await self._transition(keys, [*args, int(result is not None), result or b"", queued_prefix, *flat])
         return event_id is not None
 
+    async def requeue(self, job_id: str, model: str, reason: str) -> bool:
+        """Put a job that has not ended back in its queue (in its original place) to run again;
+        False if it ended meanwhile."""
+        keys = [_job(job_id), _events(job_id), _queued(model)]
+        return await self._requeue(keys, [job_id, json.dumps(reason), self.ttl_s]) is not None
+
     async def log(self, job_id: str, message: str) -> None:
         await self._event(job_id, "log", {"message": message})
 
@@ -484,9 +510,14 @@ class Store:
         values = await self.redis.hmget(_model(name), list(fields))
         return {f: _text(v) for f, v in zip(fields, values, strict=True) if v is not None}
 
-    async def replica_alive(self, model: str, replica: str, ttl_s: float) -> None:
-        """A replica holding `model` says it is alive for the next ttl_s seconds."""
-        await self.redis.set(_replica(model, replica), time.time(), px=int(ttl_s * 1000))
+    async def replica_alive(self, model: str, replica: str, ttl_s: float, pid: int = 0) -> None:
+        """A replica holding `model` (process `pid`) says it is alive for the next ttl_s seconds."""
+        await self.redis.set(_replica(model, replica), pid, px=int(ttl_s * 1000))
+
+    async def replica_pids(self, model: str) -> list[int]:
+        """The process ids of the replicas of `model` alive now (operators' and tests' view)."""
+        keys = [k async for k in self.redis.scan_iter(_replica(model, "*"), count=100)]
+        return [int(v) for v in await self.redis.mget(keys) if v is not None] if keys else []
 
     async def replica_gone(self, model: str, replica: str) -> None:
         await self.redis.delete(_replica(model, replica))

@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nnfabric.protocol import TERMINAL
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..common.catalog import Catalog, ModelSpec
 from ..common.settings import Settings
@@ -32,6 +34,9 @@ log = logging.getLogger("nnfabric.scheduler")
 
 Dispatch = Callable[[ModelSpec, list[str]], Awaitable[dict[str, str]]]
 _Entry = QueueEntry
+MAX_ATTEMPTS = 2  # a job whose replica is lost runs once more
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+_REDIS_RETRY_S = 0.5
 
 
 @dataclass
@@ -84,32 +89,49 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
+        await self._until_redis_answers(self._start)
+        last_reclaim = 0.0
+        reading: asyncio.Task[None] | None = None
+        while not self._stopping.is_set():
+            try:
+                if time.monotonic() - last_reclaim > min(2.0, self.reclaim_idle_ms / 2000):
+                    for name in self.queues:
+                        self._add(await self.store.reclaim(name, self.name, self.reclaim_idle_ms))
+                    await self.store.heartbeat(f"scheduler:{self.name}")
+                    last_reclaim = time.monotonic()
+                # Wait for new entries, or for a batch to end (its replica is free now): whichever is first.
+                reading = reading or asyncio.create_task(self._read_new())
+                freed = asyncio.create_task(self._freed.wait())
+                await asyncio.wait({reading, freed}, return_when=asyncio.FIRST_COMPLETED)
+                freed.cancel()
+                self._freed.clear()
+                if reading.done():
+                    task, reading = reading, None
+                    task.result()
+                for name in self.queues:
+                    await self._dispatch_ready(name)
+            except _REDIS_DOWN as exc:
+                # Redis restarting: nothing is lost (entries stay pending in its streams); wait and go on.
+                log.warning("Redis unreachable (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(_REDIS_RETRY_S)
+        if reading is not None:
+            reading.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _start(self) -> None:
         for spec in self.catalog.models:
             await self.store.ensure_queue(spec.name)
         # Entries this consumer had read but not acknowledged before a restart.
         self._add(await self.store.read_queues(list(self.queues), self.name, pending=True, count=10_000))
-        last_reclaim = 0.0
-        reading: asyncio.Task[None] | None = None
+
+    async def _until_redis_answers(self, action: Callable[[], Awaitable[None]]) -> None:
         while not self._stopping.is_set():
-            if time.monotonic() - last_reclaim > min(2.0, self.reclaim_idle_ms / 2000):
-                for name in self.queues:
-                    self._add(await self.store.reclaim(name, self.name, self.reclaim_idle_ms))
-                await self.store.heartbeat(f"scheduler:{self.name}")
-                last_reclaim = time.monotonic()
-            # Wait for new entries, or for a batch to end (its replica is free now): whichever is first.
-            reading = reading or asyncio.create_task(self._read_new())
-            freed = asyncio.create_task(self._freed.wait())
-            await asyncio.wait({reading, freed}, return_when=asyncio.FIRST_COMPLETED)
-            freed.cancel()
-            self._freed.clear()
-            if reading.done():
-                reading.result()
-                reading = None
-            for name in self.queues:
-                await self._dispatch_ready(name)
-        if reading is not None:
-            reading.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            try:
+                await action()
+                return
+            except _REDIS_DOWN as exc:
+                log.warning("Redis unreachable (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(_REDIS_RETRY_S)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -159,16 +181,37 @@ class Scheduler:
             await self.store.dequeued(name, [e.job_id for e in batch])
             try:
                 await self.dispatch(queue.spec, [e.job_id for e in batch])
-            except Exception as exc:  # the replica failed as a whole; the jobs fail with its reason
+            except Exception:  # the replica failed as a whole (e.g. its process died)
                 log.exception("dispatch to %s failed", name)
-                for entry in batch:
-                    await self.store.transition(
-                        entry.job_id, "failed", {"message": f"the model replica failed: {exc}"}, error=str(exc)
-                    )
+                await self._replica_lost(queue, batch)
+                return
             await self._ack(*batch)
+        except Exception:
+            # Redis unreachable: the entries stay pending in the stream; forgetting them here lets
+            # the reclaim loop hand them out again once they have been idle long enough.
+            log.exception("batch on %s could not be settled; its jobs will be reclaimed", name)
+            for entry in batch:
+                queue.done(entry)
         finally:
             queue.in_flight -= 1
             self._freed.set()
+
+    async def _replica_lost(self, queue: _ModelQueue, batch: list[_Entry]) -> None:
+        """Each job of a batch whose replica was lost runs once more (first in its user's line);
+        a job that had already been started twice fails with a message that says why."""
+        for entry in batch:
+            job = await self.store.job(entry.job_id)
+            if job is None or job["state"] in TERMINAL:
+                await self._ack(entry)
+            elif job.get("attempts", 0) >= MAX_ATTEMPTS:
+                message = f"the model replica was lost while running this job ({MAX_ATTEMPTS} times); not retried"
+                await self.store.transition(entry.job_id, "failed", {"message": message}, error=message)
+                await self._ack(entry)
+            elif await self.store.requeue(entry.job_id, queue.spec.name, "the model replica was lost"):
+                queue.users.setdefault(entry.user, deque()).appendleft(entry)
+                queue.users.move_to_end(entry.user, last=False)
+            else:
+                await self._ack(entry)
 
     async def _ack(self, *entries: _Entry) -> None:
         await self.store.ack(list(entries))

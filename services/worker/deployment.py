@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import uuid
 from typing import Any
 
@@ -55,7 +56,7 @@ class ModelReplica:
             tokenizer=json.dumps(tokenizer_files(tokenizer)),
             error="",
         )
-        await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S)
+        await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S, os.getpid())
 
     async def run_batch(self, job_ids: list[str]) -> dict[str, str]:
         store = self.store
@@ -92,7 +93,7 @@ class ModelReplica:
         """Healthy when Redis answers and the model is loaded; renews this replica's liveness."""
         if self.executor.model is None:
             raise RuntimeError("the model is not loaded")
-        await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S)
+        await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S, os.getpid())
 
     async def __del__(self) -> None:
         await self.store.replica_gone(self.spec.name, self.replica)

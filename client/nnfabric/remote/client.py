@@ -17,8 +17,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import httpx
 
@@ -28,6 +29,7 @@ from ..graph.ir import SourceLine
 from ..protocol import TERMINAL, CancelReply, JobRecord, ModelInfo, ModelStructure, SubmitReply
 
 _default: FabricClient | None = None
+T = TypeVar("T")
 
 
 class FabricClient:
@@ -40,6 +42,17 @@ class FabricClient:
         self.progress = sys.stderr.isatty() if progress is None else progress
         # Results that came inline on a job's events websocket, until result() takes them.
         self._inline: dict[str, bytes] = {}
+        # How long a wait rides out losing the api (a restart, a dropped connection).
+        self.reconnect_s = 60.0
+
+    def _retrying(self, call: Callable[[], T], job_id: str) -> T:
+        """`call`, retried while the api cannot be reached (for up to reconnect_s)."""
+        lost = _Lost(self.reconnect_s, self.url, job_id)
+        while True:
+            try:
+                return call()
+            except httpx.TransportError:
+                lost.wait(None)
 
     def __repr__(self) -> str:
         return f"<nnfabric.Fabric {self.url}>"
@@ -77,6 +90,9 @@ class FabricClient:
         inline = self._inline.pop(job_id, None)
         if inline is not None:
             return inline
+        return self._retrying(lambda: self._download(job_id), job_id)
+
+    def _download(self, job_id: str) -> bytes:
         with self.http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
             if not response.is_success:
                 response.read()
@@ -100,37 +116,34 @@ class FabricClient:
         return cast(CancelReply, response.json())
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Follow the job's events until it ends (websocket; polling if that fails)."""
+        """Follow the job's events until it ends (websocket; polling where websockets are refused).
+        A dropped connection or an api restart is ridden out: the stream resumes after the last
+        event seen, retrying for up to `reconnect_s` seconds without contact."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with _Progress(self.progress, job_id) as progress:
-            try:
-                final = self._follow(job_id, deadline, progress)
-            except (OSError, ImportError, RuntimeError) as exc:
-                if isinstance(exc, TimeoutError):
-                    raise
-                final = None
+            final = self._follow(job_id, deadline, progress)
             if final is None:
                 final = self._poll(job_id, deadline, progress)
         return final
 
     def _follow(self, job_id: str, deadline: float | None, progress: _Progress) -> dict[str, Any] | None:
-        from websockets.exceptions import ConnectionClosed
+        from websockets.exceptions import ConnectionClosed, InvalidStatus
         from websockets.sync.client import connect
 
         ws_url = self.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         after = "0-0"
-        final: dict[str, Any] | None = None
-        for _attempt in range(5):
+        lost = _Lost(self.reconnect_s, self.url, job_id)
+        while True:
+            final: dict[str, Any] | None = None
             try:
                 with connect(
                     f"{ws_url}/v1/jobs/{job_id}/events?after={after}&result=inline",
                     additional_headers={"Authorization": f"Bearer {self.api_key}"},
                     open_timeout=10,
                 ) as ws:
+                    lost.reset()
                     while True:
-                        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                        if remaining == 0.0:
-                            raise TimeoutError(f"job {job_id} did not finish in time")
+                        remaining = _remaining(deadline, job_id)
                         event: dict[str, Any] = json.loads(ws.recv(timeout=remaining))
                         after = event["id"]
                         progress.show(event)
@@ -139,11 +152,22 @@ class FabricClient:
                             if event.get("inline"):  # the result follows as one binary frame
                                 self._keep_inline(job_id, ws.recv(timeout=remaining))
                             return final
-            except ConnectionClosed:
+            except ConnectionClosed as exc:
                 if final is not None:
                     return final  # the inline result went with the connection: result() fetches it
-                continue  # resume from the last event seen: nothing is lost
-        return None
+                if exc.rcvd is not None and exc.rcvd.code == 4429:
+                    return None  # this key's event streams are all in use: poll instead
+                if exc.rcvd is not None and 4000 <= exc.rcvd.code < 4500:
+                    raise RemoteError(f"the fabric closed the event stream: {exc.rcvd.reason}") from None
+            except InvalidStatus as exc:
+                if exc.response.status_code not in (502, 503, 504):
+                    return None  # websockets refused on the way (a proxy): poll instead
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            except OSError:
+                pass  # refused or reset: the api may be restarting
+            lost.wait(deadline)  # then resume from the last event seen: nothing is lost
 
     def _keep_inline(self, job_id: str, data: str | bytes) -> None:
         if isinstance(data, bytes):
@@ -154,7 +178,7 @@ class FabricClient:
     def _poll(self, job_id: str, deadline: float | None, progress: _Progress) -> dict[str, Any]:
         delay = 0.05
         while True:
-            job = self.status(job_id)
+            job = self._retrying(lambda: self.status(job_id), job_id)
             progress.show({"type": job["state"], "position": job.get("position")})
             if job["state"] in TERMINAL:
                 return {
@@ -167,6 +191,42 @@ class FabricClient:
                 raise TimeoutError(f"job {job_id} did not finish in time")
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
+
+
+class _Lost:
+    """Time without contact with the api, and the pause before the next try."""
+
+    def __init__(self, limit_s: float, url: str, job_id: str) -> None:
+        self.limit_s = limit_s
+        self.url = url
+        self.job_id = job_id
+        self.reset()
+
+    def reset(self) -> None:
+        self.since: float | None = None
+        self.delay = 0.1
+
+    def wait(self, deadline: float | None) -> None:
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since > self.limit_s:
+            raise RemoteError(
+                f"lost contact with the fabric at {self.url} for {self.limit_s:.0f} s while waiting for job "
+                f"{self.job_id}; it may still finish: nnfabric.job({self.job_id!r}).wait()"
+            )
+        if deadline is not None and now >= deadline:
+            raise TimeoutError(f"job {self.job_id} did not finish in time")
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 2.0)
+
+
+def _remaining(deadline: float | None, job_id: str) -> float | None:
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"job {job_id} did not finish in time")
+    return remaining
 
 
 def _int(value: Any) -> int | None:
