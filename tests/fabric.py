@@ -15,6 +15,8 @@ def write_catalog(path: Path, model_dir: Path) -> None:
         "models": [
             {"name": "tiny-gpt2", "source": str(model_dir), "replicas": 1,
              "limits": {"max_batch": 4, "timeout_s": 60, "max_saved_bytes": 4_000_000, "max_new_tokens": 16}},
+            {"name": "tiny-strict", "source": str(model_dir), "replicas": 1,
+             "limits": {"max_batch": 1, "timeout_s": 0.5}},
             {"name": "not-deployed", "source": "/nonexistent", "replicas": 1},
         ]
     }  # fmt: skip
@@ -26,8 +28,9 @@ def start_fabric(tmp: Path, model_dir: Path) -> EmbeddedFabric:
     write_catalog(catalog_path, model_dir)
     fabric = EmbeddedFabric.start(
         catalog_path,
-        deploy=["tiny-gpt2"],
+        deploy=["tiny-gpt2", "tiny-strict"],
         reclaim_idle_ms=1500,
+        watchdog_margin_s=1.0,
         max_envelope_bytes=2_000_000,
         redis_data_dir=str(tmp / "redis"),
     )

@@ -40,12 +40,12 @@ def slow_job(steps: int = 60, size: int = 1500) -> bytes:
     return pack_request(g, {}, extra={"model": "tiny-gpt2"})
 
 
-def quick_job() -> bytes:
+def quick_job(model: str = "tiny-gpt2") -> bytes:
     g = Graph()
     g.invokes.append(Invoke(args=[CLEAN]))
     h = g.add(Node("output", ["transformer.h.1", 0, 0]))
     g.saves.append(h.id)
-    return pack_request(g, {}, extra={"model": "tiny-gpt2"})
+    return pack_request(g, {}, extra={"model": model})
 
 
 def headers(fabric):
@@ -77,11 +77,11 @@ def wait_for(predicate, timeout: float = 120, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def replica_pids(fabric) -> list[int]:
+def replica_pids(fabric, model: str = "tiny-gpt2") -> list[int]:
     async def read() -> list[int]:
         store = Store.from_url(fabric.settings.redis_url)
         try:
-            return await store.replica_pids("tiny-gpt2")
+            return await store.replica_pids(model)
         finally:
             await store.close()
 
@@ -164,3 +164,25 @@ def test_a_client_following_a_job_rides_out_an_api_restart(fabric, alice):
     (total,) = unpack_result(data).values()
     assert abs(float(total) / 1500.0**2 - 1) < 1e-4  # each product keeps every entry at 1 (float32 sum)
     assert isinstance(nnfabric.job(slow).status(), dict)
+
+
+def one_long_op(model: str, size: int) -> bytes:
+    g = Graph()
+    g.invokes.append(Invoke(args=[CLEAN]))
+    x = g.add(Node("call_function", ["torch.ones", size, size]))
+    y = g.add(Node("binary", ["matmul", Ref(x.id), Ref(x.id)]))  # one native op: seconds
+    g.saves.append(g.add(Node("call_method", ["sum", Ref(y.id)])).id)
+    return pack_request(g, {}, extra={"model": model})
+
+
+def test_a_job_stuck_in_one_native_op_is_ended_and_its_replica_replaced(fabric):
+    (before,) = wait_for(lambda: replica_pids(fabric, "tiny-strict"), what="the strict replica")
+    stuck = submit(fabric, one_long_op("tiny-strict", 6144))  # far past its 0.5 s limit
+    failed = wait_for(lambda: job(fabric, stuck)["state"] in ("completed", "failed") and job(fabric, stuck),
+                      what="the stuck job to end")  # fmt: skip
+    assert failed["state"] == "failed" and "could not be interrupted" in failed["error"], failed
+    assert failed["finished"] - failed["started"] < 10  # ended by the watchdog, not by finishing
+    wait_for(lambda: [p for p in replica_pids(fabric, "tiny-strict") if p != before], what="a new replica")
+    done = submit(fabric, quick_job("tiny-strict"))
+    assert wait_for(lambda: job(fabric, done)["state"] in ("completed", "failed") and job(fabric, done),
+                    what="a later job")["state"] == "completed"  # fmt: skip

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     scheduler_name: str = "scheduler-0"
+    # A replica gives up on a batch this long after its jobs' time limits have all passed (a
+    # native op cannot be interrupted): the stuck job fails and Serve replaces the replica.
+    watchdog_margin_s: float = 30.0
     # Entries another scheduler read but left unacknowledged this long are taken over.
     reclaim_idle_ms: int = 30_000
     # Where converted models (GGUF -> safetensors) are kept; a shared volume in a cluster.

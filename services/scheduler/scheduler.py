@@ -180,12 +180,15 @@ class Scheduler:
         try:
             await self.store.dequeued(name, [e.job_id for e in batch])
             try:
-                await self.dispatch(queue.spec, [e.job_id for e in batch])
+                states = await self.dispatch(queue.spec, [e.job_id for e in batch])
             except Exception:  # the replica failed as a whole (e.g. its process died)
                 log.exception("dispatch to %s failed", name)
                 await self._replica_lost(queue, batch)
                 return
-            await self._ack(*batch)
+            # Jobs the replica gave back unstarted (it had to stop) go round again.
+            retry = [e for e in batch if states.get(e.job_id) == "retry"]
+            await self._replica_lost(queue, retry)
+            await self._ack(*[e for e in batch if e not in retry])
         except Exception:
             # Redis unreachable: the entries stay pending in the stream; forgetting them here lets
             # the reclaim loop hand them out again once they have been idle long enough.

@@ -22,6 +22,7 @@ from ray import serve
 from ..common.catalog import Catalog, ModelSpec
 from ..common.settings import Settings
 from ..common.store import Store
+from .executor import BatchExecutor, Outcome
 
 log = logging.getLogger("nnfabric.worker")
 
@@ -35,13 +36,13 @@ LIVENESS_S = 3 * HEALTH_PERIOD_S
 class ModelReplica:
     # Serve awaits an async constructor (so the replica can use the async Store); typeshed says None.
     async def __init__(self, spec: dict[str, Any], settings: dict[str, Any]) -> None:  # type: ignore[misc]
-        from .executor import BatchExecutor
         from .loader import load_model, tokenizer_files
 
         self.spec = ModelSpec.model_validate(spec)
         self.settings = Settings.model_validate(settings)
         self.store = Store.from_url(self.settings.redis_url, self.settings.result_ttl_s)
         self.replica = uuid.uuid4().hex[:12]
+        self.stuck = ""  # why this replica must be replaced, once it must
         await self.store.set_model(self.spec.name, state="loading")
         try:
             model, tokenizer = await asyncio.to_thread(load_model, self.spec)
@@ -58,7 +59,29 @@ class ModelReplica:
         )
         await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S, os.getpid())
 
+    async def _run_watched(self, jobs: list[tuple[str, bytes]]) -> dict[str, Outcome]:
+        """Run the batch in a worker thread. The deadline is checked between every op, but one
+        native op cannot be interrupted: past the deadline by a margin, the replica gives up on
+        the batch, fails the job that is stuck, keeps what finished, refuses further work and
+        reports itself unhealthy, so Serve replaces its process."""
+        limit = self.spec.limits.timeout_s
+        watchdog_s = limit * (len(jobs) + 1) + self.settings.watchdog_margin_s
+        work = asyncio.ensure_future(asyncio.to_thread(self.executor.run, jobs))
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), watchdog_s)
+        except TimeoutError:
+            self.stuck = f"a job ran {watchdog_s:.0f} s, past its time limit, and could not be stopped"
+            log.error("replica of %s is stuck (%s); asking to be replaced", self.spec.name, self.stuck)
+            outcomes = dict(self.executor.finished)
+            message = (f"the job ran past its time limit ({limit:g} s) inside one operation that could not be "
+                       "interrupted; the replica that ran it is being replaced")  # fmt: skip
+            for job_id in self.executor.running:
+                outcomes[job_id] = Outcome(error=message, seconds=watchdog_s)
+            return outcomes
+
     async def run_batch(self, job_ids: list[str]) -> dict[str, str]:
+        if self.stuck:
+            raise RuntimeError(f"this replica is being replaced: {self.stuck}")
         store = self.store
         jobs: list[tuple[str, bytes]] = []
         states: dict[str, str] = {}
@@ -73,7 +96,9 @@ class ModelReplica:
                 jobs.append((job_id, payload))
             else:
                 states[job_id] = "cancelled"
-        outcomes = await asyncio.to_thread(self.executor.run, jobs) if jobs else {}
+        outcomes = await self._run_watched(jobs) if jobs else {}
+        for job_id in [j for j, _ in jobs if j not in outcomes]:
+            states[job_id] = "retry"  # never started here: the scheduler queues it again
         for job_id, outcome in outcomes.items():
             if outcome.ok and outcome.result is not None:
                 done = {"result": f"/v1/jobs/{job_id}/result", "bytes": len(outcome.result)}
@@ -91,6 +116,8 @@ class ModelReplica:
 
     async def check_health(self) -> None:
         """Healthy when Redis answers and the model is loaded; renews this replica's liveness."""
+        if self.stuck:
+            raise RuntimeError(self.stuck)
         if self.executor.model is None:
             raise RuntimeError("the model is not loaded")
         await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S, os.getpid())

@@ -57,6 +57,8 @@ class BatchExecutor:
         self.tree = ModuleTree.from_module(model)
         self.paths = self.tree.paths()
         self.limits = limits_for(spec, settings or Settings())
+        self.running: list[str] = []  # the jobs of the run in progress
+        self.finished: dict[str, Outcome] = {}  # outcomes of the current batch so far
 
     def decode(self, payload: bytes) -> tuple[list[Graph], dict[str, torch.Tensor]]:
         """The same validation as the gateway's (one function, the same limits)."""
@@ -64,7 +66,11 @@ class BatchExecutor:
         return graphs, load_blob(blob)
 
     def run(self, jobs: list[tuple[str, bytes]]) -> dict[str, Outcome]:
+        """Every job's outcome. Progress is visible meanwhile (`running`, `finished`), so a
+        watchdog that gives up on a stuck run knows whose it is and what is done."""
         outcomes: dict[str, Outcome] = {}
+        self.finished = outcomes
+        self.running = []
         decoded: list[tuple[str, list[Graph], dict[str, torch.Tensor]]] = []
         for job_id, payload in jobs:
             try:
@@ -78,10 +84,13 @@ class BatchExecutor:
             decoded.append((job_id, graphs, tensors))
         mergeable = [(job_id, gs[0], t) for job_id, gs, t in decoded if len(gs) == 1 and _mergeable(gs[0])]
         if len(mergeable) > 1:
+            self.running = [job_id for job_id, _, _ in mergeable]
             outcomes.update(self._run_merged(mergeable))
         for job_id, graphs, tensors in decoded:
             if job_id not in outcomes:
+                self.running = [job_id]
                 outcomes[job_id] = self._run_one(graphs, tensors)
+        self.running = []
         return outcomes
 
     def _budget(self, start: float) -> Budget:
@@ -128,7 +137,11 @@ class BatchExecutor:
             self._clean()
             # Someone's job failed, or needs a run of its own (NeedsSolo): run each alone, so a
             # failure stays with its owner.
-            return {job_id: self._run_one([graph], t) for job_id, graph, t in jobs}
+            alone: dict[str, Outcome] = {}
+            for job_id, graph, t in jobs:
+                self.running = [job_id]
+                alone[job_id] = self.finished[job_id] = self._run_one([graph], t)
+            return alone
         self._clean()
         outcomes = {}
         for (job_id, graph, _), offset in zip(jobs, offsets, strict=True):
