@@ -77,3 +77,44 @@ def test_limits_fail_the_job_with_a_reason(gpt2):
     assert "invalid graph" in few_nodes.run([("a", job(PROMPTS[0]))])["a"].error
     slow = executor(gpt2, timeout_s=1e-9)
     assert "time limit" in slow.run([("a", job(PROMPTS[0], edit_layer=1))])["a"].error
+
+
+def _graph_of(*nodes, prompt=PROMPTS[0]):
+    g = Graph()
+    g.invokes.append(Invoke(args=[prompt]))
+    for node in nodes:
+        g.add(node)
+    g.saves.append(len(nodes) - 1)
+    return pack_request(g, {})
+
+
+def test_the_deadline_holds_between_nodes_with_no_hook_to_check_it(gpt2):
+    slow = executor(gpt2, timeout_s=1e-9)
+    job = _graph_of(Node("call_function", ["torch.ones", 3]), Node("call_method", ["sum", Ref(0)]))
+    assert "time limit" in slow.run([("a", job)])["a"].error
+
+
+def test_python_values_are_bounded_before_they_are_built(gpt2):
+    import time
+
+    ex = executor(gpt2)
+    start = time.perf_counter()
+    power = ex.run([("a", _graph_of(Node("binary", ["pow", 3, 3 * 10**7])))])["a"]
+    assert "over this fabric's limit" in power.error and time.perf_counter() - start < 1.0
+    text = ex.run([("a", _graph_of(Node("binary", ["mul", "ab", 10**9])))])["a"]
+    assert "over this fabric's limit" in text.error
+    huge = ex.run([("a", _graph_of(Node("call_function", ["torch.zeros", 1 << 20, 1 << 20])))])["a"]
+    assert "over this fabric's limit" in huge.error
+
+
+def test_every_saved_byte_counts_against_the_limit(gpt2):
+    ex = executor(gpt2, max_saved_bytes=1_000_000)
+    listed = _graph_of(Node("call_function", ["torch.zeros", 1000, 1000]), Node("call_method", ["tolist", Ref(0)]))
+    outcome = ex.run([("a", listed)])["a"]
+    assert not outcome.ok and "over this model's limit of 1000000" in outcome.error
+
+
+def test_a_prompt_over_the_string_limit_is_refused_before_tokenizing(gpt2):
+    ex = executor(gpt2)
+    outcome = ex.run([("a", _graph_of(Node("output", ["", 0, 0]), prompt="word " * 700_000))])["a"]
+    assert "invalid graph" in outcome.error and "characters" in outcome.error
