@@ -12,7 +12,9 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from nnfabric.graph.codec import split_envelope, validate_request
+from nnfabric.graph.json_form import envelope_from_json, result_to_json
 from nnfabric.graph.tree import ModuleTree
 from nnfabric.graph.validate import GraphError, LimitExceeded, Limits
 from nnfabric.protocol import TERMINAL, CancelReply, JobMeta, JobRecord, SubmitReply
@@ -28,9 +30,14 @@ _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _ENVELOPE_BODY = {
     "requestBody": {
         "required": True,
-        "description": "A job envelope: b'NNFB', the JSON header's length (8 bytes, little endian), the UTF-8 "
-        "JSON header (schema nnfabric.graph/1: model, graph or session, names), then a safetensors blob.",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "A job, in either form. Binary (what the Python client sends): b'NNFB', the JSON "
+        "header's length (8 bytes, little endian), the UTF-8 JSON header (schema nnfabric.graph/1: model, "
+        "graph or session, names), then a safetensors blob. JSON: the same header's fields, with tensors "
+        "as {name: {dtype, shape, data (base64)}}. GET /v1/schema describes the graph.",
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobJSON"}},
+        },
     }
 }
 
@@ -84,10 +91,11 @@ async def submit(
     body = await _body(request, settings.max_envelope_bytes)
     # Parsing and validating cost CPU in proportion to what a stranger sent: off the event loop,
     # so /healthz and everyone else's requests keep being answered meanwhile.
+    base = Limits(max_envelope_bytes=settings.max_envelope_bytes)
     try:
-        header, blob = await run_in_threadpool(
-            split_envelope, body, Limits(max_envelope_bytes=settings.max_envelope_bytes)
-        )
+        if _is_json(request.headers.get("content-type", "")):
+            body = await run_in_threadpool(envelope_from_json, body, base)  # then the one binary path
+        header, blob = await run_in_threadpool(split_envelope, body, base)
     except GraphError as exc:
         raise InvalidJob(exc) from None
     name = header.get("model")
@@ -156,19 +164,38 @@ async def status(job_id: str, key: KeyDep, store: StoreDep) -> JobRecord:
     "/{job_id}/result",
     response_class=Response,
     responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "the result envelope (nnfabric.result/1)"},
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": {"$ref": "#/components/schemas/ResultJSON"}},
+            },
+            "description": "the saved values: a result envelope (nnfabric.result/1), or JSON when the "
+            "request says `Accept: application/json`",
+        },
         **responses(401, 404, 409, 429),
     },
 )
-async def result(job_id: str, key: KeyDep, store: StoreDep) -> Response:
-    """The saved values of a completed job, as a result envelope."""
+async def result(job_id: str, request: Request, key: KeyDep, store: StoreDep) -> Response:
+    """The saved values of a completed job: binary by default, JSON on `Accept: application/json`."""
     job = await _own_job(job_id, key, store)
     if job["state"] != "completed":
         raise ApiError(409, f"job is {job['state']}; the result exists once it has completed", state=job["state"])
     data = await store.result(job_id)
     if data is None:
         raise ApiError(404, "the result has expired")
+    if _wants_json(request.headers.get("accept", "")):
+        values = await run_in_threadpool(result_to_json, data)
+        return JSONResponse({**values, "names": job.get("meta", {}).get("names", {})})
     return Response(data, media_type="application/octet-stream")
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type.split(";")[0].strip().lower() == "application/json"
+
+
+def _wants_json(accept: str) -> bool:
+    kinds = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    return "application/json" in kinds and "application/octet-stream" not in kinds
 
 
 @router.delete("/{job_id}", status_code=202, responses=responses(401, 404, 409, 429))
@@ -184,7 +211,8 @@ async def cancel(job_id: str, key: KeyDep, store: StoreDep) -> CancelReply:
 async def events(websocket: WebSocket, job_id: str, after: str = "0-0", result: str = "") -> None:
     """The job's events from `after` on, as JSON text frames, until a final one. With
     `result=inline`, a `completed` event says `"inline": true` when the result (up to
-    NNFABRIC_INLINE_RESULT_BYTES) follows it as one binary frame."""
+    NNFABRIC_INLINE_RESULT_BYTES) follows it as one binary frame; with `result=json`, it follows
+    as one JSON text frame `{"type": "result", "values": ...}`."""
     key = await websocket_key(websocket)
     store: Store = websocket.app.state.store
     if key is None:
@@ -201,13 +229,13 @@ async def events(websocket: WebSocket, job_id: str, after: str = "0-0", result: 
         await websocket.close(code=4429, reason=f"this key already has {key.max_streams} event streams open")
         return
     try:
-        await _stream(websocket, store, job_id, after, result == "inline")
+        await _stream(websocket, store, job_id, after, result)
     finally:
         # Given back even when the server cancels this handler (the slot must not leak).
         await asyncio.shield(store.close_stream(key))
 
 
-async def _stream(websocket: WebSocket, store: Store, job_id: str, after: str, inline: bool) -> None:
+async def _stream(websocket: WebSocket, store: Store, job_id: str, after: str, inline: str) -> None:
     """Send events until a final one; stop as soon as the client goes away (its stream slot is
     then free again, even while the job waits in the queue)."""
     await websocket.accept()
@@ -227,8 +255,9 @@ async def _until_disconnected(websocket: WebSocket) -> None:
             pass
 
 
-async def _send_events(websocket: WebSocket, store: Store, job_id: str, cursor: str, inline: bool) -> None:
-    limit = websocket.app.state.settings.inline_result_bytes if inline else 0
+async def _send_events(websocket: WebSocket, store: Store, job_id: str, cursor: str, inline: str) -> None:
+    limit = websocket.app.state.settings.inline_result_bytes if inline in ("inline", "json") else 0
+    as_json = inline == "json"
     try:
         while True:
             batch = await store.events(job_id, cursor, block_ms=1000)
@@ -239,7 +268,10 @@ async def _send_events(websocket: WebSocket, store: Store, job_id: str, cursor: 
                 await websocket.send_json({**event, **({"inline": True} if data else {})})
                 cursor = event["id"]
                 if event["type"] in TERMINAL:
-                    if data:
+                    if data and as_json:
+                        values = await run_in_threadpool(result_to_json, data)
+                        await websocket.send_json({"type": "result", **values})
+                    elif data:
                         await websocket.send_bytes(data)
                     await websocket.close()
                     return

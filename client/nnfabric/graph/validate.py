@@ -165,9 +165,9 @@ def validate_graph(
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limits.max_new_tokens:
             raise GraphError(f"max_new_tokens must be an integer in 1..{limits.max_new_tokens}, got {n!r}")
     for key, value in graph.options.items():
-        if key not in _OPTIONS:
-            raise GraphError(f"unknown option {key!r}; allowed: {sorted(_OPTIONS)}")
-        if not isinstance(value, _OPTIONS[key]) or (isinstance(value, bool) and _OPTIONS[key] is not bool):
+        if key not in OPTIONS:
+            raise GraphError(f"unknown option {key!r}; allowed: {sorted(OPTIONS)}")
+        if not isinstance(value, OPTIONS[key]) or (isinstance(value, bool) and OPTIONS[key] is not bool):
             raise GraphError(f"option {key!r} has the wrong type {type(value).__name__}")
 
 
@@ -208,7 +208,7 @@ def validate_session(
             raise exc from None
 
 
-_OPTIONS: dict[str, type | tuple[type, ...]] = {
+OPTIONS: dict[str, type | tuple[type, ...]] = {
     "max_new_tokens": int,
     "do_sample": bool,
     "temperature": (int, float),

@@ -1,0 +1,52 @@
+"""/v1/schema: the published, versioned JSON Schema of graphs, JSON jobs, JSON results and the
+job record, with the op table; the same definitions are the OpenAPI document's components."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.openapi.utils import get_openapi
+from nnfabric.graph.schema import schema_defs, schema_document
+from nnfabric.protocol import JobEvent, JobRecord
+from pydantic import TypeAdapter
+
+router = APIRouter(tags=["schema"])
+
+
+def published_schema() -> dict[str, Any]:
+    document = schema_document()
+    for name, kind in (("JobRecord", JobRecord), ("JobEvent", JobEvent)):
+        document["$defs"][name] = TypeAdapter(kind).json_schema(ref_template="#/$defs/{model}")
+    return document
+
+
+@router.get("/v1/schema")
+async def schema() -> dict[str, Any]:
+    """The JSON Schema of graphs (`Graph`), jobs in JSON (`JobJSON`), results in JSON
+    (`ResultJSON`), job records and events, and the op table (`ops`: arity and allowed names)."""
+    return published_schema()
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Add the graph, JSON job and JSON result definitions to the OpenAPI document's components."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                   description=app.description)  # fmt: skip
+            components = document.setdefault("components", {}).setdefault("schemas", {})
+            components.update(schema_defs("#/components/schemas/"))
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":  # python -m services.api.routes_schema: rewrite docs/schema.json
+    import json
+    from pathlib import Path
+
+    target = Path(__file__).resolve().parents[2] / "docs" / "schema.json"
+    target.write_text(json.dumps(published_schema(), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {target}")
