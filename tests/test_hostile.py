@@ -7,20 +7,15 @@ The fuzz run prints its figures (statuses, the api's RSS before and after, the s
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import random
 import struct
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import yaml
+from gateway import start_gateway
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nnfabric.graph import SCHEMA, Graph, Invoke, Node, Ref, SourceLine, TensorRef
@@ -29,80 +24,14 @@ from nnfabric.graph.ops import OPS, TENSOR_METHODS, TORCH_FUNCTIONS
 from nnfabric.runtime.wire import pack_job, pack_request
 from safetensors.torch import save as save_tensors
 
-from services.common.catalog import Catalog
-from services.common.redis_server import RedisServer, free_port
-from services.common.settings import Settings
-from services.common.store import Store
-from services.worker.executor import BatchExecutor
-
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The Eiffel Tower is in the city of"
-ENVELOPE_LIMIT = 4 << 20
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-class Gateway:
-    def __init__(self, url: str, process: subprocess.Popen[bytes], key: str, executor: BatchExecutor) -> None:
-        self.url = url
-        self.process = process
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-        self.executor = executor
-
-    def submit(self, body: bytes) -> httpx.Response:
-        return self.http.post("/v1/jobs", content=body, headers={"Content-Type": "application/octet-stream"})
-
-    def rss(self) -> float:
-        return rss_mb(self.process.pid)
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, gpt2):
-    folder = tmp_path_factory.mktemp("hostile")
-    catalog = folder / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"models": [
-        {"name": "tiny", "source": "x", "limits": {"max_nodes": 2000, "max_tensor_bytes": 1 << 20,
-                                                   "max_new_tokens": 8}},
-    ]}))  # fmt: skip
-    redis = RedisServer.start()
-    settings_ = Settings(redis_url=redis.url, catalog=str(catalog), max_envelope_bytes=ENVELOPE_LIMIT)
-
-    async def publish() -> str:
-        store = Store.from_url(redis.url)
-        await store.set_model("tiny", state="ready", structure=json.dumps(gpt2._tree.to_json()))
-        await store.replica_alive("tiny", "r1", ttl_s=3600)
-        key, _ = await store.create_key("mallory", ["*"], max_active=1_000_000)
-        await store.close()
-        return key
-
-    key = asyncio.run(publish())
-    port = free_port()
-    env = {**os.environ, "NNFABRIC_REDIS_URL": redis.url, "NNFABRIC_CATALOG": str(catalog),
-           "NNFABRIC_MAX_ENVELOPE_BYTES": str(ENVELOPE_LIMIT), "PYTHONPATH": str(ROOT)}  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "error"],
-        env=env, cwd=ROOT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    spec = Catalog.load(catalog).models[0]
-    executor = BatchExecutor(spec, gpt2._module, gpt2.tokenizer, settings_)
-    yield Gateway(url, process, key, executor)
-    process.terminate()
-    process.wait(10)
-    redis.stop()
+    running = start_gateway(tmp_path_factory.mktemp("hostile"), gpt2)
+    yield running
+    running.stop()
 
 
 # -- envelopes to start from -----------------------------------------------------------------------
