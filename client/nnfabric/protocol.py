@@ -36,6 +36,7 @@ class ErrorBody(TypedDict):
     trace: NotRequired[int | None]
     line: NotRequired[LineInfo | None]
     state: NotRequired[str]
+    errors: NotRequired[list[dict[str, Any]]]  # each field that failed validation: {loc, msg}
 
 
 class JobMeta(TypedDict, total=False):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from nnfabric.graph.validate import GraphError, LimitExceeded
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -45,8 +46,18 @@ async def store_unreachable(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    # FastAPI's own request validation, in the one error shape: a sentence, then the details.
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(first["loc"][1:]) or "request"
+    return JSONResponse({"detail": f"{where}: {first['msg']}", "errors": errors[:20]}, status_code=422)
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     for error in (RedisConnectionError, RedisTimeoutError):
         app.add_exception_handler(error, store_unreachable)
 

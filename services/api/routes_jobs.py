@@ -19,7 +19,8 @@ from nnfabric.graph.tree import ModuleTree
 from nnfabric.graph.validate import GraphError, LimitExceeded, Limits
 from nnfabric.protocol import TERMINAL, CancelReply, JobMeta, JobRecord, SubmitReply
 
-from ..common.catalog import limits_for
+from ..common.catalog import Catalog, limits_for
+from ..common.settings import Settings
 from ..common.store import ApiKey, Store
 from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep, websocket_key
 from .errors import ApiError, InvalidJob, responses
@@ -98,6 +99,20 @@ async def submit(
         header, blob = await run_in_threadpool(split_envelope, body, base)
     except GraphError as exc:
         raise InvalidJob(exc) from None
+    return await accept(header, blob, body, key, store, catalog, settings)
+
+
+async def accept(
+    header: dict[str, Any],
+    blob: bytes,
+    body: bytes,
+    key: ApiKey,
+    store: Store,
+    catalog: Catalog,
+    settings: Settings,
+) -> SubmitReply:
+    """The one way into the queue, for envelopes and for jobs compiled from high-level routes:
+    the model and the key's scope, readiness, validation with the model's limits, the key's caps."""
     name = header.get("model")
     spec = catalog.get(name) if isinstance(name, str) else None
     if spec is None:

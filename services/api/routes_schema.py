@@ -28,6 +28,17 @@ async def schema() -> dict[str, Any]:
     return published_schema()
 
 
+def _scope(path: str) -> str | None:
+    """What a key needs for a route: None (public), any key, or the model named in the request."""
+    if not path.startswith("/v1/") or path == "/v1/schema":
+        return None
+    if path.startswith("/v1/jobs/"):
+        return "any key: only the key's user's own jobs"
+    if path in ("/v1/jobs", "/v1/completions", "/v1/chat/completions") or path.startswith("/v1/models/"):
+        return "a key whose models include the model named (`*` for all)"
+    return "any key"
+
+
 def install_openapi(app: FastAPI) -> None:
     """Add the graph, JSON job and JSON result definitions to the OpenAPI document's components."""
 
@@ -35,8 +46,19 @@ def install_openapi(app: FastAPI) -> None:
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, routes=app.routes,
                                    description=app.description)  # fmt: skip
-            components = document.setdefault("components", {}).setdefault("schemas", {})
-            components.update(schema_defs("#/components/schemas/"))
+            components = document.setdefault("components", {})
+            components.setdefault("schemas", {}).update(schema_defs("#/components/schemas/"))
+            components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer",
+                                                        "description": "Authorization: Bearer nnf_..."}}  # fmt: skip
+            for path, operations in document["paths"].items():
+                for operation in operations.values():
+                    invalid = operation.get("responses", {}).get("422", {}).get("content", {}).get("application/json")
+                    if invalid and invalid["schema"].get("$ref", "").endswith("/HTTPValidationError"):
+                        invalid["schema"] = {"$ref": "#/components/schemas/ErrorBody"}  # what errors.py answers
+                    scope = _scope(path)
+                    if scope:
+                        operation["security"] = [{"apiKey": []}]
+                        operation["x-scope"] = scope
             app.openapi_schema = document
         return app.openapi_schema
 

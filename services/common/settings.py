@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     # Results up to this size follow the `completed` event on the events websocket when the client
     # asks (`?result=inline`), saving it a request; larger ones are fetched from /result.
     inline_result_bytes: int = 4 << 20
+    # How long the high-level routes (activations, completions) wait for their job before they
+    # answer 202 with the job to follow.
+    compiled_wait_s: float = 120.0
     # A job waiting longer than this in the queue fails instead of running late.
     queue_timeout_s: float = 3600.0
     # Ray: "auto" joins a running cluster; "local" starts one in-process.

@@ -1,0 +1,271 @@
+"""High-level routes, each compiled into an ordinary job (same validation, limits, queue, batching):
+
+- `POST /v1/models/{name}/activations`: prompts and module paths -> those modules' outputs;
+- `POST /v1/completions` and `POST /v1/chat/completions`: OpenAI-compatible (any OpenAI client
+  works, streaming too), with an optional `nnfabric` field of interventions (steering).
+
+They wait for the job (up to NNFABRIC_COMPILED_WAIT_S); a job still queued then is answered
+with 202 and its id, to follow like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+from nnfabric.graph.codec import encode_envelope
+from nnfabric.graph.json_form import result_to_json
+from nnfabric.graph.validate import GraphError, Limits
+from nnfabric.protocol import TERMINAL
+from pydantic import BaseModel, Field
+
+from ..common.catalog import ModelSpec, limits_for
+from ..common.settings import Settings
+from ..common.store import ApiKey, Store
+from .compile import Detokenizer, Extension, activations_job, generation_job
+from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep
+from .errors import ApiError, InvalidJob, responses
+from .routes_jobs import accept
+
+router = APIRouter(tags=["compiled"])
+_WAITING: dict[int | str, dict[str, Any]] = {
+    202: {"description": "still queued after the wait: follow the job like any other"}
+}
+_STREAMABLE: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                     "description": "the completion (JSON), or its chunks as server-sent events"}}  # fmt: skip
+
+
+class ActivationsRequest(BaseModel):
+    prompts: list[str] = Field(min_length=1, max_length=64)
+    modules: list[str] = Field(min_length=1, max_length=64, description="module paths (GET .../structure)")
+    positions: list[int] | None = Field(None, max_length=64, description="token positions to keep, e.g. [-1]")
+
+
+class CompletionRequest(BaseModel):
+    model: str
+    prompt: str | list[str] = Field(min_length=1)
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per prompt")
+    stream: bool = False
+    nnfabric: Extension | None = None
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    nnfabric: Extension | None = None
+
+
+def _spec(name: str, key: ApiKey, catalog: Any) -> ModelSpec:
+    spec: ModelSpec | None = catalog.get(name)
+    if spec is None:
+        raise ApiError(404, f"unknown model {name[:100]!r}; GET /v1/models lists the hosted ones")
+    if not key.allows(spec.name):
+        raise ApiError(403, f"this API key may not use model {spec.name!r}")
+    return spec
+
+
+async def _run(
+    header: dict[str, Any], blob: bytes, key: ApiKey, store: Store, catalog: Any, settings: Settings
+) -> tuple[str, bytes | JSONResponse]:
+    """Queue the compiled job and wait for its result (or answer 202 with the job to follow)."""
+    body = encode_envelope(header, blob)
+    reply = await accept(header, blob, body, key, store, catalog, settings)
+    job_id = reply["id"]
+    deadline = time.monotonic() + settings.compiled_wait_s
+    cursor = "0-0"
+    while time.monotonic() < deadline:
+        block = max(1, int(min(1.0, deadline - time.monotonic()) * 1000))
+        for event in await store.events(job_id, cursor, block_ms=block):
+            cursor = event["id"]
+            if event["type"] == "completed":
+                data = await store.result(job_id)
+                if data is None:
+                    raise ApiError(404, "the result has expired")
+                return job_id, data
+            if event["type"] in TERMINAL:
+                raise ApiError(422, str(event.get("message") or f"job {event['type']}"), node=event.get("node"))
+    return job_id, JSONResponse({**reply, "detail": "still queued: follow the job"}, status_code=202)
+
+
+@router.post("/v1/models/{name}/activations", responses={**_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)})
+async def activations(
+    name: str, request: ActivationsRequest, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
+) -> Any:
+    """Each prompt's output of each module (at `positions`, if given), as JSON tensors:
+    `{"job", "activations": {"<prompt index>": {"<module>": {dtype, shape, data}}}}`."""
+    spec = _spec(name, key, catalog)
+    limits = limits_for(spec, settings)
+    header, blob = activations_job(spec.name, request.prompts, request.modules, request.positions, limits)
+    job_id, data = await _run(header, blob, key, store, catalog, settings)
+    if isinstance(data, JSONResponse):
+        return data
+    values = result_to_json(data)["values"]
+    found: dict[str, dict[str, Any]] = {}
+    for label, node in header["names"].items():
+        prompt, _, module = label.partition(".")
+        found.setdefault(prompt, {})[module] = values.get(node)
+    return {"job": job_id, "activations": found}
+
+
+@functools.lru_cache(maxsize=16)
+def _detokenizer(files: str) -> Detokenizer:
+    return Detokenizer(json.loads(files))
+
+
+async def _tokenizer(spec: ModelSpec, store: Store) -> Detokenizer:
+    published = await store.model(spec.name, "tokenizer")
+    if "tokenizer" not in published:
+        raise ApiError(503, f"model {spec.name!r} is not loaded yet", headers={"Retry-After": "5"})
+    try:
+        return _detokenizer(published["tokenizer"])
+    except GraphError as exc:
+        raise ApiError(422, str(exc)) from None
+
+
+def _sampling(temperature: float, top_p: float, seed: int | None) -> dict[str, Any]:
+    if temperature == 0:
+        return {}  # greedy, as model.generate() is by default
+    options: dict[str, Any] = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    if seed is not None:
+        options["seed"] = seed
+    return options
+
+
+async def _generate(
+    spec: ModelSpec,
+    prompts: list[str],
+    max_tokens: int,
+    sampling: dict[str, Any],
+    extension: Extension | None,
+    key: ApiKey,
+    store: Store,
+    catalog: Any,
+    settings: Settings,
+) -> tuple[str, list[tuple[str, int, str]], int] | JSONResponse:
+    """(job id, each prompt's (text, tokens, finish reason), prompt tokens)."""
+    tokenizer = await _tokenizer(spec, store)
+    limits: Limits = limits_for(spec, settings)
+    if max_tokens > limits.max_new_tokens:
+        raise ApiError(422, f"max_tokens must be at most {limits.max_new_tokens} for model {spec.name!r}")
+    try:
+        header, blob = generation_job(spec.name, prompts, max_tokens, sampling,
+                                      extension.interventions if extension else [], limits)  # fmt: skip
+    except GraphError as exc:
+        raise InvalidJob(exc) from None
+    job_id, data = await _run(header, blob, key, store, catalog, settings)
+    if isinstance(data, JSONResponse):
+        return data
+    ids = next(iter(result_to_json(data)["values"].values()))
+    rows, width = ids["shape"]
+    import base64
+
+    flat = struct.unpack(f"<{rows * width}q", base64.b64decode(ids["data"]))
+    counts = [tokenizer.count(p) for p in prompts]
+    prompt_width = max(counts)
+    choices = [tokenizer.completion(list(flat[r * width : (r + 1) * width]), prompt_width, None) for r in range(rows)]
+    return job_id, choices, sum(counts)
+
+
+def _usage(prompt_tokens: int, choices: list[tuple[str, int, str]]) -> dict[str, int]:
+    completion = sum(tokens for _, tokens, _ in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+async def _events(chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+        await asyncio.sleep(0)
+    yield b"data: [DONE]\n\n"
+
+
+def _pieces(text: str) -> list[str]:
+    """A finished text in small pieces, for clients that asked to stream."""
+    words = text.split(" ")
+    return [word if i == 0 else " " + word for i, word in enumerate(words)] if text else []
+
+
+@router.post("/v1/completions", responses={**_STREAMABLE, **_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)})
+async def completions(
+    request: CompletionRequest, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
+) -> Any:
+    """OpenAI-compatible text completion; `nnfabric.interventions` steers the generation."""
+    spec = _spec(request.model, key, catalog)
+    prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+    if not prompts or len(prompts) > 64:
+        raise ApiError(422, "prompt must be a string or a list of 1..64 strings")
+    sampling = _sampling(request.temperature, request.top_p, request.seed)
+    done = await _generate(spec, prompts, request.max_tokens, sampling, request.nnfabric, key, store, catalog,
+                           settings)  # fmt: skip
+    if isinstance(done, JSONResponse):
+        return done
+    job_id, choices, prompt_tokens = done
+    created = int(time.time())
+    base = {"id": f"cmpl-{job_id}", "object": "text_completion", "created": created, "model": spec.name}
+    if not request.stream:
+        return {**base, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+                                    for i, (text, _, finish) in enumerate(choices)],
+                "usage": _usage(prompt_tokens, choices)}  # fmt: skip
+    chunks = [{**base, "choices": [{"index": i, "text": piece, "finish_reason": None, "logprobs": None}]}
+              for i, (text, _, _) in enumerate(choices) for piece in _pieces(text)]  # fmt: skip
+    chunks += [{**base, "choices": [{"index": i, "text": "", "finish_reason": finish, "logprobs": None}]}
+               for i, (_, _, finish) in enumerate(choices)]  # fmt: skip
+    return StreamingResponse(_events(chunks), media_type="text/event-stream")
+
+
+@router.post(
+    "/v1/chat/completions", responses={**_STREAMABLE, **_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)}
+)
+async def chat_completions(
+    request: ChatRequest, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
+) -> Any:
+    """OpenAI-compatible chat completion (the model's own chat template); `nnfabric.interventions`
+    steers the generation."""
+    spec = _spec(request.model, key, catalog)
+    tokenizer = await _tokenizer(spec, store)
+    try:
+        prompt = tokenizer.chat_prompt([m.model_dump() for m in request.messages])
+    except GraphError as exc:
+        raise ApiError(422, str(exc)) from None
+    except Exception as exc:  # a template error is about this conversation, not the server
+        raise ApiError(422, f"the chat template could not render this conversation: {type(exc).__name__}") from None
+    max_tokens = request.max_completion_tokens or request.max_tokens or 16
+    sampling = _sampling(request.temperature, request.top_p, request.seed)
+    done = await _generate(spec, [prompt], max_tokens, sampling, request.nnfabric, key, store, catalog, settings)
+    if isinstance(done, JSONResponse):
+        return done
+    job_id, choices, prompt_tokens = done
+    ((text, _, finish),) = choices
+    base = {"id": f"chatcmpl-{job_id}", "created": int(time.time()), "model": spec.name}
+    if not request.stream:
+        return {**base, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": _usage(prompt_tokens, choices)}  # fmt: skip
+    head = {**base, "object": "chat.completion.chunk"}
+    chunks = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+    chunks += [{**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+               for piece in _pieces(text)]  # fmt: skip
+    chunks += [{**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}]
+    return StreamingResponse(_events(chunks), media_type="text/event-stream")
