@@ -103,3 +103,19 @@ def test_activations_route_equals_a_local_trace(fabric, alice):
             got = found[str(index)][layer]
             array = np.frombuffer(base64.b64decode(got["data"]), dtype=np.float32).reshape(got["shape"])
             assert torch.allclose(torch.from_numpy(array.copy()), value.value, atol=1e-5)
+
+
+def test_steering_with_a_vector_an_earlier_job_saved(client, alice):
+    with alice.trace("Paris is the capital of France", remote=True) as tracer:
+        direction = alice.transformer.h[1].output[0, -1].save()
+    steering = {"interventions": [{"module": "transformer.h.0", "scale": 3.0,
+                                   "saved": {"job": tracer.job.id, "value": "direction"}}]}  # fmt: skip
+    steered = client.completions.create(
+        model="tiny-gpt2", prompt=CLEAN, max_tokens=6, temperature=0, extra_body={"nnfabric": steering}
+    )
+    assert steered.choices[0].text == local_continuation(alice, CLEAN, 6, 3.0 * direction.value)
+    import openai
+
+    with pytest.raises(openai.UnprocessableEntityError):  # not a name that job saved
+        missing = {"interventions": [{"module": "transformer.h.0", "saved": {"job": tracer.job.id, "value": "x"}}]}
+        client.completions.create(model="tiny-gpt2", prompt=CLEAN, max_tokens=2, extra_body={"nnfabric": missing})

@@ -23,19 +23,34 @@ from nnfabric.graph.codec import graph_to_json
 from nnfabric.graph.ir import SCHEMA, Graph, Invoke, Node, Ref, TensorRef
 from nnfabric.graph.json_form import tensors_to_safetensors
 from nnfabric.graph.validate import GraphError, Limits
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 _LAST = (slice(None), -1)
 
 
+class SavedValue(BaseModel):
+    """A value an earlier job of yours saved: its job id and its name (or result key)."""
+
+    job: str = Field(max_length=64)
+    value: str = Field(max_length=200)
+
+
 class Intervention(BaseModel):
-    """Add `scale * add` to `module`'s output at the last position (or all), at some steps."""
+    """Add `scale * vector` to `module`'s output at the last position (or all), at some steps;
+    the vector is given (`add`) or one an earlier job saved (`saved`)."""
 
     module: str = Field(max_length=200)
-    add: list[float] = Field(min_length=1, max_length=1 << 16)
+    add: list[float] | None = Field(None, min_length=1, max_length=1 << 16)
+    saved: SavedValue | None = None
     scale: float = 1.0
     position: str = Field("last", pattern="^(last|all)$")
     steps: list[int] | str = "all"
+
+    @model_validator(mode="after")
+    def _one_vector(self) -> Intervention:
+        if (self.add is None) == (self.saved is None):
+            raise ValueError("give the vector as `add` (numbers) or `saved` ({job, value}), one of the two")
+        return self
 
 
 class Extension(BaseModel):
@@ -91,6 +106,8 @@ def generation_job(
     tensors: dict[str, list[float]] = {}
     for number, edit in enumerate(interventions):
         name = f"v{number}"
+        if edit.add is None:
+            raise GraphError(f"intervention {number}: its saved vector was not resolved")
         tensors[name] = [value * edit.scale for value in edit.add]
         if edit.steps == "all":
             steps, optional = list(range(max_tokens)), True
@@ -157,3 +174,18 @@ class Detokenizer:
         env.globals["raise_exception"] = raise_exception
         template = env.from_string(self.chat_template)
         return template.render(messages=messages, add_generation_prompt=True, **self.special)
+
+
+def vector_of(value: Any, where: str) -> list[float]:
+    """A saved value (JSON tensor form) as the numbers of a steering vector."""
+    import base64
+
+    formats = {"float32": "f", "float64": "d", "float16": "e"}
+    if not isinstance(value, dict) or value.get("dtype") not in formats:
+        raise GraphError(f"{where}: the saved value is not a floating-point tensor")
+    count = 1
+    for size in value["shape"]:
+        count *= size
+    if not 1 <= count <= 1 << 16:
+        raise GraphError(f"{where}: a steering vector needs 1..65536 numbers, the saved value has {count}")
+    return list(struct.unpack(f"<{count}{formats[value['dtype']]}", base64.b64decode(value["data"])))

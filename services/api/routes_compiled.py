@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from ..common.catalog import ModelSpec, limits_for
 from ..common.settings import Settings
 from ..common.store import ApiKey, Store
-from .compile import Detokenizer, Extension, activations_job, generation_job
+from .compile import Detokenizer, Extension, activations_job, generation_job, vector_of
 from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep
 from .errors import ApiError, InvalidJob, responses
 from .routes_jobs import accept
@@ -167,6 +167,8 @@ async def _generate(
 ) -> tuple[str, list[tuple[str, int, str]], int] | JSONResponse:
     """(job id, each prompt's (text, tokens, finish reason), prompt tokens)."""
     tokenizer = await _tokenizer(spec, store)
+    if extension is not None:
+        await _resolve_saved(extension, key, store)
     limits: Limits = limits_for(spec, settings)
     if max_tokens > limits.max_new_tokens:
         raise ApiError(422, f"max_tokens must be at most {limits.max_new_tokens} for model {spec.name!r}")
@@ -187,6 +189,29 @@ async def _generate(
     prompt_width = max(counts)
     choices = [tokenizer.completion(list(flat[r * width : (r + 1) * width]), prompt_width, None) for r in range(rows)]
     return job_id, choices, sum(counts)
+
+
+async def _resolve_saved(extension: Extension, key: ApiKey, store: Store) -> None:
+    """Interventions that name a value an earlier job of the caller saved get its numbers."""
+    for number, edit in enumerate(extension.interventions):
+        if edit.saved is None:
+            continue
+        where = f"intervention {number}"
+        job = await store.job(edit.saved.job)
+        if job is None or job["user"] != key.user:
+            raise ApiError(404, f"{where}: no job {edit.saved.job!r}")
+        data = await store.result(edit.saved.job) if job["state"] == "completed" else None
+        if data is None:
+            raise ApiError(409, f"{where}: job {edit.saved.job!r} has no result ({job['state']})")
+        values = result_to_json(data)["values"]
+        names = job.get("meta", {}).get("names", {})
+        result_key = names.get(edit.saved.value, edit.saved.value)
+        if not isinstance(result_key, str) or result_key not in values:
+            raise ApiError(422, f"{where}: job {edit.saved.job!r} saved no value {edit.saved.value!r}")
+        try:
+            edit.add = vector_of(values[result_key], where)
+        except GraphError as exc:
+            raise ApiError(422, str(exc)) from None
 
 
 def _usage(prompt_tokens: int, choices: list[tuple[str, int, str]]) -> dict[str, int]:
