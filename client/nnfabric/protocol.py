@@ -166,3 +166,54 @@ class StatusPage(TypedDict):
     models: list[StatusModel]
     jobs: StatusJobs
     outcomes: dict[str, int]
+
+
+class ActivationsReply(TypedDict):
+    job: str
+    activations: dict[str, dict[str, Any]]  # prompt index -> module path -> {dtype, shape, data}
+
+
+class CompletionChoice(TypedDict):
+    index: int
+    text: str
+    finish_reason: str  # "length" or "stop"
+    logprobs: None
+
+
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(TypedDict):
+    """OpenAI's text completion object."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatMessage(TypedDict):
+    role: str
+    content: str
+
+
+class ChatChoice(TypedDict):
+    index: int
+    message: ChatMessage
+    finish_reason: str
+
+
+class ChatCompletion(TypedDict):
+    """OpenAI's chat completion object."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from nnfabric.graph.codec import encode_envelope
 from nnfabric.graph.json_form import result_to_json
 from nnfabric.graph.validate import GraphError, Limits
-from nnfabric.protocol import TERMINAL
+from nnfabric.protocol import TERMINAL, ActivationsReply, ChatCompletion, Completion
 from pydantic import BaseModel, Field
 
 from ..common.catalog import ModelSpec, limits_for
@@ -110,7 +110,11 @@ async def _run(
     return job_id, JSONResponse({**reply, "detail": "still queued: follow the job"}, status_code=202)
 
 
-@router.post("/v1/models/{name}/activations", responses={**_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)})
+@router.post(
+    "/v1/models/{name}/activations",
+    response_model=ActivationsReply,
+    responses={**_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)},
+)
 async def activations(
     name: str, request: ActivationsRequest, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
 ) -> Any:
@@ -232,7 +236,11 @@ def _pieces(text: str) -> list[str]:
     return [word if i == 0 else " " + word for i, word in enumerate(words)] if text else []
 
 
-@router.post("/v1/completions", responses={**_STREAMABLE, **_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)})
+@router.post(
+    "/v1/completions",
+    response_model=Completion,
+    responses={**_STREAMABLE, **_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)},
+)
 async def completions(
     request: CompletionRequest, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
 ) -> Any:
@@ -261,7 +269,9 @@ async def completions(
 
 
 @router.post(
-    "/v1/chat/completions", responses={**_STREAMABLE, **_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)}
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses={**_STREAMABLE, **_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)},
 )
 async def chat_completions(
     request: ChatRequest, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
