@@ -227,7 +227,7 @@ def test_limit_defaults_have_one_source():
     from services.common.settings import Settings
 
     fabric, model = Limits(), ModelLimits()  # type: ignore[call-arg]
-    assert (model.max_nodes, model.max_tensor_bytes, model.max_new_tokens) == (
-        fabric.max_nodes, fabric.max_tensor_bytes, fabric.max_new_tokens
+    assert (model.max_nodes, model.max_tensor_bytes, model.max_new_tokens, model.max_traces) == (
+        fabric.max_nodes, fabric.max_tensor_bytes, fabric.max_new_tokens, fabric.max_traces
     )  # fmt: skip
     assert Settings().max_envelope_bytes == fabric.max_envelope_bytes

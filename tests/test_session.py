@@ -92,3 +92,18 @@ def test_named_fields_of_topk(gpt2):
     expected = gpt2._module(ids(gpt2, SOURCE)).logits[0, -1].topk(3)
     assert torch.equal(indices.value, expected.indices)
     assert torch.allclose(values.value, expected.values, atol=1e-6)
+
+
+def test_a_session_patching_every_layer_of_a_deep_model_fits_and_the_limit_names_both_counts(gpt2):
+    from nnfabric.graph import Graph, Invoke, LimitExceeded, Limits, Node
+    from nnfabric.graph.validate import validate_session
+
+    def trace():
+        g = Graph()
+        g.invokes.append(Invoke(args=["Paris"]))
+        g.add(Node("output", ["lm_head", 0, 0]))
+        return g
+
+    validate_session([trace() for _ in range(31)], Limits())  # 1 clean + 30 patched traces
+    with pytest.raises(LimitExceeded, match="at most 8 traces, this one has 9"):
+        validate_session([trace() for _ in range(9)], Limits(max_traces=8))

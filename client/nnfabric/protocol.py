@@ -104,6 +104,7 @@ class ModelLimitsInfo(TypedDict):
     timeout_s: float
     max_nodes: int
     max_tensor_bytes: int
+    max_traces: int
 
 
 class ModelInfo(TypedDict):

@@ -33,6 +33,7 @@ class ModelLimits(BaseModel):
     timeout_s: float = Field(120.0, gt=0, description="execution time of one job")
     max_nodes: int = Field(_FABRIC.max_nodes, ge=1)
     max_tensor_bytes: int = Field(_FABRIC.max_tensor_bytes, ge=0, description="bytes of tensors a job may send")
+    max_traces: int = Field(_FABRIC.max_traces, ge=1, description="traces in one session")
 
 
 class ModelSpec(BaseModel):
@@ -71,5 +72,6 @@ def limits_for(spec: ModelSpec, settings: Settings) -> Limits:
         max_nodes=spec.limits.max_nodes,
         max_tensor_bytes=spec.limits.max_tensor_bytes,
         max_new_tokens=spec.limits.max_new_tokens,
+        max_traces=spec.limits.max_traces,
         max_envelope_bytes=settings.max_envelope_bytes,
     )

@@ -43,7 +43,7 @@ class Limits:
     max_tensor_bytes: int = 64 << 20
     max_envelope_bytes: int = 96 << 20
     max_new_tokens: int = 256
-    max_traces: int = 16  # traces in one session
+    max_traces: int = 64  # traces in one session (patching every layer of a deep model is one)
     max_tensors: int = 4096  # tensors carried beside the graph
     # Parsing bounds: objects and lists in a JSON header (counted before it is parsed), and
     # characters in any one string (a prompt included: tokenizing is paid before the model runs).

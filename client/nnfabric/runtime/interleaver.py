@@ -48,9 +48,10 @@ class ModuleEvent:
 
 @dataclass(frozen=True)
 class GradEvent:
-    """The gradient of the activation that node `node` read arrives (during a backward)."""
+    """The gradient of the activation that node `node` read arrives, during backward node `backward`."""
 
     node: int
+    backward: int
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _describe(key: EventKey) -> str:
     if isinstance(key, EndEvent):
         return "the end of the model's run"
     if isinstance(key, GradEvent):
-        return f"the gradient of node {key.node}"
+        return f"the gradient of node {key.node} (backward at node {key.backward})"
     where = f"model.{key.path}" if key.path else "the model"
     what = "output" if key.side == "out" else "input"
     detail = f"call {key.call}" + (f", generation step {key.step}" if key.step else "")
@@ -125,7 +126,10 @@ class Interleaver:
         self.ending = False
         self.final_output: Any = None
         self._event_value: Any = None
-        self._grads: dict[int, Any] = {}  # source node -> its live gradient (rows)
+        self._grads: dict[tuple[int, int], Any] = {}  # (source node, backward node) -> its gradient (rows)
+        self._backward_of: dict[int, int] = {}  # .grad node -> the backward call it belongs to
+        self._backward_now = -1
+        self._calls = [n for n in self.nodes if n.op == "backward"]
         self._grad_state: dict[str, Any] = {}
         self._row_base: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
         self._keep: list[Any] = []
@@ -155,11 +159,21 @@ class Interleaver:
             elif node.op == "model_output":
                 self.pin[nid] = _END
             if node.op in _GRAD_OPS:
-                self.pin[nid] = GradEvent(node.args[0].id)
+                self._backward_of[nid] = self._bind_backward(node)
+                self.pin[nid] = GradEvent(node.args[0].id, self._backward_of[nid])
                 deferred[nid] = True
             elif any(deferred[d] for d in self.deps[nid]):
                 deferred[nid] = True
             (self.grad_threads if deferred[nid] else self.threads)[node.invoke].nodes.append(nid)
+
+    def _bind_backward(self, node: Node) -> int:
+        """The backward call whose gradient a `.grad` node means: the latest one before it in its
+        invoke (a read after a backward), else the next one (a read written before the call);
+        backward calls of other invokes only when its own invoke has none."""
+        own = [n for n in self._calls if n.invoke == node.invoke] or self._calls
+        before = [n.id for n in own if n.id < node.id]
+        after = [n.id for n in own if n.id > node.id]
+        return before[-1] if before else (after[0] if after else -1)
 
     # -- running -------------------------------------------------------------------------
     def __enter__(self) -> Interleaver:
@@ -416,7 +430,7 @@ class Interleaver:
             self._backward(node, args)
             return None
         if op == "grad":
-            return self._grads[node.args[0].id]
+            return self._grads[(node.args[0].id, self._backward_of[node.id])]
         if op == "set_grad":
             self._set_grad(node.args[0].id, args[1])
             return None
@@ -481,7 +495,7 @@ class Interleaver:
                 continue
             src = grad_node.args[0].id
             value = self.values[src]
-            if value is _MISSING or value is _SKIPPED or GradEvent(src) in self.fired:
+            if self._backward_of[nid] != node.id or value is _MISSING or value is _SKIPPED:
                 continue
             if not isinstance(value, torch.Tensor):
                 raise self._error(grad_node, f".grad needs a tensor, got {type(value).__name__}")
@@ -493,6 +507,7 @@ class Interleaver:
                 entry[1].append((src, rows))
         if not sources:
             return
+        self._backward_now = node.id
         handles = [base.register_hook(functools.partial(self._grad_hook, srcs)) for base, srcs in sources.values()]
         retain = sum(1 for n in self.nodes if n.op == "backward") > 1
         try:
@@ -512,10 +527,10 @@ class Interleaver:
         self._grad_state = {"full": grad, "rows": dict(sources)}
         self.live = set()
         for src, rows in sources:
-            key = GradEvent(src)
+            key = GradEvent(src, self._backward_now)
             self.live.add(key)
             self.fired.add(key)
-            self._grads[src] = grad if rows is None else grad[rows[0] : rows[1]]
+            self._grads[(src, self._backward_now)] = grad if rows is None else grad[rows[0] : rows[1]]
         try:
             self._advance_dataflow(self.grad_threads)
             return self._grad_state["full"]
@@ -527,4 +542,4 @@ class Interleaver:
         full = self._grad_state["full"]
         self._grad_state["full"] = self._merge_rows(full, value, rows)
         current = self._grad_state["full"]
-        self._grads[src] = current if rows is None else current[rows[0] : rows[1]]
+        self._grads[(src, self._backward_now)] = current if rows is None else current[rows[0] : rows[1]]

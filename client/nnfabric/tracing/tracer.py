@@ -129,6 +129,7 @@ class Tracer:
         self._index = 0
         self._tensor_prefix = "t"
         self._imported: dict[tuple[int, int], Ref] = {}
+        self._steps_blocks: list[int] = []  # steps of each open `with tracer.iter[...]` / `tracer.all()`
         if self._session is not None:
             self._index = len(self._session.tracers)
             self._tensor_prefix = f"s{self._index}_t"
@@ -274,6 +275,14 @@ class Tracer:
         )
 
     def _save(self, proxy: Proxy) -> None:
+        if any(steps > 1 for steps in self._steps_blocks):
+            # The block's body is recorded once and repeated per step: one saved value cannot
+            # hold every step's, and keeping only the last one would be silently wrong.
+            raise ValueError(
+                ".save() inside a `with` block over several generation steps would keep only one step's "
+                "value: collect them with `values = tracer.list()` before the block and `values.append(x)` "
+                "inside it, or loop with `for step in tracer.iter[...]:` and save each step's value"
+            )
         if proxy._id not in self._graph.saves:
             self._graph.saves.append(proxy._id)
 
@@ -362,11 +371,13 @@ class _Steps:
         self._saved_step = self._tracer._step
         self._tracer._step = self._start
         self._first = len(self._tracer._graph.nodes)
+        self._tracer._steps_blocks.append(self._stop - self._start)
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         tracer = self._tracer
         tracer._step = self._saved_step
+        tracer._steps_blocks.pop()
         if exc_type is not None:
             return
         _replicate(tracer, self._first, self._start, self._stop, self._optional)

@@ -1,0 +1,82 @@
+"""Methods that used to be silently wrong, checked against hand-written PyTorch (autograd on the
+plain model): several backward calls in one trace, one backward per invoke in a batch, and
+`.save()` inside a block that spans several generation steps."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+
+PROMPT = "The Eiffel Tower is in the city of"
+OTHER = "Alice went to the market"
+
+
+def oracle_grads(model, prompt, targets, layer=0):
+    """d logits[0, -1, t] / d (block `layer`'s output), for each t, by autograd on the plain model."""
+    ids = torch.tensor([model.tokenizer(prompt)["input_ids"]])
+    seen = {}
+    handle = model._module.transformer.h[layer].register_forward_hook(lambda m, a, o: seen.setdefault("h", o))
+    try:
+        logits = model._module(ids).logits
+    finally:
+        handle.remove()
+    return [torch.autograd.grad(logits[0, -1, t], seen["h"], retain_graph=True)[0] for t in targets]
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_each_backward_call_has_its_own_gradient(gpt2, alice, remote):
+    model = alice if remote else gpt2
+    first, second = oracle_grads(model, PROMPT, [5, 7])
+    with model.trace(PROMPT, remote=remote):
+        h = model.transformer.h[0].output
+        before = h.grad.save()  # written before the first backward: that one's gradient
+        model.output.logits[0, -1, 5].backward()
+        after_first = h.grad.save()
+        model.output.logits[0, -1, 7].backward()
+        after_second = h.grad.save()
+    assert torch.allclose(before.value, first, atol=1e-6)
+    assert torch.allclose(after_first.value, first, atol=1e-6)
+    assert torch.allclose(after_second.value, second, atol=1e-6)
+    assert not torch.allclose(first, second, atol=1e-6)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_one_backward_per_invoke_gives_each_invoke_its_own_gradient(gpt2, alice, remote):
+    model = alice if remote else gpt2
+    (expected_a,) = oracle_grads(model, PROMPT, [5])
+    (expected_b,) = oracle_grads(model, OTHER, [9])
+    with model.trace(remote=remote) as tracer:
+        with tracer.invoke(PROMPT):
+            a = model.transformer.h[0].output
+            model.output.logits[0, -1, 5].backward()
+            grad_a = a.grad.save()
+        with tracer.invoke(OTHER):
+            b = model.transformer.h[0].output
+            model.output.logits[0, -1, 9].backward()
+            grad_b = b.grad.save()
+    n_a, n_b = expected_a.shape[1], expected_b.shape[1]
+    # Left padding: each invoke's rows end with its own tokens.
+    assert torch.allclose(grad_a.value[:, -n_a:], expected_a, atol=1e-5)
+    assert torch.allclose(grad_b.value[:, -n_b:], expected_b, atol=1e-5)
+    assert grad_b.value.abs().sum() > 0
+
+
+@pytest.mark.parametrize("block", ["all", "range"])
+def test_save_inside_a_block_over_several_steps_says_what_to_do_at_the_users_line(gpt2, block):
+    with pytest.raises(ValueError, match=r"tracer\.list\(\)") as info:
+        with gpt2.generate(PROMPT, max_new_tokens=3) as tracer:
+            with tracer.all() if block == "all" else tracer.iter[0:2]:
+                gpt2.lm_head.output.save()  # the line that must be named
+    frame = traceback.extract_tb(info.tb)
+    assert any("the line that must be named" in (f.line or "") for f in frame)
+
+
+def test_save_inside_a_single_step_block_and_per_step_loops_still_work(gpt2):
+    with gpt2.generate(PROMPT, max_new_tokens=3) as tracer:
+        with tracer.iter[1]:
+            one = gpt2.lm_head.output.save()
+    with gpt2.generate(PROMPT, max_new_tokens=3) as tracer:
+        each = [gpt2.lm_head.output.save() for _ in tracer.iter[0:3]]
+    assert one.value.shape[-1] == 300 and torch.equal(one.value, each[1].value)
