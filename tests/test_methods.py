@@ -80,3 +80,49 @@ def test_save_inside_a_single_step_block_and_per_step_loops_still_work(gpt2):
     with gpt2.generate(PROMPT, max_new_tokens=3) as tracer:
         each = [gpt2.lm_head.output.save() for _ in tracer.iter[0:3]]
     assert one.value.shape[-1] == 300 and torch.equal(one.value, each[1].value)
+
+
+def eager_attentions(model, prompt):
+    module = model._module
+    current = module.config._attn_implementation
+    module.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return module(torch.tensor([model.tokenizer(prompt)["input_ids"]]), output_attentions=True).attentions
+    finally:
+        module.set_attn_implementation(current)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_forward_keywords_reach_the_model_and_attention_weights_come_back(gpt2, alice, remote):
+    model = alice if remote else gpt2
+    expected = eager_attentions(model, PROMPT)
+    with model.trace(PROMPT, output_attentions=True, remote=remote):
+        weights = model.output.attentions.save()
+        logits = model.output.logits.save()
+    assert len(weights.value) == len(expected) == 2
+    for got, want in zip(weights.value, expected, strict=True):
+        assert got.shape == (1, 4, want.shape[-1], want.shape[-1]) and torch.allclose(got, want, atol=1e-6)
+    assert logits.value.shape[1] == expected[0].shape[-1]  # the prompt was not dropped
+    assert gpt2._module.config._attn_implementation != "eager" or remote  # put back after the run
+
+
+def test_generate_passes_its_other_keywords_to_the_model(gpt2):
+    ids = torch.tensor([gpt2.tokenizer(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        expected = gpt2._module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                         repetition_penalty=3.0, pad_token_id=1)  # fmt: skip
+        plain = gpt2._module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                      pad_token_id=1)  # fmt: skip
+    with gpt2.generate(PROMPT, max_new_tokens=5, repetition_penalty=3.0) as tracer:
+        out = tracer.output.save()
+    assert torch.equal(out.value, expected)
+    assert not torch.equal(expected, plain)  # the keyword changed something
+
+
+def test_keywords_the_fabric_owns_are_refused_at_the_users_line(gpt2):
+    import nnfabric
+
+    with pytest.raises(nnfabric.InterventionError, match="past_key_values"):
+        with gpt2.trace(PROMPT, past_key_values=None):
+            gpt2.lm_head.output.save()

@@ -102,6 +102,11 @@ class Model:
     ) -> tuple[list[Any], dict[str, Any]]:
         return list(inputs), dict(kwargs)
 
+    def _forward_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the invoke's own inputs, keyword arguments for the model's forward): a plain module
+        takes every keyword as an input."""
+        return dict(kwargs), {}
+
     def _get_adapter(self) -> Any:
         if self._adapter is None:
             from .runtime.adapters import ModuleAdapter
@@ -160,16 +165,29 @@ class LanguageModel(Model):
     def generate(
         self, *inputs: Any, max_new_tokens: int = 20, remote: Remote = False, blocking: bool = True, **options: Any
     ) -> Tracer:
-        """Open a generation trace; `tracer.iter[...]`/`tracer.all()` address its steps."""
-        options = {"max_new_tokens": max_new_tokens, **options}
+        """Open a generation trace; `tracer.iter[...]`/`tracer.all()` address its steps. Sampling
+        options (do_sample, temperature, top_k, top_p, seed) are the fabric's; any other keyword
+        goes to the model's `generate` (e.g. repetition_penalty, output_attentions)."""
+        from .graph.validate import OPTIONS
+
+        forward = {k: v for k, v in options.items() if k not in OPTIONS}
+        options = {"max_new_tokens": max_new_tokens, **{k: v for k, v in options.items() if k in OPTIONS}}
+        if forward:
+            options["forward"] = forward
         return Tracer(self, inputs, {}, kind="generate", options=options, remote=remote, blocking=blocking)
+
+    def _forward_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A language model's inputs are input_ids/attention_mask; any other keyword is for its
+        forward (output_attentions=True, ...)."""
+        inputs = {k: v for k, v in kwargs.items() if k in ("input_ids", "attention_mask")}
+        return inputs, {k: v for k, v in kwargs.items() if k not in inputs}
 
     def _prepare_invoke_inputs(
         self, inputs: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[list[Any], dict[str, Any]]:
         if len(inputs) == 1 and isinstance(inputs[0], dict) and not kwargs:
             return [], dict(inputs[0])
-        if kwargs:
+        if kwargs and not inputs:
             return [], dict(kwargs)
         if len(inputs) != 1:
             raise ValueError("pass one input per invoke: text, a list of texts, token ids, or a dict of tensors")

@@ -164,6 +164,14 @@ def validate_graph(
         n = graph.options.get("max_new_tokens")
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limits.max_new_tokens:
             raise GraphError(f"max_new_tokens must be an integer in 1..{limits.max_new_tokens}, got {n!r}")
+    forward = graph.options.get("forward", {})
+    if not isinstance(forward, dict):
+        raise GraphError("option 'forward' must map keyword names to values")
+    for name, value in forward.items():
+        if not name.isidentifier() or name.startswith("_") or len(name) > 64 or name in STRUCTURAL_KWARGS:
+            raise GraphError(f"forward keyword {name[:64]!r} is not allowed (the fabric sets the model's inputs)")
+        if not (value is None or isinstance(value, (bool, int, float, str, TensorRef))):
+            raise GraphError(f"forward keyword {name!r} takes a bool, number, string, None or tensor")
     for key, value in graph.options.items():
         if key not in OPTIONS:
             raise GraphError(f"unknown option {key!r}; allowed: {sorted(OPTIONS)}")
@@ -208,6 +216,14 @@ def validate_session(
             raise exc from None
 
 
+# Forward keywords the fabric owns: what the batch is made of, and how outputs come back.
+STRUCTURAL_KWARGS = frozenset({
+    "input_ids", "attention_mask", "position_ids", "inputs_embeds", "past_key_values", "cache_position",
+    "return_dict", "return_dict_in_generate", "generation_config", "streamer", "logits_processor",
+    "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model", "num_beams", "num_return_sequences",
+    "pad_token_id", "max_new_tokens", "max_length", "kwargs",
+})  # fmt: skip
+
 OPTIONS: dict[str, type | tuple[type, ...]] = {
     "max_new_tokens": int,
     "do_sample": bool,
@@ -216,4 +232,5 @@ OPTIONS: dict[str, type | tuple[type, ...]] = {
     "top_p": (int, float),
     "seed": int,
     "model": str,
+    "forward": dict,  # keyword arguments for the model's forward / generate
 }

@@ -10,7 +10,9 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -95,9 +97,29 @@ def run_graph(
         budget.check_time()  # tokenizing is paid before the model runs
     if isolated and graph.kind == "trace" and "input_ids" in batch.kwargs:
         batch.kwargs.setdefault("use_cache", False)  # a key/value cache object spans every row
-    with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated) as run:
-        if graph.kind == "generate":
-            run.call(lambda: adapter.generate(batch, graph.options))
-        else:
-            run.call(lambda: adapter.forward(batch))
+    forward = _inputs(graph.options.get("forward", {}), tensors)
+    batch.kwargs.update(forward)
+    with _attention_weights(adapter.root, bool(forward.get("output_attentions"))):
+        with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated) as run:
+            if graph.kind == "generate":
+                run.call(lambda: adapter.generate(batch, graph.options))
+            else:
+                run.call(lambda: adapter.forward(batch))
     return run.saved()
+
+
+@contextlib.contextmanager
+def _attention_weights(model: torch.nn.Module, wanted: bool) -> Iterator[None]:
+    """Fused attention kernels (sdpa, flash) return no weights: for a run that asks for them,
+    eager attention (slower, and more memory: batch x heads x seq x seq per layer), then back."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if not wanted or current in (None, "eager") or switch is None:
+        yield
+        return
+    switch("eager")
+    try:
+        yield
+    finally:
+        switch(current)

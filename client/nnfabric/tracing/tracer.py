@@ -48,6 +48,8 @@ class TracedModel(Protocol):
         self, inputs: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[list[Any], dict[str, Any]]: ...
 
+    def _forward_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]: ...
+
     def _backend(self, remote: Remote) -> Backend: ...
 
 
@@ -267,6 +269,13 @@ class Tracer:
         return self._imported[key]
 
     def _make_invoke(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Invoke:
+        kwargs, forward = self._model._forward_kwargs(kwargs)
+        if forward:
+            current = self._graph.options.setdefault("forward", {})
+            for name, value in forward.items():
+                if name in current and current[name] != self._encode(value):
+                    raise ValueError(f"{name}={value!r} differs between invokes; one forward pass takes one value")
+                current[name] = self._encode(value)
         if len(inputs) == 0 and not kwargs:
             return Invoke(args=None)
         prepared = self._model._prepare_invoke_inputs(inputs, kwargs)
