@@ -126,3 +126,38 @@ def test_keywords_the_fabric_owns_are_refused_at_the_users_line(gpt2):
     with pytest.raises(nnfabric.InterventionError, match="past_key_values"):
         with gpt2.trace(PROMPT, past_key_values=None):
             gpt2.lm_head.output.save()
+
+
+def test_parameters_are_readable_in_a_trace_locally_and_from_a_thin_client(gpt2, fabric):
+    import nnfabric
+
+    with gpt2.trace(PROMPT):
+        final = gpt2.transformer.ln_f.output
+        logits = gpt2.output.logits.save()
+        by_hand = (final @ gpt2.lm_head.weight.T).save()  # the unembedding, read inside the trace
+    assert torch.allclose(by_hand.value, logits.value, atol=1e-5)
+    thin = nnfabric.connect(fabric.url, fabric.keys["bob"], progress=False).model("tiny-gpt2")
+    assert "weight" in dir(thin.lm_head)
+    token = gpt2.tokenizer(" Paris")["input_ids"][0]
+    with thin.trace(PROMPT, remote=True):
+        direction = thin.lm_head.weight[token].save()  # W_U[token], with no weights on this side
+        thin.transformer.h[1].output[:, -1] += direction
+        steered = thin.output.logits[0, -1].save()
+    assert torch.equal(direction.value, gpt2._module.lm_head.weight[token].detach())
+    with gpt2.trace(PROMPT):
+        gpt2.transformer.h[1].output[:, -1] += gpt2._module.lm_head.weight[token].detach()
+        local = gpt2.output.logits[0, -1].save()
+    assert torch.equal(steered.value, local.value)
+
+
+def test_parameters_cannot_be_changed_in_a_trace(gpt2):
+    import nnfabric
+
+    before = gpt2._module.lm_head.weight.detach().clone()
+    with pytest.raises(nnfabric.InterventionError, match="parameters cannot be changed"):
+        with gpt2.trace(PROMPT):
+            gpt2.lm_head.weight[0] = 0
+    with pytest.raises(nnfabric.InterventionError, match="parameters cannot be changed"):
+        with gpt2.trace(PROMPT):
+            gpt2.lm_head.weight.zero_()
+    assert torch.equal(gpt2._module.lm_head.weight, before)

@@ -87,6 +87,8 @@ OPS: dict[str, OpSpec] = {
     "set_output": OpSpec(4, 4, module_event=True),
     "set_input": OpSpec(4, 4, module_event=True),
     "set_inputs": OpSpec(4, 4, module_event=True),
+    # A parameter of the model, read-only: args: its dotted name (e.g. "lm_head.weight").
+    "parameter": OpSpec(1, 1),
     # Calls a module of the model on graph values (logit lens), bypassing interventions.
     # args: path, *call args
     "call_module": OpSpec(1, 16),

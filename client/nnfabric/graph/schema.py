@@ -74,7 +74,7 @@ def schema_defs(prefix: str = "#/$defs/") -> dict[str, Any]:
             "kwargs": {"type": "object", "additionalProperties": ref("Value")},
         },
     }
-    kinds = {int: "integer", float: "number", bool: "boolean", str: "string"}
+    kinds = {int: "integer", float: "number", bool: "boolean", str: "string", dict: "object"}
     options = {
         name: {"type": sorted({kinds[t] for t in (types if isinstance(types, tuple) else (types,))})}
         for name, types in OPTIONS.items()

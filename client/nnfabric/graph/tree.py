@@ -19,10 +19,13 @@ class ModuleTree:
     path: str
     type_name: str
     children: dict[str, ModuleTree] = field(default_factory=dict)
+    params: dict[str, list[int]] = field(default_factory=dict)  # its own parameters: name -> shape
 
     @classmethod
     def from_module(cls, module: Any, path: str = "") -> ModuleTree:
         node = cls(path, type(module).__name__)
+        for name, param in module.named_parameters(recurse=False):
+            node.params[name] = list(param.shape)
         for name, child in module.named_children():
             node.children[name] = cls.from_module(child, f"{path}.{name}" if path else name)
         return node
@@ -30,17 +33,29 @@ class ModuleTree:
     @classmethod
     def from_json(cls, data: dict[str, Any], path: str = "") -> ModuleTree:
         node = cls(path, str(data.get("type", "Module")))
+        for name, shape in (data.get("params") or {}).items():
+            node.params[str(name)] = [int(d) for d in shape]
         for name, child in (data.get("children") or {}).items():
             node.children[str(name)] = cls.from_json(child, f"{path}.{name}" if path else str(name))
         return node
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.type_name, "children": {k: v.to_json() for k, v in self.children.items()}}
+        data: dict[str, Any] = {"type": self.type_name, "children": {k: v.to_json() for k, v in self.children.items()}}
+        if self.params:
+            data["params"] = dict(self.params)
+        return data
 
     def paths(self) -> set[str]:
         found = {self.path}
         for child in self.children.values():
             found |= child.paths()
+        return found
+
+    def parameter_paths(self) -> set[str]:
+        """Every parameter's dotted name, as `model.get_parameter` takes it."""
+        found = {f"{self.path}.{name}" if self.path else name for name in self.params}
+        for child in self.children.values():
+            found |= child.parameter_paths()
         return found
 
     def is_sequence(self) -> bool:

@@ -108,6 +108,13 @@ def validate_node(
             raise GraphError(f"{_where(node)}: module path must be a string", node.id)
         if module_paths is not None and path not in module_paths:
             raise GraphError(f"{_where(node)}: the model has no module {path!r}", node.id)
+    if node.op == "parameter":
+        name = node.args[0]
+        owner = name.rpartition(".")[0] if isinstance(name, str) else None
+        if owner is None or not name.rpartition(".")[2].isidentifier():
+            raise GraphError(f"{_where(node)}: a parameter is named by a string like 'lm_head.weight'", node.id)
+        if module_paths is not None and owner not in module_paths:
+            raise GraphError(f"{_where(node)}: the model has no module {owner!r}", node.id)
     if spec.module_event:
         step, call = node.args[1], node.args[2]
         if not (_is_int(step) and step >= 0 and _is_int(call) and call >= 0):

@@ -107,6 +107,7 @@ class Interleaver:
         # A merged run of several jobs: every read and write must stay inside the job's rows.
         self.isolated = isolated
         self._shared: set[int] = set()  # storages of per-job copies of values without a batch dimension
+        self._read_only: set[int] = set()  # storages of the model's parameters read by the graph
         self.nodes = graph.nodes
         self.tensors = tensors
         self.root = root
@@ -397,10 +398,16 @@ class Interleaver:
         if op == "set_output" or op == "set_inputs":
             self._event_value = self._merge_rows(self._event_value, args[3], rows)
             return None
-        if self.isolated and (op == "setitem" or (op == "call_method" and args[0].endswith("_"))):
+        if op == "setitem" or (op == "call_method" and args[0].endswith("_")):
             target = args[0] if op == "setitem" else args[1]
-            if isinstance(target, torch.Tensor) and target.untyped_storage().data_ptr() in self._shared:
-                raise NeedsSolo(f"node {node.id} writes into a value every row shares")
+            if isinstance(target, torch.Tensor):
+                storage = target.untyped_storage().data_ptr()
+                if storage in self._read_only:
+                    raise InterventionError(
+                        "the model's parameters cannot be changed in a trace; edit a copy (w.clone()) and use it"
+                    )
+                if self.isolated and storage in self._shared:
+                    raise NeedsSolo(f"node {node.id} writes into a value every row shares")
         if op == "set_input":
             call_args, call_kwargs = self._event_value
             if call_args:
@@ -419,6 +426,14 @@ class Interleaver:
                 self.bypass = False
         if op == "model_output":
             return self._slice_rows(self.final_output, rows)
+        if op == "parameter":
+            try:
+                param = self.root.get_parameter(args[0])
+            except AttributeError:
+                raise InterventionError(f"the model has no parameter {args[0]!r}") from None
+            # The model's own weights, shared by every job: readable, never writable here.
+            self._read_only.add(param.untyped_storage().data_ptr())
+            return param.detach()
         if op == "from_trace":
             if node.id not in self.imports:
                 raise InterventionError("a value from another trace can only be used inside model.session()")

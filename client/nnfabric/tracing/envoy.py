@@ -75,6 +75,9 @@ class Envoy:
         tree = self._tree
         if name in tree.children:
             return Envoy(self._owner, tree.children[name])
+        if name in tree.params and self._owner._tracer is not None:
+            # Inside a trace a parameter is read where the job runs (a thin client has no weights).
+            return self._owner._tracer._record("parameter", [f"{tree.path}.{name}" if tree.path else name], {})
         module = self._owner._module_at(tree.path)
         if module is not None and hasattr(module, name):
             return getattr(module, name)
@@ -103,4 +106,4 @@ class Envoy:
         return self._tree.render()
 
     def __dir__(self) -> list[str]:
-        return sorted(set(self._tree.children) | {"output", "input", "inputs", "next", "call"})
+        return sorted(set(self._tree.children) | set(self._tree.params) | {"output", "input", "inputs", "next", "call"})
