@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The system programs the test suite runs for real: Redis (the queue), Chromium and its driver
-# (the status page), docker-compose (validates the compose file). `make test` calls this.
+# (the status page), docker-compose (validates the compose file), Node.js (the HTTP example).
+# `make test` calls this.
 # As root it installs what is missing with apt-get; otherwise it names the one command to run.
 set -euo pipefail
-declare -A provides=([redis-server]=redis-server [chromium]=chromium [chromedriver]=chromium-driver [docker-compose]=docker-compose)
+declare -A provides=([redis-server]=redis-server [chromium]=chromium [chromedriver]=chromium-driver
+                     [docker-compose]=docker-compose [node]=nodejs)
 need=()
-for program in redis-server chromium chromedriver docker-compose; do
+for program in redis-server chromium chromedriver docker-compose node; do
   command -v "$program" >/dev/null 2>&1 || need+=("${provides[$program]}")
 done
 [ ${#need[@]} -eq 0 ] && exit 0
