@@ -77,6 +77,23 @@ class Hook:
         self.handle.remove()
 
 
+@pytest.fixture(scope="module")
+def redis_url():
+    """A real Redis of the module's own (nothing kept)."""
+    from services.common.redis_server import RedisServer
+
+    server = RedisServer.start()
+    yield server.url
+    server.stop()
+
+
+def key_of(user: str):  # type: ignore[no-untyped-def]
+    """An API key record for `user` (the store's submit takes one), without creating a key."""
+    from services.common.store import ApiKey
+
+    return ApiKey(f"key-{user}", user, ["*"], 0, 0.0)
+
+
 @pytest.fixture(scope="session")
 def fabric(tmp_path_factory: pytest.TempPathFactory, gpt2_dir: Path):
     from fabric import start_fabric, stop_fabric

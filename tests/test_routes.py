@@ -15,18 +15,10 @@ from nnfabric.runtime.wire import pack_request
 from starlette.websockets import WebSocketDisconnect
 
 from services.api.app import create_app
-from services.common.redis_server import RedisServer
 from services.common.settings import Settings
 from services.common.store import Store
 
 PROMPT = "The Eiffel Tower is in the city of"
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = RedisServer.start()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(scope="module")

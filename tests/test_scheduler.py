@@ -7,25 +7,14 @@ import asyncio
 import time
 
 import pytest
+from conftest import key_of
 
 from services.common.catalog import Catalog, ModelLimits, ModelSpec
-from services.common.redis_server import RedisServer
 from services.common.settings import Settings
-from services.common.store import ApiKey, Store
+from services.common.store import Store
 from services.scheduler.scheduler import Scheduler
 
 MODEL = "tiny"
-
-
-def key_of(user: str) -> ApiKey:
-    return ApiKey(f"key-{user}", user, ["*"], 0, 0.0)
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = RedisServer.start()
-    yield server.url
-    server.stop()
 
 
 def catalog(max_batch: int = 1, replicas: int = 1) -> Catalog:

@@ -5,22 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
+from conftest import key_of
 from redis.asyncio import Redis
 
-from services.common.redis_server import RedisServer
-from services.common.store import ApiKey, Store
-
-
-def key_of(user: str) -> ApiKey:
-    return ApiKey(f"key-{user}", user, ["*"], 0, 0.0)
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = RedisServer.start()
-    yield server.url
-    server.stop()
+from services.common.store import Store
 
 
 def run(coro):
