@@ -94,7 +94,11 @@ def eager_attentions(model, prompt):
 
 
 @pytest.mark.parametrize("remote", [False, True])
-def test_forward_keywords_reach_the_model_and_attention_weights_come_back(gpt2, alice, remote):
+def test_forward_keywords_reach_the_model_and_attention_weights_come_back(gpt2_dir, alice, remote):
+    import nnfabric
+
+    # Its own model: transformers leaves capture hooks on a model asked for attention weights.
+    gpt2 = nnfabric.LanguageModel(str(gpt2_dir))
     model = alice if remote else gpt2
     expected = eager_attentions(model, PROMPT)
     with model.trace(PROMPT, output_attentions=True, remote=remote):
