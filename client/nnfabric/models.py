@@ -45,6 +45,7 @@ class Model:
         self._adapter: Any = None
         self._fabric = fabric
         self._remote_name: str | None = None
+        self._paths = frozenset(self._tree.paths())  # what validation checks every graph against
 
     # -- the tree --------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -129,7 +130,7 @@ class Model:
         if self._module is None:
             raise InterventionError("this model is hosted on the fabric: trace it with remote=True")
         loopback = remote == "local" or backends.DEFAULT_LOCAL == "loopback"
-        return backends.local_backend(self._get_adapter(), self._tree.paths(), loopback)
+        return backends.local_backend(self._get_adapter(), self._paths, loopback)
 
 
 class LanguageModel(Model):
