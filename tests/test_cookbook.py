@@ -39,5 +39,5 @@ def test_every_recipe_runs_in_order_and_the_checkable_ones_are_right(gpt2_dir):
     assert abs(names["effects"][-1] - clean_logits.softmax(-1)[paris].item()) < 1e-5
     assert abs(names["patched"][-1].value.item() - clean_logits[paris].item()) < 1e-4  # the session form agrees
     assert len(names["patterns"].value) == len(gpt2.transformer.h)
-    assert names["shapes"]["transformer.h.0"][-1] == 64
+    assert names["shapes"]["transformer.h.0.mlp"][-1] == 64 and len(names["shapes"]) == 2
     assert len(names["choices"].value) == 4

@@ -165,3 +165,45 @@ def test_parameters_cannot_be_changed_in_a_trace(gpt2):
         with gpt2.trace(PROMPT):
             gpt2.lm_head.weight.zero_()
     assert torch.equal(gpt2._module.lm_head.weight, before)
+
+
+def hooked_outputs(model, prompt):
+    """Every module's output (first call) through hand-written forward hooks on the plain model."""
+    seen = {}
+    handles = [module.register_forward_hook(lambda m, a, o, name=name: seen.setdefault(name, o))
+               for name, module in model._module.named_modules() if name]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model._module(torch.tensor([model.tokenizer(prompt)["input_ids"]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_cache_saves_every_modules_output_whatever_order_the_model_calls_them(gpt2, alice, remote):
+    model = alice if remote else gpt2
+    expected = hooked_outputs(gpt2, PROMPT)
+    with model.trace(PROMPT, remote=remote) as tracer:
+        cache = tracer.cache()
+    assert set(cache) == {path for path, _ in gpt2._module.named_modules() if path}
+    for path, proxy in cache.items():
+        if path in expected:
+            value, want = proxy.value, expected[path]
+            if isinstance(want, torch.Tensor):
+                assert torch.allclose(value, want, atol=1e-6), path
+        else:  # a module this run never calls has no value, and says so
+            with pytest.raises(ValueError):
+                _ = proxy.value
+
+
+def test_cache_by_path_with_inputs(gpt2):
+    with gpt2.trace(PROMPT) as tracer:
+        cache = tracer.cache("mlp.c_proj", inputs=True)
+    assert set(cache) == {f"transformer.h.{i}.mlp.c_proj{end}" for i in range(2) for end in ("", ".input")}
+    expected = hooked_outputs(gpt2, PROMPT)
+    assert torch.allclose(cache["transformer.h.1.mlp.c_proj"].value, expected["transformer.h.1.mlp.c_proj"], atol=1e-6)
+    with pytest.raises(ValueError, match="no module path contains"):
+        with gpt2.trace(PROMPT) as tracer:
+            tracer.cache("nothing-like-this")

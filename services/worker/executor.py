@@ -205,6 +205,7 @@ def merge_graphs(
                     invoke=node.invoke + invoke_offset,
                     line=node.line,
                     optional=node.optional,
+                    unordered=node.unordered,
                 )
             )
         merged.saves.extend(s + node_offset for s in graph.saves)

@@ -158,6 +158,7 @@ def graph_to_json(graph: Graph) -> dict[str, Any]:
                 "invoke": n.invoke,
                 "line": _line_json(n.line),
                 **({"optional": True} if n.optional else {}),
+                **({"unordered": True} if n.unordered else {}),
             }
             for n in graph.nodes
         ],
@@ -243,6 +244,7 @@ def graph_from_json(data: Any, limits: Limits) -> Graph:
                 invoke=invoke,
                 line=source,
                 optional=bool(nd.get("optional", False)),
+                unordered=bool(nd.get("unordered", False)),
             )
         except GraphError as exc:
             raise GraphError(f"node {index} ({op}): {exc}") from None

@@ -67,6 +67,9 @@ class Node:
     # Nodes recorded for generation steps that may never happen (tracer.all()); they are dropped
     # silently when generation ends early.
     optional: bool = False
+    # A read that need not wait for the nodes before it (tracer.cache): it runs whenever its
+    # module fires, whatever order the model calls modules in.
+    unordered: bool = False
     id: int = -1
 
     def refs(self) -> list[int]:

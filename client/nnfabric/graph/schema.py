@@ -62,6 +62,7 @@ def schema_defs(prefix: str = "#/$defs/") -> dict[str, Any]:
             "invoke": {"type": "integer", "minimum": 0, "description": "its batch group"},
             "line": line,
             "optional": {"type": "boolean", "description": "a generation step that may not happen"},
+            "unordered": {"type": "boolean", "description": "a module read that need not wait for earlier nodes"},
         },
         "required": ["op"],
     }

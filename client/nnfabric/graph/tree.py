@@ -51,6 +51,13 @@ class ModuleTree:
             found |= child.paths()
         return found
 
+    def walk(self) -> list[ModuleTree]:
+        """This module and every module below it, parents first, children in declaration order."""
+        found = [self]
+        for child in self.children.values():
+            found += child.walk()
+        return found
+
     def parameter_paths(self) -> set[str]:
         """Every parameter's dotted name, as `model.get_parameter` takes it."""
         found = {f"{self.path}.{name}" if self.path else name for name in self.params}

@@ -95,8 +95,10 @@ def run_graph(
         raise InterventionError(f"bad inputs: {exc}") from exc
     if budget is not None:
         budget.check_time()  # tokenizing is paid before the model runs
-    if isolated and graph.kind == "trace" and "input_ids" in batch.kwargs:
-        batch.kwargs.setdefault("use_cache", False)  # a key/value cache object spans every row
+    if graph.kind == "trace" and "input_ids" in batch.kwargs:
+        # A single forward pass needs no key/value cache: it only costs memory, and its object
+        # spans every row (merged runs) and cannot be saved.
+        batch.kwargs["use_cache"] = False
     forward = _inputs(graph.options.get("forward", {}), tensors)
     batch.kwargs.update(forward)
     with _attention_weights(adapter.root, bool(forward.get("output_attentions"))):

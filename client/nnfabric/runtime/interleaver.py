@@ -165,6 +165,10 @@ class Interleaver:
                 deferred[nid] = True
             elif any(deferred[d] for d in self.deps[nid]):
                 deferred[nid] = True
+            if node.unordered and node.op in _READS and not deferred[nid]:
+                self.threads.append(_Thread())  # a thread of its own: no program order to wait for
+                self.threads[-1].nodes.append(nid)
+                continue
             (self.grad_threads if deferred[nid] else self.threads)[node.invoke].nodes.append(nid)
 
     def _bind_backward(self, node: Node) -> int:

@@ -28,6 +28,7 @@ from ..graph.leaves import map_leaves
 from .proxy import Proxy
 
 if TYPE_CHECKING:
+    from ..graph.tree import ModuleTree
     from ..remote.client import Job
     from .envoy import Envoy
     from .session import TraceSession
@@ -41,6 +42,7 @@ class TracedModel(Protocol):
 
     _tracer: Tracer | None
     _open_session: TraceSession | None
+    _tree: ModuleTree
 
     def _module_at(self, path: str) -> Any: ...
 
@@ -192,13 +194,30 @@ class Tracer:
         result: Proxy = self._record("model_output", [], {})
         return result
 
+    def cache(self, contains: str | None = None, inputs: bool = False) -> dict[str, Proxy]:
+        """Save many modules' outputs at once, by path: every module, or those whose path has
+        `contains` in it (`tracer.cache("mlp")`); with `inputs=True`, their inputs too (keys
+        "<path>.input"). Modules the run does not call have no value. Remotely, within the
+        model's `max_saved_bytes`."""
+        found: dict[str, Proxy] = {}
+        for tree in self._model._tree.walk():
+            if not tree.path or (contains is not None and contains not in tree.path):
+                continue
+            for op, key in [("output", tree.path)] + ([("input", f"{tree.path}.input")] if inputs else []):
+                proxy: Proxy = self._record(op, [tree.path, self._step, 0], {}, unordered=True)
+                self._save(proxy)
+                found[key] = proxy
+        if not found:
+            raise ValueError(f"no module path contains {contains!r}; print(model) lists them")
+        return found
+
     def list(self) -> Proxy:
         """An empty list to `.append` values to, e.g. one per generation step."""
         result: Proxy = self._record("list", [], {})
         return result
 
     # -- recording -------------------------------------------------------------------------
-    def _record(self, op: str, args: ArgList, kwargs: dict[str, Any]) -> Any:
+    def _record(self, op: str, args: ArgList, kwargs: dict[str, Any], unordered: bool = False) -> Any:
         if not self._active:
             raise RuntimeError("the trace block has ended; this value can no longer be recorded")
         if self._invoke is None:
@@ -211,6 +230,9 @@ class Tracer:
             kwargs={k: self._encode(v) for k, v in kwargs.items()},
             invoke=self._invoke,
             line=_user_line(),
+            # An unordered read may find its module never called: then it simply has no value.
+            optional=unordered,
+            unordered=unordered,
         )
         self._graph.add(node)
         if op in ("setitem", "set_grad", "set_output", "set_input", "set_inputs", "backward", "stop", "append"):
@@ -412,7 +434,8 @@ def _replicate(tracer: Tracer, first: int, start: int, stop: int, optional: bool
                     kwargs={k: _remap(v, mapping) for k, v in node.kwargs.items()},
                     invoke=node.invoke,
                     line=node.line,
-                    optional=optional,
+                    optional=optional or node.optional,
+                    unordered=node.unordered,
                 )
             )
             mapping[node.id] = copy.id
