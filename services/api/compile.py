@@ -15,6 +15,7 @@ module's output while generating: `{"module": "transformer.h.6", "add": [...], "
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from typing import Any
@@ -66,8 +67,6 @@ def _job(model: str, graph: Graph, tensors: dict[str, list[float]], limits: Limi
 
 
 def _f32(values: list[float]) -> str:
-    import base64
-
     return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
 
 
@@ -178,8 +177,6 @@ class Detokenizer:
 
 def vector_of(value: Any, where: str) -> list[float]:
     """A saved value (JSON tensor form) as the numbers of a steering vector."""
-    import base64
-
     formats = {"float32": "f", "float64": "d", "float16": "e"}
     if not isinstance(value, dict) or value.get("dtype") not in formats:
         raise GraphError(f"{where}: the saved value is not a floating-point tensor")

@@ -11,6 +11,7 @@ with 202 and its id, to follow like any other.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import struct
@@ -40,6 +41,9 @@ _WAITING: dict[int | str, dict[str, Any]] = {
 }
 _STREAMABLE: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {}, "text/event-stream": {}},
                      "description": "the completion (JSON), or its chunks as server-sent events"}}  # fmt: skip
+# What every compiled route may answer besides its result; generation may also stream.
+_COMPILED = {**_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)}
+_GENERATING = {**_STREAMABLE, **_COMPILED}
 
 
 class ActivationsRequest(BaseModel):
@@ -113,7 +117,7 @@ async def _run(
 @router.post(
     "/v1/models/{name}/activations",
     response_model=ActivationsReply,
-    responses={**_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)},
+    responses=_COMPILED,
 )
 async def activations(
     name: str, request: ActivationsRequest, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
@@ -186,8 +190,6 @@ async def _generate(
         return data
     ids = next(iter(result_to_json(data)["values"].values()))
     rows, width = ids["shape"]
-    import base64
-
     flat = struct.unpack(f"<{rows * width}q", base64.b64decode(ids["data"]))
     counts = [tokenizer.count(p) for p in prompts]
     prompt_width = max(counts)
@@ -239,7 +241,7 @@ def _pieces(text: str) -> list[str]:
 @router.post(
     "/v1/completions",
     response_model=Completion,
-    responses={**_STREAMABLE, **_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)},
+    responses=_GENERATING,
 )
 async def completions(
     request: CompletionRequest, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
@@ -271,7 +273,7 @@ async def completions(
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion,
-    responses={**_STREAMABLE, **_WAITING, **responses(401, 403, 404, 413, 422, 429, 503)},
+    responses=_GENERATING,
 )
 async def chat_completions(
     request: ChatRequest, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
