@@ -41,3 +41,10 @@ def test_every_recipe_runs_in_order_and_the_checkable_ones_are_right(gpt2_dir):
     assert len(names["patterns"].value) == len(gpt2.transformer.h)
     assert names["shapes"]["transformer.h.0.mlp"][-1] == 64 and len(names["shapes"]) == 2
     assert len(names["choices"].value) == 4
+    # `.source`: the MLP's activation equals a hand-written hook on its GELU module.
+    seen = {}
+    handle = gpt2._module.transformer.h[0].mlp.act.register_forward_hook(lambda m, a, o: seen.setdefault("act", o))
+    with torch.no_grad():
+        gpt2._module(torch.tensor([gpt2.tokenizer(names["clean"])["input_ids"]]))
+    handle.remove()
+    assert torch.equal(names["neurons"].value, seen["act"])

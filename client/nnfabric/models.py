@@ -38,7 +38,11 @@ class Model:
 
     def __init__(self, module: Any = None, *, tree: ModuleTree | None = None, fabric: Fabric | None = None) -> None:
         self._module = module
-        self._tree = tree if tree is not None else ModuleTree.from_module(module)
+        if tree is None:
+            from .runtime.source import module_operations
+
+            tree = ModuleTree.from_module(module, operations=module_operations)
+        self._tree = tree
         self._tracer: Tracer | None = None
         self._open_session: TraceSession | None = None
         self._envoy = Envoy(self, self._tree)

@@ -124,6 +124,9 @@ class ModelInfo(TypedDict):
 class ModuleTreeJSON(TypedDict):
     type: str
     children: dict[str, Any]  # name -> ModuleTreeJSON
+    params: NotRequired[dict[str, list[int]]]  # its own parameters: name -> shape
+    source: NotRequired[str]  # its forward's operations: a key of the root's `sources`
+    sources: NotRequired[dict[str, list[list[Any]]]]  # root only: key -> [[name, line, text], ...]
 
 
 class ModelStructure(TypedDict):

@@ -28,6 +28,7 @@ from nnfabric.graph.validate import GraphError
 from nnfabric.runtime.adapters import CausalLMAdapter
 from nnfabric.runtime.execute import run_graph, run_session
 from nnfabric.runtime.guards import Budget
+from nnfabric.runtime.source import module_operations
 from nnfabric.runtime.wire import load_blob, pack_saved, saved_nbytes
 
 from ..common.catalog import ModelSpec, limits_for
@@ -54,7 +55,7 @@ class BatchExecutor:
         self.spec = spec
         self.model = model
         self.adapter = CausalLMAdapter(model, tokenizer)
-        self.tree = ModuleTree.from_module(model)
+        self.tree = ModuleTree.from_module(model, operations=module_operations)
         self.paths = self.tree.paths()
         self.limits = limits_for(spec, settings or Settings())
         self.running: list[str] = []  # the jobs of the run in progress

@@ -27,7 +27,9 @@ import torch
 from ..errors import InterventionError
 from ..graph.ir import DType, Graph, Node, Ref, TensorRef
 from ..graph.leaves import map_leaves
+from ..graph.tree import SOURCE, split_source
 from .guards import Budget, NeedsSolo
+from .source import instrumented
 from .torch_ops import apply_simple, dtype_of
 
 _MISSING: Any = object()
@@ -135,6 +137,7 @@ class Interleaver:
         self._row_base: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
         self._keep: list[Any] = []
         self._handles: list[Any] = []
+        self._instrumented = contextlib.ExitStack()  # modules whose forward `.source` reads run rewritten
         self.wanted: set[ModuleEvent] = set()
         self.needs_grad = any(n.op in _GRAD_OPS or n.op == "backward" for n in self.nodes)
         self._plan()
@@ -188,18 +191,27 @@ class Interleaver:
         sides: dict[str, set[str]] = {}
         for event in self.wanted:
             sides.setdefault(event.path, set()).add(event.side)
+        operations: dict[str, dict[str, set[str]]] = {}  # module path -> operation -> sides
         for path, which in sides.items():
+            split = split_source(path)
+            if split is not None:
+                operations.setdefault(split[0], {})[split[1]] = which
+                continue
             module = root.get_submodule(path)
             if "in" in which:
                 hook = functools.partial(self._input_hook, path)
                 self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             if "out" in which:
                 self._handles.append(module.register_forward_hook(functools.partial(self._output_hook, path)))
+        for path, wanted_ops in operations.items():
+            on_call = functools.partial(self._operation, f"{path}.{SOURCE}." if path else f"{SOURCE}.", wanted_ops)
+            self._instrumented.enter_context(instrumented(root.get_submodule(path), on_call))
         if self.graph.kind == "generate":
             self.step = -1
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._instrumented.close()
         for handle in reversed(self._handles):
             handle.remove()
         self._handles.clear()
@@ -259,6 +271,31 @@ class Interleaver:
         if key not in self.wanted:
             return None
         return self._event(key, output)
+
+    def _operation(
+        self,
+        prefix: str,
+        wanted: dict[str, set[str]],
+        name: str,
+        fn: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """One call inside an instrumented forward: an event like a module's input and output."""
+        which = wanted.get(name)
+        if which is None:
+            return fn(*args, **kwargs)
+        path = prefix + name
+        if "in" in which:
+            replaced = self._input_hook(path, None, args, kwargs)
+            if replaced is not None:
+                args, kwargs = replaced
+        output = fn(*args, **kwargs)
+        if "out" in which:
+            replaced = self._output_hook(path, None, args, output)
+            if replaced is not None:
+                output = replaced
+        return output
 
     def _event(self, key: ModuleEvent, value: Any) -> Any:
         if self.budget is not None:

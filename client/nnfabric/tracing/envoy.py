@@ -60,6 +60,12 @@ class Envoy:
             return
         raise AttributeError(f"cannot set {name!r} on {self._path or 'the model'}; set .output or .input")
 
+    @property
+    def source(self) -> SourceView:
+        """The operations inside this module's forward, each with .output/.input like a module:
+        `print(model.transformer.h[0].attn.source)` lists them."""
+        return SourceView(self._owner, self._tree)
+
     def next(self, count: int = 1) -> Envoy:
         """The same module's call `count` later within one forward pass (shared or reused modules)."""
         return Envoy(self._owner, self._tree, self._call + count)
@@ -106,4 +112,29 @@ class Envoy:
         return self._tree.render()
 
     def __dir__(self) -> list[str]:
-        return sorted(set(self._tree.children) | set(self._tree.params) | {"output", "input", "inputs", "next", "call"})
+        names = {"output", "input", "inputs", "next", "call", "source"}
+        return sorted(set(self._tree.children) | set(self._tree.params) | names)
+
+
+class SourceView:
+    """`module.source`: one Envoy per operation inside the module's forward, by name."""
+
+    __slots__ = ("_owner", "_tree")
+
+    def __init__(self, owner: Any, tree: ModuleTree) -> None:
+        self._owner = owner
+        self._tree = tree
+
+    def __getattr__(self, name: str) -> Envoy:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Envoy(self._owner, self._tree.source_op(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(op.name for op in self._tree.source)
+
+    def __repr__(self) -> str:
+        return self._tree.render_source()
+
+    def __dir__(self) -> list[str]:
+        return [op.name for op in self._tree.source]

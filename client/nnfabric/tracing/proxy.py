@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..graph.leaves import iter_leaves
+from ..graph.leaves import iter_leaves, map_leaves
 from ..graph.ops import TENSOR_METHODS
 from ..runtime.torch_ops import FUNCTION_NAMES
 
@@ -221,6 +221,13 @@ _DUNDER_BINARY = {
 
 def record_torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Turn a torch call that met a Proxy into a graph node, or say why it cannot be."""
+    leaves = [leaf for leaf in iter_leaves((args, kwargs)) if isinstance(leaf, Proxy)]
+    if leaves and all(leaf._resolved() for leaf in leaves):
+        # Saved values after their trace: the call runs on the values, as on plain tensors.
+        def unwrap(leaf: Any) -> Any:
+            return leaf._value if isinstance(leaf, Proxy) else leaf
+
+        return func(*map_leaves(args, unwrap), **map_leaves(kwargs, unwrap))
     tracer = _find_tracer(args, kwargs)
     if tracer is None:
         raise TypeError(f"{getattr(func, '__name__', func)} got a proxy from an ended trace")
