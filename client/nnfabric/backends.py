@@ -31,6 +31,16 @@ Remote = bool | Literal["local"]
 DEFAULT_LOCAL: Literal["local", "loopback"] = "local"
 
 
+@dataclass(eq=False)
+class Edit:
+    """A persistent edit (`model.edit()`): its graph, its tensors, and its id on each fabric and
+    model it was registered with (a remote job names it rather than carrying it)."""
+
+    graph: Graph
+    tensors: dict[str, Any]
+    registered: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
 @dataclass
 class JobRequest:
     """One job: a trace's graph, or a session's graphs run in order, and the tensors they carry."""
@@ -43,6 +53,20 @@ class JobRequest:
     blocking: bool = True
     # Saved values' variable names in the submitting code, so a reattached job can name them.
     names: dict[str, Any] = field(default_factory=dict)
+    # The model's persistent edits, applied before each trace's own nodes.
+    edits: list[Edit] = field(default_factory=list)
+
+    def apply_edits_here(self) -> None:
+        """Merge the edits into the graphs (a local run); node ids of the traces stay as they were."""
+        if not self.edits:
+            return
+        from .graph.edits import apply_edits
+
+        pairs = [(edit.graph, f"edit{i}_") for i, edit in enumerate(self.edits)]
+        self.graphs = [apply_edits(graph, pairs) for graph in self.graphs]
+        for i, edit in enumerate(self.edits):
+            self.tensors.update({f"edit{i}_{name}": t for name, t in edit.tensors.items()})
+        self.edits = []
 
     def line(self, trace: int | None, node: int | None) -> SourceLine | None:
         """The user's line that recorded `node` of `trace`, if both exist."""
@@ -71,6 +95,7 @@ class LocalBackend:
     def run(self, request: JobRequest) -> None:
         from .runtime.execute import run_session
 
+        request.apply_edits_here()
         try:
             validate_session(request.graphs, self.limits, module_paths=self.module_paths)
         except GraphError as exc:
@@ -87,6 +112,7 @@ class LoopbackBackend(LocalBackend):
         from .runtime import wire
         from .runtime.execute import run_session
 
+        request.apply_edits_here()
         data = wire.pack_job(request.graphs, request.tensors, request.session)
         try:
             graphs, blob = decode_request(data, self.limits, self.module_paths)

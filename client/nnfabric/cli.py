@@ -20,6 +20,8 @@ from rich.table import Column, Table
 app = typer.Typer(help="nnfabric: your jobs and models on a fabric", no_args_is_help=True)
 jobs_app = typer.Typer(help="your jobs on the fabric", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+edits_app = typer.Typer(help="your persistent edits (model.edit()) on the fabric", no_args_is_help=True)
+app.add_typer(edits_app, name="edits")
 console = Console()
 
 
@@ -90,6 +92,29 @@ def jobs_cancel(job_id: str, url: str = URL, api_key: str = API_KEY) -> None:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     console.print(f"cancelled {job_id}")
+
+
+@edits_app.command("list")
+def edits_list(model: str, url: str = URL, api_key: str = API_KEY) -> None:
+    """Your edits on MODEL, oldest first, with the lines that recorded them."""
+    table = Table(Column("edit", no_wrap=True), "created", "nodes", "recorded at")
+    for edit in _connect(url, api_key).edits(model):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(edit["created"]))
+        table.add_row(edit["id"], created, str(edit["nodes"]), "\n".join(edit["lines"][:5]))
+    console.print(table)
+
+
+@edits_app.command("rm")
+def edits_remove(model: str, edit_id: str, url: str = URL, api_key: str = API_KEY) -> None:
+    """Remove one of your edits on MODEL (jobs already queued keep theirs)."""
+    from .errors import RemoteError
+
+    try:
+        _connect(url, api_key).remove_edit(model, edit_id)
+    except RemoteError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"removed {edit_id}")
 
 
 @app.command()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import backends
-from .backends import Backend, Remote
+from .backends import Backend, Edit, Remote
 from .errors import InterventionError
 from .graph.tree import ModuleTree
 from .tracing.envoy import Envoy
@@ -27,6 +27,7 @@ from .tracing.tracer import Tracer
 
 if TYPE_CHECKING:
     from .remote.client import FabricClient as Fabric
+    from .tracing.edit import EditBlock
 
 
 class Model:
@@ -50,6 +51,7 @@ class Model:
         self._fabric = fabric
         self._remote_name: str | None = None
         self._paths = frozenset(self._tree.paths())  # what validation checks every graph against
+        self._edits: list[Edit] = []  # persistent edits every trace applies first (model.edit())
 
     # -- the tree --------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -101,6 +103,42 @@ class Model:
         """Several traces as one job: `with model.session(remote=True):` then traces inside;
         later traces may use earlier traces' values directly (no round trip)."""
         return TraceSession(self, remote=remote, blocking=blocking)
+
+    # -- persistent edits -------------------------------------------------------------------
+    def edit(self, *, inplace: bool = False, remote: bool | None = None) -> EditBlock:
+        """`with model.edit() as edited:` records writes that every trace of `edited` applies
+        first (`inplace=True`: of this model). Remote traces name the edit, registered with the
+        fabric for your own jobs (at once with `remote=True`, else on first use)."""
+        from .tracing.edit import EditBlock
+
+        return EditBlock(self, inplace, remote if remote is not None else self._module is None)
+
+    def clear_edits(self) -> None:
+        """Drop this model object's edits, and their registrations on the fabric."""
+        from .remote.client import default_fabric
+
+        for edit in self._edits:
+            for (url, name), edit_id in list(edit.registered.items()):
+                fabric = self._fabric or default_fabric()
+                if fabric.url == url:
+                    fabric.remove_edit(name, edit_id)
+                del edit.registered[(url, name)]
+        self._edits = []
+
+    @property
+    def edits(self) -> list[Edit]:
+        """This model object's persistent edits, in the order they apply."""
+        return list(self._edits)
+
+    def _with_edits(self) -> Model:
+        """A new model object on the same module and tree, with this one's edits so far."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone._tracer = None
+        clone._open_session = None
+        clone._envoy = Envoy(clone, self._tree)
+        clone._edits = list(self._edits)
+        return clone
 
     def _prepare_invoke_inputs(
         self, inputs: tuple[Any, ...], kwargs: dict[str, Any]

@@ -129,6 +129,17 @@ class ModuleTreeJSON(TypedDict):
     sources: NotRequired[dict[str, list[list[Any]]]]  # root only: key -> [[name, line, text], ...]
 
 
+class EditRecord(TypedDict):
+    """A persistent edit registered for one user's jobs on one model (`POST /v1/models/{name}/edits`)."""
+
+    id: str
+    model: str
+    nodes: int
+    bytes: int
+    created: float
+    lines: list[str]  # the user's lines that recorded it, for `nnfabric edits`
+
+
 class ModelStructure(TypedDict):
     name: str
     tree: ModuleTreeJSON

@@ -11,7 +11,16 @@ from fastapi import FastAPI
 from ..common.catalog import Catalog
 from ..common.settings import Settings
 from ..common.store import Store
-from . import errors, routes_compiled, routes_health, routes_jobs, routes_models, routes_schema, routes_status
+from . import (
+    errors,
+    routes_compiled,
+    routes_edits,
+    routes_health,
+    routes_jobs,
+    routes_models,
+    routes_schema,
+    routes_status,
+)
 from .metrics import Metrics
 
 
@@ -30,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.middleware("http")(app.state.metrics.middleware)
     errors.install(app)
-    for module in (routes_jobs, routes_models, routes_compiled, routes_health, routes_status, routes_schema):
+    for module in (routes_jobs, routes_models, routes_edits, routes_compiled, routes_health, routes_status, routes_schema):
         app.include_router(module.router)
     routes_schema.install_openapi(app)
     return app

@@ -13,8 +13,11 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from nnfabric.graph.codec import split_envelope, validate_request
+from nnfabric.graph.codec import encode_envelope, graph_to_json, graphs_from_header, split_envelope, validate_request
+from nnfabric.graph.edits import MAX_EDITS_PER_JOB, apply_edits
+from nnfabric.graph.ir import Graph
 from nnfabric.graph.json_form import envelope_from_json, result_to_json
+from nnfabric.graph.tensor_blob import merge_blobs
 from nnfabric.graph.tree import ModuleTree
 from nnfabric.graph.validate import GraphError, LimitExceeded, Limits
 from nnfabric.protocol import TERMINAL, CancelReply, JobMeta, JobRecord, SubmitReply
@@ -44,9 +47,51 @@ _ENVELOPE_BODY = {
 
 
 @functools.lru_cache(maxsize=64)
-def _module_paths(structure: str) -> frozenset[str]:
+def module_paths(structure: str) -> frozenset[str]:
     """A model's module paths, parsed once per published structure rather than per request."""
     return frozenset(ModuleTree.from_json(json.loads(structure)).paths())
+
+
+async def stored_edits(ids: Any, key: ApiKey, model: str, store: Store) -> list[bytes]:
+    """The envelopes of the edits a job names: the key's user's own, on this model."""
+    if not isinstance(ids, list) or len(ids) > MAX_EDITS_PER_JOB or not all(isinstance(i, str) for i in ids):
+        raise ApiError(422, f"edits must be a list of up to {MAX_EDITS_PER_JOB} edit ids")
+    payloads = await store.edit_payloads(key.user, model, ids)
+    missing = [i for i, p in zip(ids, payloads, strict=True) if p is None]
+    if missing:
+        raise ApiError(
+            422, f"no edit {missing[0][:40]!r} of yours on {model!r}; GET /v1/models/{model}/edits lists them"
+        )
+    return [p for p in payloads if p is not None]
+
+
+def with_edits(
+    header: dict[str, Any],
+    blob: bytes,
+    graphs: list[Graph],
+    edits: list[bytes],
+    limits: Limits,
+    paths: frozenset[str],
+) -> tuple[dict[str, Any], bytes, bytes, list[Graph]]:
+    """The job with its named edits merged in (each applied first in every trace), validated
+    again as a whole: the limits hold for the merged job."""
+    pairs: list[tuple[Graph, str]] = []
+    blobs = [(blob, "")]
+    for index, payload in enumerate(edits):
+        edit_header, edit_blob = split_envelope(payload, limits)
+        pairs.append((graphs_from_header(edit_header, limits)[0], f"edit{index}_"))
+        blobs.append((edit_blob, f"edit{index}_"))
+    merged_graphs = [apply_edits(graph, pairs) for graph in graphs]
+    merged = {k: v for k, v in header.items() if k not in ("edits", "graph", "session")}
+    if "session" in header:
+        merged["session"] = [graph_to_json(g) for g in merged_graphs]
+    else:
+        merged["graph"] = graph_to_json(merged_graphs[0])
+    merged_blob = merge_blobs(blobs)
+    body = encode_envelope(merged, merged_blob)
+    if len(body) > limits.max_envelope_bytes:
+        raise LimitExceeded(f"the job with its edits has {len(body)} bytes, over the limit of {limits.max_envelope_bytes}")
+    return merged, merged_blob, body, validate_request(merged, merged_blob, limits, paths)
 
 
 def _names(value: Any) -> dict[str, Any]:
@@ -89,6 +134,12 @@ async def submit(
     wait = await store.count_submit(key)
     if wait:
         raise ApiError(429, f"rate limit of {key.rate_limit} jobs a minute reached", headers={"Retry-After": str(wait)})
+    header, blob, body = await read_envelope(request, settings)
+    return await accept(header, blob, body, key, store, catalog, settings)
+
+
+async def read_envelope(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes, bytes]:
+    """(header, tensor blob, binary envelope) of a request in either form, framing checked."""
     body = await _body(request, settings.max_envelope_bytes)
     # Parsing and validating cost CPU in proportion to what a stranger sent: off the event loop,
     # so /healthz and everyone else's requests keep being answered meanwhile.
@@ -99,7 +150,7 @@ async def submit(
         header, blob = await run_in_threadpool(split_envelope, body, base)
     except GraphError as exc:
         raise InvalidJob(exc) from None
-    return await accept(header, blob, body, key, store, catalog, settings)
+    return header, blob, body
 
 
 async def accept(
@@ -127,10 +178,19 @@ async def accept(
     limits = limits_for(spec, settings)
     if len(body) > limits.max_envelope_bytes:
         raise InvalidJob(LimitExceeded(f"request of {len(body)} bytes exceeds the limit"))
+    paths = module_paths(state["structure"])
     try:
-        graphs = await run_in_threadpool(validate_request, header, blob, limits, _module_paths(state["structure"]))
+        graphs = await run_in_threadpool(validate_request, header, blob, limits, paths)
     except GraphError as exc:
         raise InvalidJob(exc) from None
+    if "edits" in header:
+        edits = await stored_edits(header["edits"], key, spec.name, store)
+        try:
+            header, blob, body, graphs = await run_in_threadpool(
+                with_edits, header, blob, graphs, edits, limits, paths
+            )
+        except GraphError as exc:
+            raise InvalidJob(exc) from None
     job_id = uuid.uuid4().hex
     meta: JobMeta = {
         "kind": graphs[0].kind if len(graphs) == 1 else "session",

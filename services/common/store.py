@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from nnfabric.protocol import TERMINAL, JobEvent, JobMeta, JobRecord
+from nnfabric.protocol import TERMINAL, EditRecord, JobEvent, JobMeta, JobRecord
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 
 GROUP = "schedulers"
 _QUEUE_PREFIX = "nnf:queue:"
@@ -74,6 +74,14 @@ def _key(digest: str) -> str:
 
 def _active(key_id: str) -> str:
     return f"nnf:active:{key_id}"
+
+
+def _edits(user: str, model: str) -> str:
+    return f"nnf:edits:{user}:{model}"
+
+
+def _edit_payloads(user: str, model: str) -> str:
+    return f"nnf:edit_payloads:{user}:{model}"
 
 
 _KEY_IDS = "nnf:key_ids"
@@ -408,6 +416,43 @@ class Store:
                 event = {"id": _text(event_id), "type": raw["type"], **json.loads(raw["data"])}
                 found.append(cast(JobEvent, event))
         return found
+
+    # -- persistent edits: one user's, on one model; never read under another user's name ----------
+    async def add_edit(self, user: str, model: str, record: EditRecord, payload: bytes, limit: int) -> bool:
+        """Store an edit unless the user already has `limit` on this model."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(_edits(user, model))
+                    if await pipe.hlen(_edits(user, model)) >= limit:
+                        await pipe.reset()
+                        return False
+                    pipe.multi()
+                    pipe.hset(_edits(user, model), record["id"], json.dumps(record))
+                    pipe.hset(_edit_payloads(user, model), record["id"], payload)
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+
+    async def edits(self, user: str, model: str) -> list[EditRecord]:
+        raw = await self.redis.hvals(_edits(user, model))
+        records = [cast(EditRecord, json.loads(value)) for value in raw]
+        return sorted(records, key=lambda r: r["created"])
+
+    async def edit_payloads(self, user: str, model: str, edit_ids: list[str]) -> list[bytes | None]:
+        """The edits' envelopes, in order (None where the user has no such edit)."""
+        if not edit_ids:
+            return []
+        found: list[bytes | None] = await self.redis.hmget(_edit_payloads(user, model), edit_ids)
+        return found
+
+    async def remove_edit(self, user: str, model: str, edit_id: str) -> bool:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(_edits(user, model), edit_id)
+            pipe.hdel(_edit_payloads(user, model), edit_id)
+            removed, _ = await pipe.execute()
+        return bool(removed)
 
     async def payloads(self, job_ids: list[str]) -> list[bytes | None]:
         """The jobs' envelopes, in order (None where one has expired): one round trip."""

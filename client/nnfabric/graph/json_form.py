@@ -33,7 +33,7 @@ DTYPE_CODES = {
     "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8", "bool": "BOOL",
 }  # fmt: skip
 DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
-_FIELDS = {"schema", "model", "graph", "session", "tensors", "names"}
+_FIELDS = {"schema", "model", "graph", "session", "tensors", "names", "edits"}
 
 
 def envelope_from_json(body: bytes, limits: Limits) -> bytes:

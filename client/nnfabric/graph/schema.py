@@ -119,6 +119,13 @@ def schema_defs(prefix: str = "#/$defs/") -> dict[str, Any]:
                 "description": "your names for saved values: name -> result key (a node id, or 'trace.node')",
                 "additionalProperties": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             },
+            "edits": {
+                "type": "array",
+                "items": {"type": "string"},
+                "maxItems": 16,
+                "description": "ids of your persistent edits on this model (POST /v1/models/{name}/edits), "
+                "applied first in every trace",
+            },
         },
         "required": ["model"],
         "oneOf": [{"required": ["graph"]}, {"required": ["session"]}],

@@ -12,6 +12,7 @@ tensors' byte ranges, sorted by start, to tile the data exactly: no gap, no over
 
 from __future__ import annotations
 
+import json
 import struct
 
 from .bounded_json import parse_json
@@ -94,3 +95,30 @@ def check_safetensors(blob: bytes, limits: Limits) -> dict[str, tuple[str, list[
     if data_len > limits.max_tensor_bytes:
         raise LimitExceeded(f"tensors of {data_len} bytes exceed the limit of {limits.max_tensor_bytes}")
     return found
+
+
+def merge_blobs(parts: list[tuple[bytes, str]]) -> bytes:
+    """One safetensors blob holding every part's tensors, each part's names given its prefix.
+    The parts must have passed `check_safetensors`; a name that would appear twice is refused."""
+    header: dict[str, dict[str, object]] = {}
+    data: list[bytes] = []
+    offset = 0
+    for blob, prefix in parts:
+        if not blob:
+            continue
+        (size,) = struct.unpack("<Q", blob[:8])
+        entries = json.loads(blob[8 : 8 + size])
+        entries.pop("__metadata__", None)
+        for name, info in entries.items():
+            renamed = prefix + name
+            if renamed in header:
+                raise GraphError(f"tensor {renamed[:40]!r} is named twice; rename your tensors")
+            start, end = info["data_offsets"]
+            header[renamed] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [start + offset, end + offset]}
+        data.append(blob[8 + size :])
+        offset += len(data[-1])
+    if not header:
+        return b""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads its header to 8 bytes
+    return struct.pack("<Q", len(head)) + head + b"".join(data)

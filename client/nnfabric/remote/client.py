@@ -23,10 +23,10 @@ from typing import Any, TypeVar, cast
 
 import httpx
 
-from ..backends import JobRequest
+from ..backends import Edit, JobRequest
 from ..errors import RemoteError
-from ..graph.ir import SourceLine
-from ..protocol import TERMINAL, CancelReply, JobRecord, ModelInfo, ModelStructure, SubmitReply
+from ..graph.ir import Graph, SourceLine
+from ..protocol import TERMINAL, CancelReply, EditRecord, JobRecord, ModelInfo, ModelStructure, SubmitReply
 
 _default: FabricClient | None = None
 T = TypeVar("T")
@@ -109,6 +109,23 @@ class FabricClient:
                     chunks.append(chunk)
                     bar.advance(task, len(chunk))
             return b"".join(chunks)
+
+    # -- persistent edits ------------------------------------------------------------------
+    def add_edit(self, model: str, body: bytes) -> EditRecord:
+        """Register an edit (an envelope of one edit graph) for this user's jobs on `model`."""
+        response = self.http.post(
+            f"/v1/models/{model}/edits", content=body, headers={"Content-Type": "application/octet-stream"}
+        )
+        _raise_for(response)
+        return cast(EditRecord, response.json())
+
+    def edits(self, model: str) -> list[EditRecord]:
+        """This user's registered edits on `model`."""
+        return cast(list[EditRecord], self._get(f"/v1/models/{model}/edits"))
+
+    def remove_edit(self, model: str, edit_id: str) -> None:
+        response = self.http.delete(f"/v1/models/{model}/edits/{edit_id}")
+        _raise_for(response)
 
     def cancel(self, job_id: str) -> CancelReply:
         response = self.http.delete(f"/v1/jobs/{job_id}")
@@ -408,7 +425,9 @@ class RemoteBackend:
     def run(self, request: JobRequest) -> Job:
         from ..runtime.wire import pack_job
 
-        extra = {"model": self.name, "names": request.names}
+        extra: dict[str, Any] = {"model": self.name, "names": request.names}
+        if request.edits:
+            extra["edits"] = [self.register(edit) for edit in request.edits]
         body = pack_job(request.graphs, request.tensors, request.session, extra)
         job = Job(self.fabric, "", request)
         try:
@@ -419,3 +438,22 @@ class RemoteBackend:
         if request.blocking:
             job.wait()
         return job
+
+    def register(self, edit: Edit) -> str:
+        """The edit's id on this fabric for this model, registering it the first time."""
+        from ..runtime.wire import pack_job
+
+        where = (self.fabric.url, self.name)
+        if where not in edit.registered:
+            body = pack_job([edit.graph], edit.tensors, False, {"model": self.name})
+            try:
+                edit.registered[where] = self.fabric.add_edit(self.name, body)["id"]
+            except RemoteError as error:
+                node = error.node if _node_in(edit.graph, error.node) else None
+                line = error.line or (edit.graph.nodes[node].line if node is not None else None)
+                raise RemoteError(error.reason, line, error.node, error.status, error.trace) from None
+        return edit.registered[where]
+
+
+def _node_in(graph: Graph, node: int | None) -> bool:
+    return isinstance(node, int) and 0 <= node < len(graph.nodes)

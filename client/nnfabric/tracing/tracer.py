@@ -21,7 +21,7 @@ import types
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from ..backends import Backend, JobRequest, Remote
+from ..backends import Backend, Edit, JobRequest, Remote
 from ..errors import InterventionError
 from ..graph.ir import DType, Graph, Invoke, Node, Ref, SourceLine, TensorRef
 from ..graph.leaves import map_leaves
@@ -43,6 +43,7 @@ class TracedModel(Protocol):
     _tracer: Tracer | None
     _open_session: TraceSession | None
     _tree: ModuleTree
+    _edits: list[Edit]
 
     def _module_at(self, path: str) -> Any: ...
 
@@ -71,6 +72,7 @@ def run_traces(model: TracedModel, tracers: list[Tracer], session: bool, remote:
         session=session,
         blocking=blocking,
         names=_saved_names(tracers, session) if remote is True else {},
+        edits=list(model._edits),
     )
     job = backend.run(request)
     for tracer in tracers:
