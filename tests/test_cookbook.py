@@ -48,6 +48,7 @@ def test_every_recipe_runs_in_order_and_the_checkable_ones_are_right(gpt2_dir):
         gpt2._module(torch.tensor([gpt2.tokenizer(names["clean"])["input_ids"]]))
     handle.remove()
     assert torch.equal(names["neurons"].value, seen["act"])
+    assert names["width"] == 64 and names["hidden"].value.device.type == "meta"
     # The persistent edit equals a hook that zeroes the MLP; the model itself stays intact.
     handle = gpt2._module.transformer.h[0].mlp.register_forward_hook(lambda m, a, o: o * 0)
     clean_ids = torch.tensor([gpt2.tokenizer(names["clean"])["input_ids"]])

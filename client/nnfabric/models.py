@@ -99,6 +99,11 @@ class Model:
         """Open a trace: `with model.trace(inputs) as tracer:`; several prompts via tracer.invoke."""
         return Tracer(self, inputs, kwargs, kind="trace", remote=remote, blocking=blocking)
 
+    def scan(self, *inputs: Any, remote: Remote = False, **kwargs: Any) -> Tracer:
+        """Like trace(), but the model runs on fake tensors: saved values are meta tensors with
+        the shapes and dtypes a trace would see, at no compute cost (`.value.shape`)."""
+        return Tracer(self, inputs, kwargs, kind="trace", options={"scan": True}, remote=remote)
+
     def session(self, remote: Remote = False, blocking: bool = True) -> TraceSession:
         """Several traces as one job: `with model.session(remote=True):` then traces inside;
         later traces may use earlier traces' values directly (no round trip)."""

@@ -17,7 +17,7 @@ import struct
 from typing import Any
 
 from .bounded_json import parse_json
-from .ir import RESULT_SCHEMA, SCHEMA, DType, Graph, Invoke, Node, Ref, SourceLine, TensorRef
+from .ir import RESULT_SCHEMA, SCHEMA, DType, Graph, Invoke, MetaTensor, Node, Ref, SourceLine, TensorRef
 from .tensor_blob import check_safetensors
 from .validate import GraphError, LimitExceeded, Limits, validate_session
 
@@ -53,6 +53,8 @@ def encode_value(value: Any) -> Any:
         return {"$tensor": value.name}
     if isinstance(value, DType):
         return {"$dtype": value.name}
+    if isinstance(value, MetaTensor):
+        return {"$meta": {"dtype": value.dtype, "shape": list(value.shape)}}
     if isinstance(value, slice):
         return {"$slice": [encode_value(value.start), encode_value(value.stop), encode_value(value.step)]}
     if value is Ellipsis:
@@ -71,8 +73,9 @@ def encode_value(value: Any) -> Any:
 _TAGS = {"$ref", "$tensor", "$dtype", "$slice", "$ellipsis", "$tuple", "$dict", "$float"}
 
 
-def decode_value(data: Any, depth: int = 0, max_depth: int = 32) -> Any:
-    """JSON data -> Python value. Rejects anything not produced by `encode_value`."""
+def decode_value(data: Any, depth: int = 0, max_depth: int = 32, results: bool = False) -> Any:
+    """JSON data -> Python value. Rejects anything not produced by `encode_value`; a tensor's
+    shape without data (`$meta`) only in results."""
     if depth > max_depth:
         raise GraphError(f"values are nested deeper than the limit of {max_depth}")
     if data is None or isinstance(data, (bool, int, str)):
@@ -80,12 +83,18 @@ def decode_value(data: Any, depth: int = 0, max_depth: int = 32) -> Any:
     if isinstance(data, float):
         return data
     if isinstance(data, list):
-        return [decode_value(v, depth + 1, max_depth) for v in data]
+        return [decode_value(v, depth + 1, max_depth, results) for v in data]
     if not isinstance(data, dict) or len(data) != 1:
         raise GraphError(f"malformed value: {_short(data)}")
     ((tag, body),) = data.items()
-    if tag not in _TAGS:
+    if tag not in _TAGS and not (results and tag == "$meta"):
         raise GraphError(f"unknown value tag {tag!r}")
+    if tag == "$meta":
+        shape = body.get("shape") if isinstance(body, dict) else None
+        dtype = body.get("dtype") if isinstance(body, dict) else None
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(type(d) is int for d in shape):
+            raise GraphError("a $meta value needs {dtype, shape}")
+        return MetaTensor(dtype, tuple(shape))
     if tag == "$ref":
         if not isinstance(body, int) or isinstance(body, bool) or body < 0:
             raise GraphError(f"a node reference must be a non-negative integer, got {_short(body)}")
@@ -103,18 +112,18 @@ def decode_value(data: Any, depth: int = 0, max_depth: int = 32) -> Any:
     if tag == "$slice":
         if not isinstance(body, list) or len(body) != 3:
             raise GraphError("a slice needs [start, stop, step]")
-        parts = [decode_value(v, depth + 1, max_depth) for v in body]
+        parts = [decode_value(v, depth + 1, max_depth, results) for v in body]
         if not all(p is None or (isinstance(p, (int, Ref)) and not isinstance(p, bool)) for p in parts):
             raise GraphError("slice bounds must be integers, node references or null")
         return slice(*parts)
     if tag == "$tuple":
         if not isinstance(body, list):
             raise GraphError("a tuple needs a list of items")
-        return tuple(decode_value(v, depth + 1, max_depth) for v in body)
+        return tuple(decode_value(v, depth + 1, max_depth, results) for v in body)
     # $dict
     if not isinstance(body, dict):
         raise GraphError("a dict needs an object body")
-    return {str(k): decode_value(v, depth + 1, max_depth) for k, v in body.items()}
+    return {str(k): decode_value(v, depth + 1, max_depth, results) for k, v in body.items()}
 
 
 def _short(value: Any) -> str:
@@ -339,4 +348,4 @@ def decode_result(data: bytes, limits: Limits | None = None) -> tuple[dict[str, 
     if not isinstance(raw, dict):
         raise GraphError("result.values must be an object")
     check_safetensors(blob, limits)
-    return {k: decode_value(v, 0, 64) for k, v in raw.items()}, blob, header
+    return {k: decode_value(v, 0, 64, results=True) for k, v in raw.items()}, blob, header

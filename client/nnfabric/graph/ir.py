@@ -45,6 +45,14 @@ class DType:
 
 
 @dataclass(frozen=True)
+class MetaTensor:
+    """A tensor's dtype and shape without its data: what `model.scan()` returns. Results only."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SourceLine:
     """Where in the user's code a node was recorded, so errors can point there."""
 

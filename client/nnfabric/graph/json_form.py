@@ -22,7 +22,7 @@ from typing import Any
 
 from .bounded_json import parse_json
 from .codec import decode_result, encode_envelope, split_envelope
-from .ir import SCHEMA, DType, TensorRef
+from .ir import SCHEMA, DType, MetaTensor, TensorRef
 from .leaves import map_leaves
 from .tensor_blob import DTYPE_BYTES
 from .validate import GraphError, LimitExceeded, Limits
@@ -122,6 +122,8 @@ def result_to_json(data: bytes) -> dict[str, Any]:
             return tensors[item.name]
         if isinstance(item, DType):
             return item.name
+        if isinstance(item, MetaTensor):  # a scan's value: shape and dtype, no data
+            return {"dtype": item.dtype, "shape": list(item.shape)}
         if isinstance(item, float) and not math.isfinite(item):
             return "NaN" if math.isnan(item) else ("Infinity" if item > 0 else "-Infinity")
         return item

@@ -135,7 +135,8 @@ def schema_defs(prefix: str = "#/$defs/") -> dict[str, Any]:
         "type": "object",
         "description": f"A job's saved values ({RESULT_SCHEMA}) in JSON: by result key (a node id, or "
         "'trace.node' in a session); tensors as Tensor objects, tuples as arrays, dtypes by name, "
-        "non-finite floats as 'NaN', 'Infinity', '-Infinity'.",
+        "non-finite floats as 'NaN', 'Infinity', '-Infinity'; a scan's tensors (option `scan`) as {dtype, shape} "
+        "without data.",
         "properties": {
             "values": {"type": "object", "additionalProperties": True},
             "names": {"type": "object", "additionalProperties": True},

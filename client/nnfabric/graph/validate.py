@@ -240,4 +240,5 @@ OPTIONS: dict[str, type | tuple[type, ...]] = {
     "seed": int,
     "model": str,
     "forward": dict,  # keyword arguments for the model's forward / generate
+    "scan": bool,  # shapes and dtypes only: the model runs on fake tensors (no data, no FLOPs)
 }

@@ -101,13 +101,44 @@ def run_graph(
         batch.kwargs["use_cache"] = False
     forward = _inputs(graph.options.get("forward", {}), tensors)
     batch.kwargs.update(forward)
-    with _attention_weights(adapter.root, bool(forward.get("output_attentions"))):
+    scan = bool(graph.options.get("scan"))
+    if scan and graph.kind == "generate":
+        raise InterventionError("a scan covers one forward pass: scan the prompt with model.scan(prompt)")
+    if scan and "input_ids" in batch.kwargs and batch.kwargs.get("attention_mask") is None:
+        # Without a mask, transformers looks into the ids for padding: data a scan does not have.
+        batch.kwargs["attention_mask"] = torch.ones_like(batch.kwargs["input_ids"])
+    with _attention_weights(adapter.root, bool(forward.get("output_attentions"))), _fake(scan):
         with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated) as run:
             if graph.kind == "generate":
                 run.call(lambda: adapter.generate(batch, graph.options))
             else:
                 run.call(lambda: adapter.forward(batch))
-    return run.saved()
+        saved = run.saved()
+    return map_leaves(saved, _as_meta) if scan else saved
+
+
+@contextlib.contextmanager
+def _fake(enabled: bool) -> Iterator[None]:
+    """A scan: every tensor op computes only shapes and dtypes (fake tensors; the weights are
+    seen as fakes too, never copied), so it costs no FLOPs and no activation memory."""
+    if not enabled:
+        yield
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode, UnsupportedFakeTensorException
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    except (UnsupportedFakeTensorException, RuntimeError, NotImplementedError) as exc:
+        if isinstance(exc, InterventionError):
+            raise
+        raise InterventionError(f"the scan failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _as_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return value
 
 
 @contextlib.contextmanager

@@ -68,6 +68,12 @@ _WRITES: dict[str, Side] = {"set_output": "out", "set_input": "in", "set_inputs"
 _GRAD_OPS = {"grad", "set_grad"}
 
 
+def _storage(tensor: torch.Tensor) -> int:
+    """The storage a tensor's data lives in (its views share it), to recognise shared or
+    read-only values; for the data-less fake tensors of a scan too."""
+    return int(tensor.untyped_storage()._cdata)
+
+
 class EarlyStop(Exception):
     """Raised from a hook by `tracer.stop()` to end the forward pass."""
 
@@ -442,7 +448,7 @@ class Interleaver:
         if op == "setitem" or (op == "call_method" and args[0].endswith("_")):
             target = args[0] if op == "setitem" else args[1]
             if isinstance(target, torch.Tensor):
-                storage = target.untyped_storage().data_ptr()
+                storage = _storage(target)
                 if storage in self._read_only:
                     raise InterventionError(
                         "the model's parameters cannot be changed in a trace; edit a copy (w.clone()) and use it"
@@ -473,8 +479,9 @@ class Interleaver:
             except AttributeError:
                 raise InterventionError(f"the model has no parameter {args[0]!r}") from None
             # The model's own weights, shared by every job: readable, never writable here.
-            self._read_only.add(param.untyped_storage().data_ptr())
-            return param.detach()
+            weight = param.detach()
+            self._read_only.add(_storage(weight))
+            return weight
         if op == "from_trace":
             if node.id not in self.imports:
                 raise InterventionError("a value from another trace can only be used inside model.session()")
@@ -502,7 +509,7 @@ class Interleaver:
                     return value
                 # Every row's value: this job reads a copy, and writing into it needs a solo run.
                 copy = value.clone()
-                self._shared.add(copy.untyped_storage().data_ptr())
+                self._shared.add(_storage(copy))
                 self._keep.append(copy)
                 return copy
             view = value[rows[0] : rows[1]]

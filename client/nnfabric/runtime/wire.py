@@ -21,7 +21,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..graph.codec import decode_result, encode_graph, encode_result, encode_session
-from ..graph.ir import DType, Graph, TensorRef
+from ..graph.ir import DType, Graph, MetaTensor, TensorRef
 from ..graph.leaves import map_leaves
 from .torch_ops import dtype_of
 
@@ -61,6 +61,8 @@ class _Collector:
         self.tensors: dict[str, torch.Tensor] = {}
 
     def encode(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            return MetaTensor(str(value.dtype).removeprefix("torch."), tuple(value.shape))
         if isinstance(value, torch.Tensor):
             name = f"v{len(self.tensors)}"
             self.tensors[name] = value
@@ -120,6 +122,8 @@ def unpack_values(data: bytes) -> dict[str, Any]:
             return tensors[leaf.name]
         if isinstance(leaf, DType):
             return dtype_of(leaf.name)
+        if isinstance(leaf, MetaTensor):
+            return torch.empty(leaf.shape, dtype=dtype_of(leaf.dtype), device="meta")
         return leaf
 
     return {k: map_leaves(v, decode) for k, v in values.items()}
