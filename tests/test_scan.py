@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import functools
 
+import nnfabric
 import pytest
 import torch
-
-import nnfabric
 from nnfabric.errors import InterventionError
 
 PROMPTS = ["The Eiffel Tower is in the city of", "Alice went"]
