@@ -207,3 +207,52 @@ def test_cache_by_path_with_inputs(gpt2):
     with pytest.raises(ValueError, match="no module path contains"):
         with gpt2.trace(PROMPT) as tracer:
             tracer.cache("nothing-like-this")
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_the_gradient_of_an_indexed_activation_is_the_activations_gradient_indexed(gpt2, alice, remote):
+    model = alice if remote else gpt2
+    (expected,) = oracle_grads(model, PROMPT, [5])
+    (expected_other,) = oracle_grads(model, OTHER, [9])
+    with model.trace(remote=remote) as tracer:
+        with tracer.invoke(PROMPT):
+            last = model.transformer.h[0].output[:, -1]
+            first_unit = model.transformer.h[0].output[0, :, 3]
+            model.output.logits[0, -1, 5].backward()
+            g_last = last.grad.save()
+            g_unit = first_unit.grad.save()
+        with tracer.invoke(OTHER):
+            other_last = model.transformer.h[0].output[:, -1]
+            model.output.logits[0, -1, 9].backward()
+            g_other = other_last.grad.save()
+    assert torch.allclose(g_last.value, expected[:, -1], atol=1e-6)
+    assert torch.allclose(g_unit.value, expected[0, -g_unit.value.shape[0] :, 3], atol=1e-6)
+    assert torch.allclose(g_other.value, expected_other[:, -1], atol=1e-6)
+
+
+def test_setting_the_gradient_of_an_indexed_activation_edits_only_those_entries(gpt2):
+    """Zeroing the gradient at the last position of block 1 leaves block 0's gradient equal to
+    autograd's with that position's gradient cut by a hand-written tensor hook."""
+    ids = torch.tensor([gpt2.tokenizer(PROMPT)["input_ids"]])
+    seen = {}
+
+    def cut_last(module, args, output):  # type: ignore[no-untyped-def]
+        output.register_hook(lambda g: torch.cat([g[:, :-1], torch.zeros_like(g[:, -1:])], dim=1))
+
+    handles = [
+        gpt2._module.transformer.h[1].register_forward_hook(cut_last),
+        gpt2._module.transformer.h[0].register_forward_hook(lambda m, a, o: seen.setdefault("h0", o)),
+    ]
+    try:
+        logits = gpt2._module(ids).logits
+        (expected,) = torch.autograd.grad(logits[0, -1, 5], seen["h0"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    with gpt2.trace(PROMPT):
+        h0 = gpt2.transformer.h[0].output
+        last1 = gpt2.transformer.h[1].output[:, -1]
+        gpt2.output.logits[0, -1, 5].backward()
+        last1.grad = torch.zeros(1, 64)
+        g0 = h0.grad.save()
+    assert torch.allclose(g0.value, expected, atol=1e-6)

@@ -551,23 +551,24 @@ class Interleaver:
         loss = args[0]
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             raise TypeError("backward() needs a tensor that depends on the model's activations")
-        sources: dict[int, tuple[torch.Tensor, list[tuple[int, tuple[int, int] | None]]]] = {}
+        sources: dict[int, tuple[torch.Tensor, list[_GradSource]]] = {}
         for nid in [n for t in self.grad_threads for n in t.nodes]:
             grad_node = self.nodes[nid]
             if grad_node.op not in _GRAD_OPS:
                 continue
             src = grad_node.args[0].id
-            value = self.values[src]
-            if self._backward_of[nid] != node.id or value is _MISSING or value is _SKIPPED:
+            if self._backward_of[nid] != node.id or self.values[src] is _MISSING or self.values[src] is _SKIPPED:
                 continue
+            root, keys = self._indexed_from(src)
+            value = self.values[root]
             if not isinstance(value, torch.Tensor):
                 raise self._error(grad_node, f".grad needs a tensor, got {type(value).__name__}")
             base, rows = self._row_base.get(id(value), (value, None))
             if not base.requires_grad:
                 raise self._error(grad_node, ".grad of a value that does not require grad")
             entry = sources.setdefault(id(base), (base, []))
-            if all(s != src for s, _ in entry[1]):
-                entry[1].append((src, rows))
+            if all(s.src != src for s in entry[1]):
+                entry[1].append(_GradSource(src, rows, keys))
         if not sources:
             return
         self._backward_now = node.id
@@ -585,15 +586,28 @@ class Interleaver:
             for handle in reversed(handles):
                 handle.remove()
 
-    def _grad_hook(self, sources: list[tuple[int, tuple[int, int] | None]], grad: torch.Tensor) -> Any:
+    def _indexed_from(self, src: int) -> tuple[int, list[Any]]:
+        """An indexed activation (`h[:, -1]`) as (the activation's node, the indices to apply):
+        its gradient is the activation's gradient, indexed the same way."""
+        keys: list[Any] = []
+        node = self.nodes[src]
+        while node.op == "getitem" and isinstance(node.args[0], Ref):
+            parent = self.nodes[node.args[0].id]
+            if not isinstance(self.values[parent.id], torch.Tensor):
+                break  # e.g. output[0] of a tuple: the tensor is the activation itself
+            keys.insert(0, self._resolve(node.args[1]))
+            node = parent
+        return node.id, keys
+
+    def _grad_hook(self, sources: list[_GradSource], grad: torch.Tensor) -> Any:
         outer_live = self.live
-        self._grad_state = {"full": grad, "rows": dict(sources)}
+        self._grad_state = {"full": grad, "sources": {s.src: s for s in sources}}
         self.live = set()
-        for src, rows in sources:
-            key = GradEvent(src, self._backward_now)
+        for source in sources:
+            key = GradEvent(source.src, self._backward_now)
             self.live.add(key)
             self.fired.add(key)
-            self._grads[(src, self._backward_now)] = grad if rows is None else grad[rows[0] : rows[1]]
+            self._grads[(source.src, self._backward_now)] = source.view(grad)
         try:
             self._advance_dataflow(self.grad_threads)
             return self._grad_state["full"]
@@ -601,8 +615,29 @@ class Interleaver:
             self.live = outer_live
 
     def _set_grad(self, src: int, value: Any) -> None:
-        rows = self._grad_state["rows"][src]
+        source: _GradSource = self._grad_state["sources"][src]
         full = self._grad_state["full"]
-        self._grad_state["full"] = self._merge_rows(full, value, rows)
-        current = self._grad_state["full"]
-        self._grads[(src, self._backward_now)] = current if rows is None else current[rows[0] : rows[1]]
+        if source.keys:
+            edited = full.clone()
+            source.view(edited)[...] = value
+            self._grad_state["full"] = edited
+        else:
+            self._grad_state["full"] = self._merge_rows(full, value, source.rows)
+        for other in self._grad_state["sources"].values():  # every gradient read later sees the edit
+            self._grads[(other.src, self._backward_now)] = other.view(self._grad_state["full"])
+
+
+@dataclass(frozen=True)
+class _GradSource:
+    """A value whose gradient a `.grad` node reads: its node, its invoke's rows of the batched
+    activation, and the indices that took it from the activation."""
+
+    src: int
+    rows: tuple[int, int] | None
+    keys: list[Any]
+
+    def view(self, grad: torch.Tensor) -> torch.Tensor:
+        found = grad if self.rows is None else grad[self.rows[0] : self.rows[1]]
+        for key in self.keys:
+            found = found[key]
+        return found
