@@ -186,3 +186,33 @@ def test_a_job_stuck_in_one_native_op_is_ended_and_its_replica_replaced(fabric):
     done = submit(fabric, quick_job("tiny-strict"))
     assert wait_for(lambda: job(fabric, done)["state"] in ("completed", "failed") and job(fabric, done),
                     what="a later job")["state"] == "completed"  # fmt: skip
+
+
+def test_health_says_unavailable_within_seconds_of_a_replica_dying_and_jobs_wait_for_its_return(fabric):
+    """Health comes from what runs: the replica's process killed, /v1/models, the status page,
+    /readyz and the metrics say so within 5 s, with a reason; a job submitted meanwhile waits
+    (its position shown) and runs on the replacement, and the model is ready again."""
+    api = httpx.Client(base_url=fabric.url, headers=headers(fabric), timeout=30)
+    wait_for(lambda: api.get("/v1/models/tiny-gpt2").json()["state"] == "ready", what="a ready model")
+    (pid,) = wait_for(lambda: replica_pids(fabric) or None, what="a replica")
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    info = wait_for(lambda: (m := api.get("/v1/models/tiny-gpt2").json())["state"] == "unavailable" and m,
+                    timeout=10, what="unavailable")  # fmt: skip
+    noticed = time.monotonic() - killed
+    assert noticed < 5.0, noticed
+    assert info["replicas"] == 0 and "jobs wait in the queue" in info["error"]
+    status = {m["name"]: m for m in httpx.get(f"{fabric.url}/status.json").json()["models"]}
+    assert status["tiny-gpt2"]["state"] == "unavailable" and status["tiny-gpt2"]["reason"]
+    ready = httpx.get(f"{fabric.url}/readyz").json()
+    assert ready["checks"]["models"]["tiny-gpt2"] == "unavailable"
+    assert 'nnfabric_model_available{model="tiny-gpt2"} 0.0' in httpx.get(f"{fabric.url}/metrics").text
+    waiting = submit(fabric, quick_job())
+    record = job(fabric, waiting)
+    assert record["state"] in ("queued", "running", "completed")
+    done = wait_for(lambda: job(fabric, waiting)["state"] in ("completed", "failed") and job(fabric, waiting),
+                    what="the job after the replica returned")  # fmt: skip
+    back = time.monotonic() - killed
+    assert done["state"] == "completed"
+    wait_for(lambda: api.get("/v1/models/tiny-gpt2").json()["state"] == "ready", what="ready again")
+    print(f"replica killed: unavailable after {noticed:.1f} s, a waiting job completed after {back:.1f} s")

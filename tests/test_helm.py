@@ -138,7 +138,7 @@ def test_probes_point_at_real_routes_and_env_matches_settings(tmp_path):
     catalog.write_text(find(docs, "ConfigMap", "-catalog")[0]["data"]["catalog.yaml"])
     routes = set(create_app(Settings(catalog=str(catalog))).openapi()["paths"])
     api = find(docs, "Deployment", "-api")[0]["spec"]["template"]["spec"]["containers"][0]
-    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz" and "/readyz" in routes
+    assert api["readinessProbe"]["httpGet"]["path"] == "/healthz" and "/readyz" in routes
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz" and "/healthz" in routes
 
     fields = {f"NNFABRIC_{name.upper()}" for name in Settings.model_fields}

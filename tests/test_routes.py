@@ -209,9 +209,18 @@ def test_models_health_and_public_status(api, redis_url):
         await store.replica_gone("tiny", "r1")
         await store.close()
 
+    async def scheduler_alive() -> None:
+        store = Store.from_url(redis_url)
+        await store.heartbeat("scheduler:test", 30)
+        await store.close()
+
+    asyncio.run(scheduler_alive())
+    assert api.get("/readyz").status_code == 200  # Redis, a scheduler, and a model with a live replica
     asyncio.run(replica_gone())
     tiny = api.get("/v1/models/tiny", headers=auth(api)).json()
-    assert tiny["state"] == "unavailable" and tiny["replicas"] == 0
+    assert tiny["state"] == "unavailable" and tiny["replicas"] == 0 and "jobs wait" in tiny["error"]
+    ready = api.get("/readyz")
+    assert ready.status_code == 503 and "no model has a live replica" in ready.json()["checks"]["jobs"]
 
 
 def test_openapi_declares_the_records_and_error_shapes(api):

@@ -54,9 +54,11 @@ async def _settle(store: Store, job_ids: list[str], timeout: float = 10.0) -> li
     raise AssertionError(f"jobs did not finish: {states}")
 
 
-async def _fresh(url: str) -> Store:
+async def _fresh(url: str, replica: bool = True) -> Store:
     store = Store.from_url(url)
     await store.redis.flushdb()
+    if replica:
+        await store.replica_alive(MODEL, "fake", 600)  # the scheduler dispatches only to a live model
     return store
 
 
@@ -215,5 +217,112 @@ def test_a_lost_replicas_jobs_run_once_more(redis_url, losses, expected):
             # The user reads why, not Ray's internals (addresses, process and actor ids).
             assert "replica was lost" in job["error"] and "10.0.0.7" not in job["error"]
         assert events[:3] == ["queued", "running", "queued"]  # queued again, visibly
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_scheduler_is_taken_over_by_heartbeat_within_seconds(redis_url):
+    """A scheduler that vanished (a pod replaced under a new name) holds three entries, one of
+    them running on a replica: the new scheduler takes them over within 5 s, long before the
+    entries would count as idle, and the running one is not run twice."""
+
+    async def scenario() -> None:
+        store = await _fresh(redis_url)
+        ids = [f"job-{i}" for i in range(3)]
+        for job_id in ids:
+            await store.submit(job_id, key_of("alice"), MODEL, b"payload", {})
+        hold = asyncio.Event()
+        stuck = FakeReplica(store, hold=hold)
+        first = Scheduler(store, catalog(max_batch=1), stuck, _settings(redis_url, scheduler_name="pod-a"))
+        task = asyncio.create_task(first.run())
+        while not stuck.batches:
+            await asyncio.sleep(0.02)
+        await store.transition(stuck.batches[0][0], "running")  # the replica has started it
+        task.cancel()
+        died = time.monotonic()
+        replica = FakeReplica(store)
+        second = Scheduler(store, catalog(max_batch=1), replica, _settings(redis_url, scheduler_name="pod-b"))
+        task2 = asyncio.create_task(second.run())
+        others = [j for j in ids if j != stuck.batches[0][0]]
+        await _settle(store, others, timeout=8)
+        took_over = time.monotonic() - died
+        hold.set()  # the first replica finishes the job it was running
+        await asyncio.sleep(0.2)
+        states = await _settle(store, ids)
+        await asyncio.sleep(1.5)  # a care cycle: the watched entry is settled, not re-run
+        second.stop()
+        await task2
+        pending = await store.redis.xpending(f"nnf:queue:{MODEL}", "schedulers")
+        await store.close()
+        assert states == ["completed"] * 3
+        assert took_over < 5.0, took_over
+        assert stuck.batches[0][0] not in replica.order and sorted(replica.order) == sorted(others)
+        assert pending["pending"] == 0
+
+    asyncio.run(scenario())
+
+
+class HangingReplica(FakeReplica):
+    """A dispatch that never answers (a replica on a lost node) the first `hangs` times."""
+
+    def __init__(self, store: Store, hangs: int) -> None:
+        super().__init__(store)
+        self.hangs = hangs
+
+    async def __call__(self, spec: ModelSpec, job_ids: list[str]) -> dict[str, str]:
+        if self.hangs > 0:
+            self.hangs -= 1
+            self.batches.append(list(job_ids))
+            for job_id in job_ids:
+                await self.store.transition(job_id, "running")
+            await asyncio.Event().wait()
+        return await super().__call__(spec, job_ids)
+
+
+@pytest.mark.parametrize("hangs, expected", [(1, "completed"), (2, "failed")])
+def test_a_dispatch_that_never_answers_times_out_and_is_retried_once(redis_url, hangs, expected):
+    async def scenario() -> None:
+        store = await _fresh(redis_url)
+        await store.submit("victim", key_of("alice"), MODEL, b"payload", {})
+        replica = HangingReplica(store, hangs)
+        limits = ModelLimits(max_batch=1, timeout_s=0.2)  # type: ignore[call-arg]
+        spec_catalog = Catalog(models=[ModelSpec(name=MODEL, source="x", limits=limits)])
+        settings = _settings(redis_url, watchdog_margin_s=0.1, dispatch_grace_s=0.1)
+        scheduler = Scheduler(store, spec_catalog, replica, settings)
+        task = asyncio.create_task(scheduler.run())
+        states = await _settle(store, ["victim"])
+        scheduler.stop()
+        await task
+        job = await store.job("victim")
+        await store.close()
+        assert states == [expected] and len(replica.batches) == hangs + (expected == "completed")
+        if expected == "failed":
+            assert job is not None and "replica was lost" in job["error"]
+
+    asyncio.run(scenario())
+
+
+def test_without_a_live_replica_jobs_wait_visibly_then_run_or_meet_their_deadline(redis_url):
+    async def scenario() -> None:
+        store = await _fresh(redis_url, replica=False)
+        await store.submit("early", key_of("alice"), MODEL, b"payload", {})
+        replica = FakeReplica(store)
+        scheduler = Scheduler(store, catalog(), replica, _settings(redis_url, queue_timeout_s=1.5))
+        task = asyncio.create_task(scheduler.run())
+        await asyncio.sleep(0.5)
+        (waiting,) = await store._with_positions([await store.job("early")])  # type: ignore[list-item]
+        assert waiting["state"] == "queued" and waiting["position"] == 0 and not replica.batches
+        # Never dispatched, yet its deadline holds.
+        assert await _settle(store, ["early"], timeout=4) == ["failed"]
+        failed = await store.job("early")
+        await store.submit("later", key_of("bob"), MODEL, b"payload", {})
+        await asyncio.sleep(0.3)
+        await store.replica_alive(MODEL, "back", 60)  # a replica returns
+        later = await _settle(store, ["later"], timeout=4)
+        scheduler.stop()
+        await task
+        await store.close()
+        assert failed is not None and "queue deadline" in failed["error"]
+        assert later == ["completed"] and replica.order == ["later"]
 
     asyncio.run(scenario())

@@ -166,6 +166,7 @@ class StatusModel(TypedDict):
     queue_depth: int
     oldest_wait_s: float | None
     gpus: int
+    reason: str | None  # why the model cannot run jobs now (unavailable, failed), else None
 
 
 class StatusJobs(TypedDict):

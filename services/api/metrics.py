@@ -33,6 +33,12 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.available = Gauge(
+            "nnfabric_model_available",
+            "1 while the model has a live replica and can run jobs, else 0",
+            ["model"],
+            registry=self.registry,
+        )
         self.outcomes = Gauge(
             "nnfabric_jobs_finished", "jobs by final state (since Redis was created)", ["state"], registry=self.registry
         )
@@ -51,7 +57,9 @@ class Metrics:
             depth, wait = await store.queue_depth(spec.name)
             self.depth.labels(spec.name).set(depth)
             self.oldest.labels(spec.name).set(wait or 0.0)
-            self.replicas.labels(spec.name).set(await store.live_replicas(spec.name))
+            live = await store.live_replicas(spec.name)
+            self.replicas.labels(spec.name).set(live)
+            self.available.labels(spec.name).set(1 if live else 0)
         for state, count in (await store.outcomes()).items():
             self.outcomes.labels(state).set(count)
 

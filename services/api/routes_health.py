@@ -1,4 +1,4 @@
-"""/healthz (the process answers), /readyz (Redis answers and a scheduler holds Ray), /metrics."""
+"""/healthz (the process answers), /readyz (the fabric can run jobs now), /metrics."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
 async def readyz(store: StoreDep, catalog: CatalogDep) -> JSONResponse:
-    """Ready when Redis answers and a scheduler (which holds the connection to Ray) is alive."""
+    """Ready when the fabric can run jobs now: Redis answers, a scheduler (which holds the
+    connection to Ray) is alive, and at least one model has a live replica. The checks say
+    which part is missing, and each model's state."""
     checks: dict[str, Any] = {}
     try:
         checks["redis"] = await store.ping()
@@ -38,7 +40,10 @@ async def readyz(store: StoreDep, catalog: CatalogDep) -> JSONResponse:
             state = "unavailable"
         models[spec.name] = state
     checks["models"] = models
-    ready = checks["redis"] is True and checks["ray"] is True
+    runnable = any(state == "ready" for state in models.values())
+    ready = checks["redis"] is True and checks["ray"] is True and runnable
+    if not runnable:
+        checks["jobs"] = "no model has a live replica; jobs wait in their queues"
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 

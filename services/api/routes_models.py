@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, cast
 
 from fastapi import APIRouter
@@ -18,12 +19,21 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 async def describe(spec: ModelSpec, store: Store) -> ModelInfo:
     """A catalog model as it is now: a model counts as ready only while a replica says so."""
-    live = await store.model(spec.name, "state", "error")
+    live = await store.model(spec.name, "state", "error", "last_alive")
     alive = await store.live_replicas(spec.name)
     depth, wait = await store.queue_depth(spec.name)
     state = live.get("state", "not started")
     if state == "ready" and alive == 0:
-        state = "unavailable"  # it loaded once, but no replica has answered lately
+        # It loaded once, but no replica answers now (its process or node is gone, or Serve is
+        # replacing it): say so, and what happens to jobs meanwhile.
+        state = "unavailable"
+        silent = time.time() - float(live.get("last_alive") or time.time())
+        live["error"] = (
+            f"no replica has answered for {silent:.0f} s; jobs wait in the queue (up to the queue "
+            "deadline) and run when a replica is back"
+        )
+    elif state == "ready":
+        live.pop("error", None)
     return {
         "name": spec.name,
         "source": spec.source,

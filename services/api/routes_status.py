@@ -35,7 +35,7 @@ async def status(store: StoreDep, catalog: CatalogDep) -> StatusPage:
         models.append({
             "name": info["name"], "state": info["state"], "replicas": info["replicas"],
             "replicas_wanted": info["replicas_wanted"], "queue_depth": info["queue_depth"],
-            "oldest_wait_s": info["oldest_wait_s"], "gpus": info["gpus"],
+            "oldest_wait_s": info["oldest_wait_s"], "gpus": info["gpus"], "reason": info["error"],
         })  # fmt: skip
     recent = await store.recent_jobs(100)
     waits = [j["started"] - j["created"] for j in recent if "started" in j]

@@ -38,7 +38,10 @@ class Settings(BaseSettings):
     # A replica gives up on a batch this long after its jobs' time limits have all passed (a
     # native op cannot be interrupted): the stuck job fails and Serve replaces the replica.
     watchdog_margin_s: float = 30.0
-    # Entries another scheduler read but left unacknowledged this long are taken over.
+    # Entries another scheduler read but left unacknowledged this long are taken over (a dead
+    # scheduler's are taken over sooner, as soon as its heartbeat lapses).
     reclaim_idle_ms: int = 30_000
+    # A dispatch counts as lost this long after the replica's own watchdog should have answered.
+    dispatch_grace_s: float = 15.0
     # Where converted models (GGUF -> safetensors) are kept; a shared volume in a cluster.
     cache_dir: str = "~/.cache/nnfabric"

@@ -532,6 +532,27 @@ class Store:
             if start == "0-0" or not entries:
                 return found
 
+    async def take_over(self, model: str, consumer: str, alive: set[str]) -> list[QueueEntry]:
+        """Claim every entry held by a consumer (scheduler) not in `alive`, however recently it
+        read them, and forget that consumer once it holds nothing."""
+        found: list[QueueEntry] = []
+        try:
+            consumers = await self.redis.xinfo_consumers(_queue(model), GROUP)
+        except ResponseError:  # no stream or group yet
+            return found
+        for info in consumers:
+            name = _text(info["name"])
+            if name in alive:
+                continue
+            pending = await self.redis.xpending_range(_queue(model), GROUP, "-", "+", 1000, consumername=name)
+            ids = [item["message_id"] for item in pending]
+            if ids:
+                claimed = await self.redis.xclaim(_queue(model), GROUP, consumer, 0, ids)
+                found += _entries(model, [c for c in claimed if c and c[1]])
+            if len(ids) < 1000:
+                await self.redis.xgroup_delconsumer(_queue(model), GROUP, name)
+        return found
+
     async def ack(self, entries: list[QueueEntry]) -> None:
         """The entries' jobs reached a final state: drop them from their streams."""
         if not entries:
@@ -557,7 +578,10 @@ class Store:
 
     async def replica_alive(self, model: str, replica: str, ttl_s: float, pid: int = 0) -> None:
         """A replica holding `model` (process `pid`) says it is alive for the next ttl_s seconds."""
-        await self.redis.set(_replica(model, replica), pid, px=int(ttl_s * 1000))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(_replica(model, replica), pid, px=int(ttl_s * 1000))
+            pipe.hset(_model(model), "last_alive", time.time())
+            await pipe.execute()
 
     async def replica_pids(self, model: str) -> list[int]:
         """The process ids of the replicas of `model` alive now (operators' and tests' view)."""

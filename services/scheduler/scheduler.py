@@ -5,8 +5,15 @@
 
 Each model's stream has one consumer group; every scheduler process is a consumer in it, so
 two can run side by side. An entry is acknowledged only after its job reached a final state,
-so a scheduler that dies loses nothing: its unacknowledged entries are claimed again (by
-itself on restart, or by a peer once they have been idle long enough).
+so a scheduler that dies loses nothing: its unacknowledged entries are claimed again, by
+itself on restart, or by a peer as soon as its heartbeat lapses (HEARTBEAT_TTL_S; a new pod
+under a new name does not wait for the entries to go idle). A claimed job that a replica is
+still running is watched, not run again: it ends there, or is treated as lost once its time
+limits have passed.
+
+No job waits forever: every dispatch has a timeout derived from the job's limits (the replica's
+own watchdog fires first); while a model has no live replica its jobs stay queued, their
+positions shown, and the queue deadline is enforced on every job at all times.
 
 Fair share: waiting jobs are queued per user, and a batch takes one job from each user in
 turn, starting after the user served first last time; a user with 100 jobs waits behind a
@@ -37,6 +44,8 @@ _Entry = QueueEntry
 MAX_ATTEMPTS = 2  # a job whose replica is lost runs once more
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 _REDIS_RETRY_S = 0.5
+HEARTBEAT_S = 1.0  # how often a scheduler says it is alive (and looks after its queues)
+HEARTBEAT_TTL_S = 3  # a scheduler silent this long is dead: its entries are taken over
 
 
 @dataclass
@@ -45,6 +54,8 @@ class _ModelQueue:
     users: OrderedDict[str, deque[_Entry]] = field(default_factory=OrderedDict)
     known: set[str] = field(default_factory=set)
     in_flight: int = 0
+    # Claimed jobs a replica may still be running (their scheduler died): entry -> when first seen.
+    watching: dict[str, tuple[_Entry, float]] = field(default_factory=dict)
 
     def add(self, entry: _Entry) -> None:
         if entry.stream_id in self.known:
@@ -83,6 +94,8 @@ class Scheduler:
         self.name = settings.scheduler_name
         self.queue_timeout_s = settings.queue_timeout_s
         self.reclaim_idle_ms = settings.reclaim_idle_ms
+        self.watchdog_margin_s = settings.watchdog_margin_s
+        self.dispatch_grace_s = settings.dispatch_grace_s
         self.queues = {spec.name: _ModelQueue(spec) for spec in catalog.models}
         self._stopping = asyncio.Event()
         self._freed = asyncio.Event()
@@ -90,15 +103,13 @@ class Scheduler:
 
     async def run(self) -> None:
         await self._until_redis_answers(self._start)
-        last_reclaim = 0.0
+        last_care = 0.0
         reading: asyncio.Task[None] | None = None
         while not self._stopping.is_set():
             try:
-                if time.monotonic() - last_reclaim > min(2.0, self.reclaim_idle_ms / 2000):
-                    for name in self.queues:
-                        self._add(await self.store.reclaim(name, self.name, self.reclaim_idle_ms))
-                    await self.store.heartbeat(f"scheduler:{self.name}")
-                    last_reclaim = time.monotonic()
+                if time.monotonic() - last_care > min(HEARTBEAT_S, self.reclaim_idle_ms / 2000):
+                    await self._care()
+                    last_care = time.monotonic()
                 # Wait for new entries, or for a batch to end (its replica is free now): whichever is first.
                 reading = reading or asyncio.create_task(self._read_new())
                 freed = asyncio.create_task(self._freed.wait())
@@ -118,7 +129,71 @@ class Scheduler:
             reading.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def _care(self) -> None:
+        """Once a second: say we are alive, take over dead schedulers' entries, enforce deadlines,
+        and settle claimed jobs that were running elsewhere."""
+        await self.store.heartbeat(f"scheduler:{self.name}", HEARTBEAT_TTL_S)
+        alive = {name.removeprefix("scheduler:") for name in await self.store.alive("scheduler:")}
+        for name, queue in self.queues.items():
+            self._add(await self.store.take_over(name, self.name, alive | {self.name}))
+            self._add(await self.store.reclaim(name, self.name, self.reclaim_idle_ms))
+            await self._enforce_deadlines(queue)
+            await self._settle_watched(queue)
+
+    async def _enforce_deadlines(self, queue: _ModelQueue) -> None:
+        waiting = [entry for entries in queue.users.values() for entry in entries]
+        if not waiting:
+            return
+        expired = {e.stream_id for e in await self._expired(waiting)}
+        if expired:
+            for user in list(queue.users):
+                kept = deque(e for e in queue.users[user] if e.stream_id not in expired)
+                if kept:
+                    queue.users[user] = kept
+                else:
+                    del queue.users[user]
+
+    async def _expired(self, entries: list[_Entry]) -> list[_Entry]:
+        """Fail (and acknowledge) the entries whose job waited past the queue deadline or ended."""
+        gone = []
+        for entry, found in zip(entries, await self.store.states([e.job_id for e in entries]), strict=True):
+            if found is None or found[0] in TERMINAL:
+                await self._ack(entry)
+                gone.append(entry)
+            elif found[0] == "queued" and time.time() - found[1] > self.queue_timeout_s:
+                message = f"the job waited past the queue deadline ({self.queue_timeout_s:g} s) without a replica free to run it"
+                await self.store.transition(entry.job_id, "failed", {"message": message}, error=message)
+                await self._ack(entry)
+                gone.append(entry)
+        return gone
+
+    def _dispatch_timeout(self, spec: ModelSpec, jobs: int) -> float:
+        # The replica's watchdog gives up at timeout_s * (jobs + 1) + margin; this is later still.
+        return spec.limits.timeout_s * (jobs + 1) + self.watchdog_margin_s + self.dispatch_grace_s
+
+    async def _settle_watched(self, queue: _ModelQueue) -> None:
+        if not queue.watching:
+            return
+        items = list(queue.watching.values())
+        jobs = [await self.store.job(entry.job_id) for entry, _ in items]
+        lost = []
+        for (entry, seen), job in zip(items, jobs, strict=True):
+            if job is None or job["state"] in TERMINAL:
+                del queue.watching[entry.stream_id]
+                await self._ack(entry)
+            elif job["state"] == "queued":  # requeued meanwhile: it waits its turn again
+                del queue.watching[entry.stream_id]
+                queue.done(entry)
+                queue.add(entry)
+            elif time.time() - job.get("started", seen) > self._dispatch_timeout(queue.spec, queue.spec.limits.max_batch):
+                del queue.watching[entry.stream_id]
+                lost.append(entry)
+        if lost:
+            log.warning("jobs %s were running under a scheduler that died and never ended", [e.job_id for e in lost])
+            await self._replica_lost(queue, lost)
+
     async def _start(self) -> None:
+        await self.store.heartbeat(f"scheduler:{self.name}", HEARTBEAT_TTL_S)  # before claiming anything
         for spec in self.catalog.models:
             await self.store.ensure_queue(spec.name)
         # Entries this consumer had read but not acknowledged before a restart.
@@ -147,6 +222,8 @@ class Scheduler:
 
     async def _dispatch_ready(self, name: str) -> None:
         queue = self.queues[name]
+        if not queue.users or not await self.store.live_replicas(name):
+            return  # no replica answers: the jobs wait (their positions shown) until one returns
         while queue.in_flight < queue.spec.replicas and queue.users:
             batch = await self._live(name, queue.take_batch(queue.spec.limits.max_batch))
             if not batch:
@@ -158,19 +235,13 @@ class Scheduler:
 
     async def _live(self, name: str, batch: list[_Entry]) -> list[_Entry]:
         """Drop jobs that were cancelled or ended meanwhile, and fail those past their deadline."""
+        gone = {e.stream_id for e in await self._expired(batch)}
         live = []
-        for entry, found in zip(batch, await self.store.states([e.job_id for e in batch]), strict=True):
-            if found is None or found[0] in TERMINAL:
-                await self._ack(entry)
-                continue
-            if time.time() - found[1] > self.queue_timeout_s:
-                await self.store.transition(
-                    entry.job_id,
-                    "failed",
-                    {"message": "the job waited past the queue deadline"},
-                    error="queue deadline passed",
-                )
-                await self._ack(entry)
+        states = await self.store.states([e.job_id for e in batch if e.stream_id not in gone])
+        for entry, found in zip([e for e in batch if e.stream_id not in gone], states, strict=True):
+            if found is not None and found[0] == "running":
+                # Claimed from a dead scheduler while a replica ran it: never start it twice.
+                self.queues[name].watching[entry.stream_id] = (entry, time.time())
                 continue
             live.append(entry)
         return live
@@ -179,10 +250,14 @@ class Scheduler:
         queue = self.queues[name]
         try:
             await self.store.dequeued(name, [e.job_id for e in batch])
+            job_ids = [e.job_id for e in batch]
             try:
-                states = await self.dispatch(queue.spec, [e.job_id for e in batch])
-            except Exception:  # the replica failed as a whole (e.g. its process died)
-                log.exception("dispatch to %s failed", name)
+                states = await asyncio.wait_for(
+                    self.dispatch(queue.spec, job_ids), self._dispatch_timeout(queue.spec, len(batch))
+                )
+            except Exception as exc:  # the replica failed as a whole (its process or node died, or it hangs)
+                # The operator's log gets Ray's details with the job ids; the users get a plain reason.
+                log.error("dispatch of jobs %s to %s failed: %s: %s", job_ids, name, type(exc).__name__, exc)
                 await self._replica_lost(queue, batch)
                 return
             # Jobs the replica gave back unstarted (it had to stop) go round again.

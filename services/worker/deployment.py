@@ -28,8 +28,8 @@ log = logging.getLogger("nnfabric.worker")
 
 # Serve asks each replica for its health this often; each answer also renews the replica's
 # liveness in Redis for LIVENESS_S, so /v1/models counts only replicas that answered lately.
-HEALTH_PERIOD_S = 2.0
-LIVENESS_S = 3 * HEALTH_PERIOD_S
+HEALTH_PERIOD_S = 1.0
+LIVENESS_S = 3 * HEALTH_PERIOD_S  # a replica silent this long no longer counts: health says so within 5 s
 
 
 @serve.deployment(max_ongoing_requests=1, health_check_period_s=HEALTH_PERIOD_S, graceful_shutdown_timeout_s=5)
