@@ -10,9 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compose_file_validates_and_matches_the_images_and_settings():
-    done = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True
-    )
+    import os
+
+    compose = ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"]
+    env = {k: v for k, v in os.environ.items() if k != "NNFABRIC_RAY_TOKEN"}
+    refused = subprocess.run(compose, capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "NNFABRIC_RAY_TOKEN" in refused.stderr  # Ray never runs unauthenticated
+    done = subprocess.run(compose, capture_output=True, text=True, env={**env, "NNFABRIC_RAY_TOKEN": "t" * 48})
     assert done.returncode == 0, done.stderr
     from services.common.settings import Settings
 

@@ -216,3 +216,32 @@ def test_health_says_unavailable_within_seconds_of_a_replica_dying_and_jobs_wait
     assert done["state"] == "completed"
     wait_for(lambda: api.get("/v1/models/tiny-gpt2").json()["state"] == "ready", what="ready again")
     print(f"replica killed: unavailable after {noticed:.1f} s, a waiting job completed after {back:.1f} s")
+
+
+def test_a_scheduler_that_cannot_reach_ray_keeps_trying_and_does_not_count_as_ready(fabric, tmp_path):
+    import subprocess
+    import sys
+
+    from services.common.redis_server import free_port
+    from services.launcher import ROOT
+
+    env = {**fabric.env, "NNFABRIC_RAY_ADDRESS": f"ray://127.0.0.1:{free_port()}",
+           "NNFABRIC_SCHEDULER_NAME": "unreachable", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    log = (tmp_path / "scheduler.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "services.scheduler"], cwd=ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        time.sleep(4)
+        assert process.poll() is None  # still trying, not exited
+
+        async def alive() -> list[str]:
+            store = Store.from_url(fabric.settings.redis_url)
+            try:
+                return await store.alive("scheduler:")
+            finally:
+                await store.close()
+
+        assert "scheduler:unreachable" not in asyncio.run(alive())
+    finally:
+        process.kill()
+        process.wait(10)

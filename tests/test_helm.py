@@ -174,3 +174,41 @@ def test_network_policies_and_pod_security():
             assert container["resources"]["requests"] and container["resources"]["limits"]
     secret = find(docs, "Secret")[0]
     assert secret["stringData"]["redis-url"] == "redis://:pw@fab-nnfabric-redis:6379/0"
+
+
+def _env_names(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_the_chart_and_compose_describe_one_topology_with_ray_token_auth():
+    """Chart and docker-compose agree: a head with no CPUs, the scheduler a Ray Client of the
+    head on 10001, Ray's token authentication on for every Ray node and the scheduler (one
+    token, from the Secret), and the api never holds it."""
+    docs = render({"secrets": {"password": "pw"}})
+    (service,) = find(docs, "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    ray_containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        group["template"]["spec"]["containers"][0] for group in cluster["workerGroupSpecs"]
+    ]
+    scheduler = find(docs, "Deployment", "-scheduler")[0]["spec"]["template"]["spec"]["containers"][0]
+    api = find(docs, "Deployment", "-api")[0]["spec"]["template"]["spec"]["containers"][0]
+    (secret,) = [d for d in find(docs, "Secret") if "ray-token" in d.get("stringData", {})]
+    assert len(secret["stringData"]["ray-token"]) >= 32
+    for container in [*ray_containers, scheduler]:
+        env = _env_names(container)
+        assert env["RAY_AUTH_MODE"] == "token", container["name"]
+        assert env["RAY_AUTH_TOKEN"] == {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "ray-token"}}
+    assert "RAY_AUTH_TOKEN" not in _env_names(api)
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    chart_address = _env_names(scheduler)["NNFABRIC_RAY_ADDRESS"]
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name in ("ray-head", "worker", "scheduler"):
+        env = compose[name]["environment"]
+        assert env["RAY_AUTH_MODE"] == "token" and "NNFABRIC_RAY_TOKEN" in env["RAY_AUTH_TOKEN"], name
+    assert "RAY_AUTH_TOKEN" not in compose["api"]["environment"]
+    assert "--num-cpus=0" in compose["ray-head"]["command"]
+    compose_address = compose["scheduler"]["environment"]["NNFABRIC_RAY_ADDRESS"]
+    assert chart_address.startswith("ray://") and compose_address.startswith("ray://")
+    assert chart_address.rsplit(":", 1)[1] == compose_address.rsplit(":", 1)[1] == "10001"
+    assert "--ray-client-server-port=10001" in compose["ray-head"]["command"]

@@ -37,6 +37,14 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.settings.rayNamespace | quote }}
 {{- end -}}
 
+{{/* Ray's token authentication, for every process that is or talks to a Ray node. */}}
+{{- define "nnfabric.rayAuthEnv" -}}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom: {secretKeyRef: {name: {{ include "nnfabric.secretName" . }}, key: ray-token}}
+{{- end -}}
+
 {{- define "nnfabric.podSecurity" -}}
 runAsNonRoot: true
 runAsUser: {{ .uid }}
