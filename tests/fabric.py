@@ -13,10 +13,13 @@ from services.launcher import EmbeddedFabric
 def write_catalog(path: Path, model_dir: Path) -> None:
     catalog = {
         "models": [
-            {"name": "tiny-gpt2", "source": str(model_dir), "replicas": 1,
+            {"name": "tiny-gpt2", "source": str(model_dir), "replicas": 1, "cpus": 0.5,
              "limits": {"max_batch": 4, "timeout_s": 60, "max_saved_bytes": 4_000_000, "max_new_tokens": 16}},
-            {"name": "tiny-strict", "source": str(model_dir), "replicas": 1,
+            {"name": "tiny-strict", "source": str(model_dir), "replicas": 1, "cpus": 0.5,
              "limits": {"max_batch": 1, "timeout_s": 0.5}},
+            # Follows its queue: one replica when idle, two under a backlog.
+            {"name": "tiny-auto", "source": str(model_dir), "cpus": 0.5, "min_replicas": 1, "max_replicas": 2,
+             "scale_up_s": 0.5, "scale_down_s": 2, "limits": {"max_batch": 1, "timeout_s": 60}},
             {"name": "not-deployed", "source": "/nonexistent", "replicas": 1},
         ]
     }  # fmt: skip
@@ -28,7 +31,7 @@ def start_fabric(tmp: Path, model_dir: Path) -> EmbeddedFabric:
     write_catalog(catalog_path, model_dir)
     fabric = EmbeddedFabric.start(
         catalog_path,
-        deploy=["tiny-gpt2", "tiny-strict"],
+        deploy=["tiny-gpt2", "tiny-strict", "tiny-auto"],
         reclaim_idle_ms=1500,
         watchdog_margin_s=1.0,
         max_envelope_bytes=2_000_000,

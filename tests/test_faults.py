@@ -25,7 +25,7 @@ from services.common.store import Store
 CLEAN = "The Eiffel Tower is in the city of"
 
 
-def slow_job(steps: int = 60, size: int = 1500) -> bytes:
+def slow_job(steps: int = 60, size: int = 1500, model: str = "tiny-gpt2") -> bytes:
     """A job that keeps a replica busy for seconds (chained matrix products that stay finite)."""
     g = Graph()
     g.invokes.append(Invoke(args=[CLEAN]))
@@ -37,7 +37,7 @@ def slow_job(steps: int = 60, size: int = 1500) -> bytes:
         y = g.add(Node("binary", ["matmul", Ref(y.id), Ref(w.id)]))
     total = g.add(Node("call_method", ["sum", Ref(y.id)]))
     g.saves.append(total.id)
-    return pack_request(g, {}, extra={"model": "tiny-gpt2"})
+    return pack_request(g, {}, extra={"model": model})
 
 
 def quick_job(model: str = "tiny-gpt2") -> bytes:

@@ -32,7 +32,7 @@ def _crd() -> Path:
 
 
 CATALOG = [
-    {"name": "big", "source": "org/big-model", "dtype": "bfloat16", "gpus": 4, "replicas": 2},
+    {"name": "big", "source": "org/big-model", "dtype": "bfloat16", "gpus": 4, "replicas": 2, "max_replicas": 5},
     {"name": "small", "source": "openai-community/gpt2", "gpus": 1, "replicas": 1},
     {"name": "also-small", "source": "/models/local-dir", "gpus": 1, "replicas": 3},
     {"name": "cpu-only", "source": "/models/m.gguf", "gpus": 0, "replicas": 1},
@@ -112,7 +112,13 @@ def test_gpu_requests_follow_the_catalog():
     for name, gpus, replicas in (("gpu4", 4, 2), ("gpu1", 1, 4), ("cpu", 0, 1)):
         container = groups[name]["template"]["spec"]["containers"][0]
         assert groups[name]["replicas"] == replicas
+        assert groups[name]["maxReplicas"] >= (5 if name == "gpu4" else replicas)
         assert container["resources"]["limits"].get("nvidia.com/gpu", "0") == str(gpus)
+    # "big" follows its queue up to 5 replicas: Ray's autoscaler may add worker pods for it.
+    assert ray["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    assert "enableInTreeAutoscaling" not in find(render({"secrets": {"password": "pw"}}), "RayService")[0]["spec"][
+        "rayClusterConfig"
+    ]
     # The head schedules nothing and requests no GPU.
     head = ray["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"

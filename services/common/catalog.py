@@ -9,7 +9,7 @@ YAML:
         source: openai-community/gpt2      # a repo id, a local directory, or a .gguf file
         dtype: float32
         gpus: 0                            # GPUs per replica (the model is sharded over them)
-        replicas: 1
+        replicas: 1                        # or, to follow the queue: min_replicas / max_replicas
         limits: {max_batch: 8, max_new_tokens: 256, max_saved_bytes: 268435456, timeout_s: 120}
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 from nnfabric.graph.validate import Limits
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from .settings import Settings
 
@@ -42,12 +42,38 @@ class ModelSpec(BaseModel):
     tokenizer: str | None = None
     dtype: str = "float32"
     gpus: int = Field(0, ge=0)
-    replicas: int = Field(1, ge=1)
+    cpus: float = Field(1.0, gt=0, description="CPUs per replica when it has no GPU")
+    replicas: int = Field(1, ge=1, description="replicas at start (and always, without max_replicas)")
+    # Replicas follow the queue between these (Serve's autoscaling on the scheduler's batches in
+    # flight, which it sends only while jobs wait): up after scale_up_s of backlog, down after
+    # scale_down_s idle. Live replicas are never restarted to scale.
+    min_replicas: int | None = Field(None, ge=1)
+    max_replicas: int | None = Field(None, ge=1)
+    scale_up_s: float = Field(5.0, ge=0)
+    scale_down_s: float = Field(60.0, ge=0)
     limits: ModelLimits = ModelLimits()  # type: ignore[call-arg]
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ModelSpec:
+        low, high = self.min_replicas or self.replicas, self.max_replicas or self.replicas
+        if not low <= high:
+            raise ValueError(f"min_replicas ({low}) is above max_replicas ({high})")
+        if self.max_replicas is not None and not low <= self.replicas <= high:
+            self.replicas = min(max(self.replicas, low), high)
+        return self
 
     @property
     def deployment(self) -> str:
         return f"model-{self.name}"
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.max_replicas is not None and self.max_replicas > (self.min_replicas or self.replicas)
+
+    @property
+    def most_replicas(self) -> int:
+        """The most replicas this model may have at once (what the scheduler keeps busy)."""
+        return self.max_replicas or self.replicas
 
 
 class Catalog(BaseModel):

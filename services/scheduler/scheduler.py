@@ -224,12 +224,15 @@ class Scheduler:
         queue = self.queues[name]
         if not queue.users or not await self.store.live_replicas(name):
             return  # no replica answers: the jobs wait (their positions shown) until one returns
-        while queue.in_flight < queue.spec.replicas and queue.users:
+        # Up to the most replicas the model may have: with autoscaling, batches beyond the live
+        # replicas wait in Serve's router, which is the backlog Serve scales up on.
+        while queue.in_flight < queue.spec.most_replicas and queue.users:
             batch = await self._live(name, queue.take_batch(queue.spec.limits.max_batch))
             if not batch:
                 continue
+            ahead = queue.in_flight  # batches that may run before this one on the same replica
             queue.in_flight += 1
-            task = asyncio.create_task(self._run_batch(name, batch))
+            task = asyncio.create_task(self._run_batch(name, batch, ahead))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -246,14 +249,15 @@ class Scheduler:
             live.append(entry)
         return live
 
-    async def _run_batch(self, name: str, batch: list[_Entry]) -> None:
+    async def _run_batch(self, name: str, batch: list[_Entry], ahead: int = 0) -> None:
         queue = self.queues[name]
         try:
             await self.store.dequeued(name, [e.job_id for e in batch])
             job_ids = [e.job_id for e in batch]
             try:
+                waiting = ahead * queue.spec.limits.timeout_s * (queue.spec.limits.max_batch + 1)
                 states = await asyncio.wait_for(
-                    self.dispatch(queue.spec, job_ids), self._dispatch_timeout(queue.spec, len(batch))
+                    self.dispatch(queue.spec, job_ids), self._dispatch_timeout(queue.spec, len(batch)) + waiting
                 )
             except Exception as exc:  # the replica failed as a whole (its process or node died, or it hangs)
                 # The operator's log gets Ray's details with the job ids; the users get a plain reason.

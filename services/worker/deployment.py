@@ -127,11 +127,23 @@ class ModelReplica:
 
 
 def model_app(spec: ModelSpec, settings: Settings) -> Any:
-    """One model's Serve application: `spec.replicas` replicas with `spec.gpus` GPUs each."""
+    """One model's Serve application: `spec.replicas` replicas with `spec.gpus` GPUs each, or
+    between min_replicas and max_replicas, following the scheduler's batches in flight."""
+    scaling: dict[str, Any] = {"num_replicas": spec.replicas}
+    if spec.autoscaled:
+        # Each replica runs one batch at a time (max_ongoing_requests=1); the scheduler keeps up
+        # to max_replicas batches in flight while jobs wait, so more than one ongoing request per
+        # replica means a backlog.
+        scaling = {"autoscaling_config": {
+            "min_replicas": spec.min_replicas or spec.replicas, "max_replicas": spec.max_replicas,
+            "initial_replicas": spec.replicas, "target_ongoing_requests": 1,
+            "upscale_delay_s": spec.scale_up_s, "downscale_delay_s": spec.scale_down_s,
+            "metrics_interval_s": 1.0, "look_back_period_s": 2.0,
+        }}  # fmt: skip
     return ModelReplica.options(  # type: ignore[attr-defined]
         name=spec.deployment,
-        num_replicas=spec.replicas,
-        ray_actor_options={"num_gpus": spec.gpus, "num_cpus": 0 if spec.gpus else 1},
+        ray_actor_options={"num_gpus": spec.gpus, "num_cpus": 0 if spec.gpus else spec.cpus},
+        **scaling,
     ).bind(spec.model_dump(), settings.model_dump())
 
 

@@ -59,12 +59,21 @@ readOnlyRootFilesystem: {{ .readOnly }}
 capabilities: {drop: ["ALL"]}
 {{- end -}}
 
-{{/* GPUs per replica -> replicas wanted, over the catalog: one Ray worker group per GPU count. */}}
+{{/* GPUs per replica -> [replicas at least, replicas at most], over the catalog: one Ray
+worker group per GPU count. A model with max_replicas may grow to it (KubeRay's autoscaler adds
+the pods Serve's autoscaling asks for). */}}
 {{- define "nnfabric.workerGroups" -}}
 {{- $groups := dict -}}
 {{- range .Values.models -}}
 {{- $key := printf "%d" (int .gpus) -}}
-{{- $_ := set $groups $key (add (get $groups $key | default 0) (int .replicas)) -}}
+{{- $low := int (.min_replicas | default .replicas | default 1) -}}
+{{- $high := int (.max_replicas | default .replicas | default 1) -}}
+{{- $old := get $groups $key | default (list 0 0) -}}
+{{- $_ := set $groups $key (list (add (index $old 0) $low) (add (index $old 1) $high)) -}}
 {{- end -}}
 {{- toJson $groups -}}
+{{- end -}}
+
+{{- define "nnfabric.autoscaled" -}}
+{{- range .Values.models -}}{{- if gt (int (.max_replicas | default 0)) (int (.min_replicas | default .replicas | default 1)) -}}yes{{- end -}}{{- end -}}
 {{- end -}}
