@@ -35,8 +35,11 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+# The cluster topology test (tests/topology) starts Ray nodes of its own, so it runs after the
+# main suite has stopped its Ray: never two Ray clusters at once.
 pytest: install
 	$(VENV)/bin/pytest -q
+	NNFABRIC_TOPOLOGY=1 $(VENV)/bin/pytest -q -s tests/topology
 
 test: system-deps lint typecheck pytest
 

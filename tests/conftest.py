@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import nnfabric
 import nnfabric.backends
 from models import build_gpt2, build_llama, build_mlp
+
+# The cluster topology test starts a Ray cluster of its own: it runs in a pytest run of its own
+# (`make test` runs it after this one), never beside the session fabric's Ray.
+collect_ignore = [] if os.environ.get("NNFABRIC_TOPOLOGY") else ["topology"]
 
 
 @pytest.fixture(autouse=True)
