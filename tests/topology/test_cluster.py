@@ -10,6 +10,7 @@ then): never two Ray clusters at once. Every process is stopped by its process g
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -71,10 +72,8 @@ class Cluster:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         process = self.processes.pop(name)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             process.wait(20)
         except subprocess.TimeoutExpired:
