@@ -36,6 +36,8 @@ def start_fabric(tmp: Path, model_dir: Path) -> EmbeddedFabric:
         watchdog_margin_s=1.0,
         max_envelope_bytes=2_000_000,
         redis_data_dir=str(tmp / "redis"),
+        result_store_dir=str(tmp / "results"),
+        result_store_min_bytes=1 << 20,  # results from 1 MiB up go to disk, so the tests see both paths
     )
     try:
         fabric.keys = asyncio.run(_make_keys(fabric.settings.redis_url))  # type: ignore[attr-defined]

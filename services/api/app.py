@@ -19,6 +19,7 @@ from . import (
     routes_jobs,
     routes_models,
     routes_schema,
+    routes_socket,
     routes_status,
 )
 from .metrics import Metrics
@@ -39,7 +40,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.middleware("http")(app.state.metrics.middleware)
     errors.install(app)
-    for module in (routes_jobs, routes_models, routes_edits, routes_compiled, routes_health, routes_status, routes_schema):
+    for module in (
+        routes_jobs, routes_socket, routes_models, routes_edits, routes_compiled, routes_health, routes_status,
+        routes_schema,
+    ):  # fmt: skip
         app.include_router(module.router)
     routes_schema.install_openapi(app)
     return app

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from nnfabric.graph.codec import encode_envelope, graph_to_json, graphs_from_header, split_envelope, validate_request
 from nnfabric.graph.edits import MAX_EDITS_PER_JOB, apply_edits
 from nnfabric.graph.ir import Graph
@@ -23,6 +23,7 @@ from nnfabric.graph.validate import GraphError, LimitExceeded, Limits
 from nnfabric.protocol import TERMINAL, CancelReply, JobMeta, JobRecord, SubmitReply
 
 from ..common.catalog import Catalog, limits_for
+from ..common.result_store import ResultStore
 from ..common.settings import Settings
 from ..common.store import ApiKey, Store
 from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep, websocket_key
@@ -141,11 +142,18 @@ async def submit(
 async def read_envelope(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes, bytes]:
     """(header, tensor blob, binary envelope) of a request in either form, framing checked."""
     body = await _body(request, settings.max_envelope_bytes)
+    return await parse_envelope(body, _is_json(request.headers.get("content-type", "")), settings)
+
+
+async def parse_envelope(body: bytes, is_json: bool, settings: Settings) -> tuple[dict[str, Any], bytes, bytes]:
+    """(header, tensor blob, binary envelope) of a body already read within the size limit."""
+    if len(body) > settings.max_envelope_bytes:
+        raise ApiError(413, f"request of {len(body)} bytes exceeds the limit of {settings.max_envelope_bytes}")
     # Parsing and validating cost CPU in proportion to what a stranger sent: off the event loop,
     # so /healthz and everyone else's requests keep being answered meanwhile.
     base = Limits(max_envelope_bytes=settings.max_envelope_bytes)
     try:
-        if _is_json(request.headers.get("content-type", "")):
+        if is_json:
             body = await run_in_threadpool(envelope_from_json, body, base)  # then the one binary path
         header, blob = await run_in_threadpool(split_envelope, body, base)
     except GraphError as exc:
@@ -255,10 +263,23 @@ async def result(job_id: str, request: Request, key: KeyDep, store: StoreDep) ->
     job = await _own_job(job_id, key, store)
     if job["state"] != "completed":
         raise ApiError(409, f"job is {job['state']}; the result exists once it has completed", state=job["state"])
-    data = await store.result(job_id)
+    wants_json = _wants_json(request.headers.get("accept", ""))
+    name = await store.result_file(job_id)
+    if name is not None:
+        # A large result, on the result store: streamed from disk, with Range (a dropped
+        # download resumes where it stopped), under the same ownership check and TTL.
+        settings: Settings = request.app.state.settings
+        path = ResultStore(settings.result_store_dir).path(name)
+        if path is None:
+            raise ApiError(404, "the result has expired")
+        if not wants_json:
+            return FileResponse(path, media_type="application/octet-stream")
+        data: bytes | None = await run_in_threadpool(path.read_bytes)
+    else:
+        data = await store.result(job_id)
     if data is None:
         raise ApiError(404, "the result has expired")
-    if _wants_json(request.headers.get("accept", "")):
+    if wants_json:
         values = await run_in_threadpool(result_to_json, data)
         return JSONResponse({**values, "names": job.get("meta", {}).get("names", {})})
     return Response(data, media_type="application/octet-stream")

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # Entries another scheduler read but left unacknowledged this long are taken over (a dead
     # scheduler's are taken over sooner, as soon as its heartbeat lapses).
     reclaim_idle_ms: int = 30_000
+    # Results from this size up are written to the result store (a directory; in a cluster a
+    # volume the replicas and the api share) instead of Redis; the api streams them with Range.
+    result_store_dir: str = "~/.cache/nnfabric/results"
+    result_store_min_bytes: int = 4 << 20
     # A dispatch counts as lost this long after the replica's own watchdog should have answered.
     dispatch_grace_s: float = 15.0
     # Where converted models (GGUF -> safetensors) are kept; a shared volume in a cluster.

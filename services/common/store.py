@@ -153,6 +153,7 @@ def _job_record(raw: dict[str, str]) -> JobRecord | None:
     for name in ("error_node", "error_trace", "attempts"):
         if name in job:
             job[name] = int(job[name])
+    job.pop("result_file", None)  # where the api finds a large result: not the caller's business
     job["bytes"] = int(job.get("bytes", 0))
     job["meta"] = cast(JobMeta, json.loads(job.get("meta", "{}")))
     return cast(JobRecord, job)
@@ -466,6 +467,11 @@ class Store:
                 pipe.hmget(_job(job_id), "state", "created")
             replies = await pipe.execute()
         return [None if state is None else (_text(state), float(created or 0)) for state, created in replies]
+
+    async def result_file(self, job_id: str) -> str | None:
+        """The result store's name for a large result, if the job's result went there."""
+        name = await self.redis.hget(_job(job_id), "result_file")
+        return None if name is None else _text(name)
 
     async def result(self, job_id: str) -> bytes | None:
         data: bytes | None = await self.redis.get(_result(job_id))

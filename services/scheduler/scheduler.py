@@ -34,6 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..common.catalog import Catalog, ModelSpec
+from ..common.result_store import ResultStore
 from ..common.settings import Settings
 from ..common.store import QueueEntry, Store
 
@@ -95,6 +96,9 @@ class Scheduler:
         self.queue_timeout_s = settings.queue_timeout_s
         self.reclaim_idle_ms = settings.reclaim_idle_ms
         self.watchdog_margin_s = settings.watchdog_margin_s
+        self.results = ResultStore(settings.result_store_dir)
+        self.result_ttl_s = settings.result_ttl_s
+        self._last_sweep = 0.0
         self.dispatch_grace_s = settings.dispatch_grace_s
         self.queues = {spec.name: _ModelQueue(spec) for spec in catalog.models}
         self._stopping = asyncio.Event()
@@ -134,6 +138,10 @@ class Scheduler:
         and settle claimed jobs that were running elsewhere."""
         await self.store.heartbeat(f"scheduler:{self.name}", HEARTBEAT_TTL_S)
         alive = {name.removeprefix("scheduler:") for name in await self.store.alive("scheduler:")}
+        if time.monotonic() - self._last_sweep > 60:
+            # Large results outlive their jobs' records by no more than a minute.
+            self._last_sweep = time.monotonic()
+            await asyncio.to_thread(self.results.sweep, self.result_ttl_s)
         for name, queue in self.queues.items():
             self._add(await self.store.take_over(name, self.name, alive | {self.name}))
             self._add(await self.store.reclaim(name, self.name, self.reclaim_idle_ms))

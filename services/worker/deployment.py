@@ -20,6 +20,7 @@ from typing import Any
 from ray import serve
 
 from ..common.catalog import Catalog, ModelSpec
+from ..common.result_store import ResultStore
 from ..common.settings import Settings
 from ..common.store import Store
 from .executor import BatchExecutor, Outcome
@@ -41,6 +42,7 @@ class ModelReplica:
         self.spec = ModelSpec.model_validate(spec)
         self.settings = Settings.model_validate(settings)
         self.store = Store.from_url(self.settings.redis_url, self.settings.result_ttl_s)
+        self.results = ResultStore(self.settings.result_store_dir)
         self.replica = uuid.uuid4().hex[:12]
         self.stuck = ""  # why this replica must be replaced, once it must
         await self.store.set_model(self.spec.name, state="loading")
@@ -103,8 +105,15 @@ class ModelReplica:
             if outcome.ok and outcome.result is not None:
                 done = {"result": f"/v1/jobs/{job_id}/result", "bytes": len(outcome.result)}
                 done["seconds"] = round(outcome.seconds, 4)
-                # The result is stored by the same script that marks the job completed, unless it was cancelled.
-                stored = await store.transition(job_id, "completed", done, result=outcome.result)
+                if len(outcome.result) >= self.settings.result_store_min_bytes:
+                    # Large: on the shared result store, so Redis's memory stays flat; Redis keeps its name.
+                    name = await asyncio.to_thread(self.results.write, job_id, outcome.result)
+                    stored = await store.transition(job_id, "completed", done, result_file=name)
+                    if not stored:
+                        self.results.delete(name)
+                else:
+                    # Stored by the same script that marks the job completed, unless it was cancelled.
+                    stored = await store.transition(job_id, "completed", done, result=outcome.result)
                 states[job_id] = "completed" if stored else "cancelled"
             else:
                 data = {"message": outcome.error, "node": outcome.node, "trace": outcome.trace}

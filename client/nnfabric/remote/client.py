@@ -90,25 +90,30 @@ class FabricClient:
         inline = self._inline.pop(job_id, None)
         if inline is not None:
             return inline
-        return self._retrying(lambda: self._download(job_id), job_id)
+        received = bytearray()  # kept across retries: a dropped download resumes with Range
+        return self._retrying(lambda: self._download(job_id, received), job_id)
 
-    def _download(self, job_id: str) -> bytes:
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
+    def _download(self, job_id: str, received: bytearray) -> bytes:
+        headers = {"Range": f"bytes={len(received)}-"} if received else {}
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as response:
             if not response.is_success:
                 response.read()
                 _raise_for(response)
-            total = int(response.headers.get("content-length") or 0)
+            if response.status_code != 206:
+                received.clear()  # the server sent it whole (a small result kept in Redis)
+            total = len(received) + int(response.headers.get("content-length") or 0)
             if not self.progress or total < (4 << 20):
-                return response.read()
+                for chunk in response.iter_bytes(1 << 20):
+                    received += chunk
+                return bytes(received)
             from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-            chunks = []
             with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as bar:
-                task = bar.add_task(f"job {job_id[:8]}: result", total=total)
+                task = bar.add_task(f"job {job_id[:8]}: result", total=total, completed=len(received))
                 for chunk in response.iter_bytes(1 << 20):
-                    chunks.append(chunk)
+                    received += chunk
                     bar.advance(task, len(chunk))
-            return b"".join(chunks)
+            return bytes(received)
 
     # -- persistent edits ------------------------------------------------------------------
     def add_edit(self, model: str, body: bytes) -> EditRecord:

@@ -191,6 +191,14 @@ class Interleaver:
 
     # -- running -------------------------------------------------------------------------
     def __enter__(self) -> Interleaver:
+        try:
+            self._install()
+        except BaseException:
+            self.__exit__()  # a model must never keep hooks (or a rewritten forward) of a run that did not start
+            raise
+        return self
+
+    def _install(self) -> None:
         root = self.root
         if self.graph.kind == "generate":
             self._handles.append(root.register_forward_pre_hook(self._step_hook, prepend=True))
@@ -214,7 +222,6 @@ class Interleaver:
             self._instrumented.enter_context(instrumented(root.get_submodule(path), on_call))
         if self.graph.kind == "generate":
             self.step = -1
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         self._instrumented.close()

@@ -35,6 +35,25 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.settings.reclaimIdleMs | quote }}
 - name: NNFABRIC_RAY_NAMESPACE
   value: {{ .Values.settings.rayNamespace | quote }}
+{{- if .Values.modelCache.enabled }}
+# Large results go to the shared volume (replicas write, the api streams them, schedulers sweep).
+- name: NNFABRIC_RESULT_STORE_DIR
+  value: /models/results
+{{- else }}
+# No shared volume: every result stays in Redis.
+- name: NNFABRIC_RESULT_STORE_MIN_BYTES
+  value: "9223372036854775807"
+{{- end }}
+{{- end -}}
+
+{{/* The shared volume (model cache and large results), for pods that read or write results. */}}
+{{- define "nnfabric.sharedVolume" -}}
+- name: models
+  {{- if .Values.modelCache.enabled }}
+  persistentVolumeClaim: {claimName: {{ .Values.modelCache.existingClaim | default (printf "%s-models" (include "nnfabric.fullname" .)) }}}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
 {{- end -}}
 
 {{/* Ray's token authentication, for every process that is or talks to a Ray node. */}}

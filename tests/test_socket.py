@@ -1,0 +1,77 @@
+"""/v1/socket: jobs submitted and answered on one websocket (one round trip per job), checked
+against local runs; rejections, cancellation and large results on the same socket."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from nnfabric.errors import RemoteError
+from nnfabric.graph import Graph, Invoke, Node
+from nnfabric.remote.socket import JobSocket
+from nnfabric.runtime.wire import pack_request, unpack_result
+from test_faults import slow_job
+from test_result_store import big_job
+
+PROMPTS = ["The Eiffel Tower is in the city of", "Alice went to the market", "One two three"]
+
+
+def hidden_job(prompt: str, model: str = "tiny-gpt2") -> bytes:
+    g = Graph()
+    g.invokes.append(Invoke(args=[prompt]))
+    h = g.add(Node("output", ["transformer.h.1", 0, 0]))
+    g.saves.append(h.id)
+    return pack_request(g, {}, extra={"model": model})
+
+
+def local_hidden(gpt2, prompt: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    seen = {}
+    handle = gpt2._module.transformer.h[1].register_forward_hook(lambda m, a, o: seen.setdefault("h", o))
+    with torch.no_grad():
+        gpt2._module(torch.tensor([gpt2.tokenizer(prompt)["input_ids"]]))
+    handle.remove()
+    return seen["h"]
+
+
+def test_jobs_submitted_back_to_back_on_one_socket_return_the_local_values(fabric, gpt2):
+    with JobSocket(fabric.url, fabric.keys["alice"]) as jobs:
+        ids = [jobs.submit(hidden_job(prompt)) for prompt in PROMPTS * 2]
+        results = [jobs.result(job_id) for job_id in reversed(ids)][::-1]  # read in any order
+        assert len(set(ids)) == len(ids)
+        for prompt, data in zip(PROMPTS * 2, results, strict=True):
+            (value,) = unpack_result(data).values()
+            assert torch.equal(value, local_hidden(gpt2, prompt))
+        assert [e["type"] for e in jobs.events(ids[0])][-1] == "completed"
+        assert any(e.get("inline") for e in jobs.events(ids[0]))  # small results ride the socket
+
+
+def test_a_rejected_job_says_why_and_the_socket_goes_on(fabric):
+    with JobSocket(fabric.url, fabric.keys["bob"]) as jobs:
+        with pytest.raises(RemoteError, match="may not use model"):
+            jobs.submit(hidden_job(PROMPTS[0], model="tiny-strict"))  # bob's key covers tiny-gpt2 only
+        with pytest.raises(RemoteError, match="not an nnfabric envelope"):
+            jobs.submit(b"garbage")
+        assert unpack_result(jobs.result(jobs.submit(hidden_job(PROMPTS[1]))))
+
+
+def test_a_job_waiting_behind_another_can_be_cancelled_on_the_socket(fabric):
+    with JobSocket(fabric.url, fabric.keys["alice"]) as jobs:
+        busy = [jobs.submit(slow_job()) for _ in range(4)]  # max_batch 4: one batch keeps the replica busy
+        waiting = jobs.submit(slow_job())
+        jobs.cancel(waiting)
+        with pytest.raises(RemoteError, match="cancelled"):
+            jobs.result(waiting)
+        assert all(unpack_result(jobs.result(job_id)) for job_id in busy)
+
+
+def test_a_large_result_is_fetched_from_the_result_store(fabric):
+    with JobSocket(fabric.url, fabric.keys["alice"]) as jobs:
+        (value,) = unpack_result(jobs.result(jobs.submit(big_job()))).values()
+    assert torch.equal(value, torch.ones(700, 700))
+
+
+def test_a_socket_without_a_key_is_refused(fabric):
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    with pytest.raises((InvalidStatus, ConnectionClosed)):  # refused before any job is taken
+        with JobSocket(fabric.url, "nnf_not-a-key") as jobs:
+            jobs.submit(hidden_job(PROMPTS[0]))
