@@ -39,7 +39,9 @@ def test_jobs_submitted_back_to_back_on_one_socket_return_the_local_values(fabri
         assert len(set(ids)) == len(ids)
         for prompt, data in zip(PROMPTS * 2, results, strict=True):
             (value,) = unpack_result(data).values()
-            assert torch.equal(value, local_hidden(gpt2, prompt))
+            expected = local_hidden(gpt2, prompt)
+            # Jobs that shared a forward pass (left padded) agree to float tolerance (README).
+            assert torch.allclose(value[:, -expected.shape[1] :], expected, atol=1e-5)
         assert [e["type"] for e in jobs.events(ids[0])][-1] == "completed"
         assert any(e.get("inline") for e in jobs.events(ids[0]))  # small results ride the socket
 
@@ -55,8 +57,8 @@ def test_a_rejected_job_says_why_and_the_socket_goes_on(fabric):
 
 def test_a_job_waiting_behind_another_can_be_cancelled_on_the_socket(fabric):
     with JobSocket(fabric.url, fabric.keys["alice"]) as jobs:
-        busy = [jobs.submit(slow_job()) for _ in range(4)]  # max_batch 4: one batch keeps the replica busy
-        waiting = jobs.submit(slow_job())
+        busy = [jobs.submit(slow_job(steps=30))]  # keeps the replica busy for a few seconds
+        waiting = jobs.submit(slow_job(steps=30))
         jobs.cancel(waiting)
         with pytest.raises(RemoteError, match="cancelled"):
             jobs.result(waiting)

@@ -68,6 +68,10 @@ def _replica(model: str, replica: str) -> str:
     return f"nnf:replica:{model}:{replica}"
 
 
+def _replicas(model: str) -> str:
+    return f"nnf:replicas:{model}"
+
+
 def _key(digest: str) -> str:
     return f"nnf:key:{digest}"
 
@@ -584,9 +588,12 @@ class Store:
 
     async def replica_alive(self, model: str, replica: str, ttl_s: float, pid: int = 0) -> None:
         """A replica holding `model` (process `pid`) says it is alive for the next ttl_s seconds."""
+        now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
+            # A sorted set by expiry time counts exactly (a scan may still return expired keys).
+            pipe.zadd(_replicas(model), {replica: now + ttl_s})
             pipe.set(_replica(model, replica), pid, px=int(ttl_s * 1000))
-            pipe.hset(_model(model), "last_alive", time.time())
+            pipe.hset(_model(model), "last_alive", now)
             await pipe.execute()
 
     async def replica_pids(self, model: str) -> list[int]:
@@ -595,11 +602,18 @@ class Store:
         return [int(v) for v in await self.redis.mget(keys) if v is not None] if keys else []
 
     async def replica_gone(self, model: str, replica: str) -> None:
-        await self.redis.delete(_replica(model, replica))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(_replicas(model), replica)
+            pipe.delete(_replica(model, replica))
+            await pipe.execute()
 
     async def live_replicas(self, model: str) -> int:
         """Replicas of `model` whose last word is recent (each says so on its health check)."""
-        return len([k async for k in self.redis.scan_iter(_replica(model, "*"), count=100)])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(_replicas(model), "-inf", time.time())
+            pipe.zcard(_replicas(model))
+            _, live = await pipe.execute()
+        return int(live)
 
 
 def _entries(model: str, entries: list[tuple[Any, dict[Any, Any]]]) -> list[QueueEntry]:
