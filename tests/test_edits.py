@@ -254,3 +254,19 @@ def test_the_cli_lists_and_removes_your_edits(fabric):
     assert removed.exit_code == 0
     again = runner.invoke(app, ["edits", "rm", "tiny-gpt2", edit_id], env=env)
     assert again.exit_code == 1 and "no edit" in again.output
+
+
+@pytest.mark.parametrize("edits", ["edit_x", 7, None, {"a": 1}, [1, 2], ["x" * 10_000], ["e"] * 17, [["nested"]]])
+def test_hostile_edit_lists_in_a_job_are_refused_with_a_reason_never_a_500(fabric, gpt2, edits):
+    with gpt2.trace(PROMPT) as tracer:
+        gpt2.output.logits.save()
+    body = pack_job([tracer._graph], {}, False, {"model": "tiny-gpt2", "edits": edits})
+    alice = httpx.Client(base_url=fabric.url, headers={"Authorization": f"Bearer {fabric.keys['alice']}"})
+    reply = alice.post("/v1/jobs", content=body, headers={"Content-Type": "application/octet-stream"})
+    assert reply.status_code == 422 and reply.json()["detail"], reply.text
+
+
+@pytest.mark.parametrize("body", [b"", b"NNFB", b"garbage" * 100, b'{"model": "tiny-gpt2"}'])
+def test_hostile_edit_bodies_are_refused_with_a_reason_never_a_500(fabric, body):
+    reply = _post_edit(fabric, body)
+    assert 400 <= reply.status_code < 500 and reply.json()["detail"], reply.text

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from nnfabric.errors import InterventionError
 from nnfabric.graph.codec import decode_request
-from nnfabric.graph.ir import Graph, Invoke, Node, Ref, TensorRef
-from nnfabric.graph.leaves import map_leaves
+from nnfabric.graph.ir import Graph, Invoke, Node, relabel
 from nnfabric.graph.tree import ModuleTree
 from nnfabric.graph.validate import GraphError
 from nnfabric.runtime.adapters import CausalLMAdapter
@@ -214,11 +213,4 @@ def merge_graphs(
 
 
 def _shift(value: Any, offset: int, prefix: str) -> Any:
-    def leaf(item: Any) -> Any:
-        if isinstance(item, Ref):
-            return Ref(item.id + offset)
-        if isinstance(item, TensorRef):
-            return TensorRef(prefix + item.name)
-        return item
-
-    return map_leaves(value, leaf)
+    return relabel(value, lambda node: node + offset, prefix)

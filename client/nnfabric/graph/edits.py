@@ -16,10 +16,7 @@ jobs with it.
 
 from __future__ import annotations
 
-from typing import Any
-
-from .ir import Graph, Invoke, Node, Ref, TensorRef
-from .leaves import map_leaves
+from .ir import Graph, Invoke, Node, relabel
 from .ops import OPS
 from .validate import GraphError
 
@@ -72,14 +69,14 @@ def apply_edits(graph: Graph, edits: list[tuple[Graph, str]]) -> Graph:
         for step in steps:
             mapping: dict[int, int] = {}
             for node in edit.nodes:
-                args = [_moved(a, mapping, prefix) for a in node.args]
+                args = [relabel(a, mapping.__getitem__, prefix) for a in node.args]
                 if OPS[node.op].module_event:
                     args[1] = step
                 copy = merged.add(
                     Node(
                         op=node.op,
                         args=args,
-                        kwargs={k: _moved(v, mapping, prefix) for k, v in node.kwargs.items()},
+                        kwargs={k: relabel(v, mapping.__getitem__, prefix) for k, v in node.kwargs.items()},
                         invoke=first_invoke + node.invoke,
                         line=node.line,
                         # A module the run never reaches (a step generation skipped) is simply not edited.
@@ -91,13 +88,3 @@ def apply_edits(graph: Graph, edits: list[tuple[Graph, str]]) -> Graph:
         first_invoke += len(edit.invokes)
     return merged
 
-
-def _moved(value: Any, mapping: dict[int, int], prefix: str) -> Any:
-    def leaf(item: Any) -> Any:
-        if isinstance(item, Ref):
-            return Ref(mapping[item.id])
-        if isinstance(item, TensorRef):
-            return TensorRef(prefix + item.name)
-        return item
-
-    return map_leaves(value, leaf)

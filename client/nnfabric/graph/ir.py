@@ -14,10 +14,11 @@ string keys), `Ref` to an earlier node, `TensorRef` to a tensor carried beside t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .leaves import iter_leaves
+from .leaves import iter_leaves, map_leaves
 
 SCHEMA = "nnfabric.graph/1"
 RESULT_SCHEMA = "nnfabric.result/1"
@@ -90,6 +91,20 @@ class Invoke:
 
     args: list[Any] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def relabel(value: Any, node: Callable[[int], int], tensor_prefix: str = "") -> Any:
+    """`value` with each node reference renumbered by `node` and each tensor name prefixed: how
+    graphs are merged (jobs into a batch, edits into a trace) and steps replicated."""
+
+    def leaf(item: Any) -> Any:
+        if isinstance(item, Ref):
+            return Ref(node(item.id))
+        if isinstance(item, TensorRef) and tensor_prefix:
+            return TensorRef(tensor_prefix + item.name)
+        return item
+
+    return map_leaves(value, leaf)
 
 
 @dataclass

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..backends import Backend, Edit, JobRequest, Remote
 from ..errors import InterventionError
-from ..graph.ir import DType, Graph, Invoke, Node, Ref, SourceLine, TensorRef
-from ..graph.leaves import map_leaves
+from ..graph.ir import DType, Graph, Invoke, Node, Ref, SourceLine, TensorRef, relabel
 from .proxy import Proxy
 
 if TYPE_CHECKING:
@@ -450,7 +449,7 @@ def _replicate(tracer: Tracer, first: int, start: int, stop: int, optional: bool
 
 
 def _remap(value: Any, mapping: dict[int, int]) -> Any:
-    return map_leaves(value, lambda leaf: Ref(mapping.get(leaf.id, leaf.id)) if isinstance(leaf, Ref) else leaf)
+    return relabel(value, lambda node: mapping.get(node, node))
 
 
 def _instruction_at(code: types.CodeType, lineno: int) -> int:
