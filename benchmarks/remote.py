@@ -1,10 +1,13 @@
 """The fabric's overhead over local execution, and its throughput, on loopback.
 
-    python benchmarks/remote.py [--jobs 40] [--models tiny,small]
+    python benchmarks/remote.py [--jobs 40] [--models tiny,small] [--per-client 8]
 
 For the tiny GPT-2 and a GPT-2-small-shaped model: p50/p95 latency of a one-prompt patching
 job run locally and through the fabric (api -> Redis -> scheduler -> Ray Serve -> Redis ->
-websocket), and jobs/s one at a time beside 16 concurrent clients against one replica.
+websocket); jobs/s one at a time beside 16 concurrent clients (each running --per-client jobs)
+against one replica, for the patching trace and for a 16-token greedy generation that steers
+one layer at every step (tokens/s too). The last lines are the figures and their ratios:
+`overhead/floors`, `trace throughput`, `generate throughput`.
 
 The client runs in a process of its own, as a researcher's would (sharing the fabric's process
 and its GIL skews both). Beside the overhead it prints the floors the fabric stands on, measured
@@ -48,6 +51,29 @@ def patch_job(model: nnfabric.LanguageModel, remote: bool) -> float:
     return time.perf_counter() - start
 
 
+def generate_job(model: nnfabric.LanguageModel, remote: bool) -> float:
+    """A 16-token greedy generation that steers one layer at every step."""
+    start = time.perf_counter()
+    with model.generate(PROMPT, max_new_tokens=NEW_TOKENS, remote=remote) as tracer:
+        with tracer.all():
+            h = model.transformer.h[0].output
+            model.transformer.h[0].output[:, -1] = h[:, -1] * 1.5
+        tracer.output.save()
+    return time.perf_counter() - start
+
+
+NEW_TOKENS = 16
+CLIENTS = 16
+
+
+def throughput(run: object, models: list[nnfabric.LanguageModel], jobs: int) -> float:
+    """Jobs/s over `jobs` jobs spread over len(models) client threads."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(models)) as pool:
+        list(pool.map(run, [models[i % len(models)] for i in range(jobs)], [True] * jobs))  # type: ignore[arg-type]
+    return jobs / (time.perf_counter() - start)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -63,7 +89,7 @@ async def make_key(url: str) -> str:
     return key
 
 
-def client_main(url: str, key: str, name: str, path: str, jobs: int) -> None:
+def client_main(url: str, key: str, name: str, path: str, jobs: int, per_client: int) -> None:
     """The researcher's side, in its own process: prints one JSON line of timings."""
     from http.client import HTTPConnection
     from urllib.parse import urlsplit
@@ -84,17 +110,16 @@ def client_main(url: str, key: str, name: str, path: str, jobs: int) -> None:
         connection.getresponse().read()
         http.append(time.perf_counter() - start)
         connection.close()
-    start = time.perf_counter()
-    for _ in range(jobs):
-        patch_job(model, True)
-    serial = jobs / (time.perf_counter() - start)
+    serial = throughput(patch_job, [model], jobs)
     # A trace belongs to one model object, so each client thread has its own thin one.
-    clients = [session.model(name) for _ in range(16)]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(patch_job, [clients[i % 16] for i in range(jobs)], [True] * jobs))
-    concurrent = jobs / (time.perf_counter() - start)
-    print(json.dumps({"local": local, "remote": remote, "http": http, "serial": serial, "concurrent": concurrent}))
+    clients = [session.model(name) for _ in range(CLIENTS)]
+    concurrent = throughput(patch_job, clients, CLIENTS * per_client)
+    for _ in range(2):
+        generate_job(model, True)
+    gen_serial = throughput(generate_job, [model], max(4, jobs // 4))
+    gen_concurrent = throughput(generate_job, clients, CLIENTS * per_client)
+    print(json.dumps({"local": local, "remote": remote, "http": http, "serial": serial, "concurrent": concurrent,
+                      "gen_serial": gen_serial, "gen_concurrent": gen_concurrent}))  # fmt: skip
 
 
 def serve_floor(calls: int) -> list[float]:
@@ -133,11 +158,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--models", default="tiny,small", help="which of tiny,small to measure")
+    parser.add_argument("--per-client", type=int, default=8, help="jobs per client in the 16-client phases")
     parser.add_argument("--client", nargs=4, metavar=("URL", "KEY", "NAME", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         url, key, name, path = args.client
-        client_main(url, key, name, path, args.jobs)
+        client_main(url, key, name, path, args.jobs, args.per_client)
         return
     with tempfile.TemporaryDirectory() as tmp:
         tiny, small = Path(tmp, "tiny"), Path(tmp, "small")
@@ -160,7 +186,8 @@ def main() -> None:
             for name, path in [("tiny", tiny), ("small", small)]:
                 if name not in wanted:
                     continue
-                command = [sys.executable, __file__, "--jobs", str(args.jobs), "--client", fabric.url, key, name]
+                command = [sys.executable, __file__, "--jobs", str(args.jobs), "--per-client", str(args.per_client),
+                           "--client", fabric.url, key, name]  # fmt: skip
                 out = subprocess.run([*command, str(path)], check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 local, remote = r["local"], r["remote"]
@@ -173,10 +200,16 @@ def main() -> None:
                 print(f"  bare HTTP round trip p50 {ms(r['http'])}  p95 {ms(r['http'], 0.95)}")
                 print(f"  overhead / Serve call p50: {overhead / percentile(floor, 0.5):.2f}x")
                 serial, concurrent = r["serial"], r["concurrent"]
-                print(
-                    f"  throughput: one at a time {serial:.1f} jobs/s; "
-                    f"16 clients {concurrent:.1f} jobs/s ({concurrent / serial:.2f}x)"
-                )
+                gen_serial, gen_concurrent = r["gen_serial"], r["gen_concurrent"]
+                floors = percentile(floor, 0.5) + percentile(r["http"], 0.5)
+                print(f"  overhead/floors: {overhead * 1e3:.2f} ms / ({ms(floor).strip()} Serve + "
+                      f"{ms(r['http']).strip()} HTTP) = {overhead / floors:.2f}")  # fmt: skip
+                print(f"  trace throughput: one at a time {serial:.1f} jobs/s; {CLIENTS} clients x "
+                      f"{args.per_client} jobs {concurrent:.1f} jobs/s = {concurrent / serial:.2f}x")  # fmt: skip
+                print(f"  generate throughput: one at a time {gen_serial:.1f} jobs/s "
+                      f"({gen_serial * NEW_TOKENS:.0f} tokens/s); {CLIENTS} clients x {args.per_client} jobs "
+                      f"{gen_concurrent:.1f} jobs/s ({gen_concurrent * NEW_TOKENS:.0f} tokens/s) = "
+                      f"{gen_concurrent / gen_serial:.2f}x")  # fmt: skip
         finally:
             fabric.stop()
 

@@ -37,18 +37,47 @@ def logits_of(outcome):
     return value
 
 
+SAME_WIDTH = ["The Eiffel Tower is in the city of", "The Colosseum is in the city of Rome", "Alice went to the shop"]
+
+
 def test_merged_batch_matches_each_prompt_alone(gpt2):
+    assert len({len(gpt2.tokenizer(p)["input_ids"]) for p in SAME_WIDTH}) == 1
     ex = executor(gpt2)
     calls = []
     handle = gpt2._module.register_forward_hook(lambda m, a, o: calls.append(1))
     try:
-        outcomes = ex.run([(str(i), job(p)) for i, p in enumerate(PROMPTS)])
+        outcomes = ex.run([(str(i), job(p)) for i, p in enumerate(SAME_WIDTH)])
     finally:
         handle.remove()
     assert len(calls) == 1  # one forward pass for three users' jobs
-    for i, prompt in enumerate(PROMPTS):
-        n = len(gpt2.tokenizer(prompt)["input_ids"])
-        assert torch.allclose(logits_of(outcomes[str(i)])[0, -n:], plain_logits(gpt2, prompt)[0], atol=1e-5)
+    for i, prompt in enumerate(SAME_WIDTH):
+        assert torch.allclose(logits_of(outcomes[str(i)]), plain_logits(gpt2, prompt), atol=1e-5)
+
+
+def position_edit(prompt):
+    """Zero the first token's hidden state after layer 0 (a position index, as patching uses)."""
+    g = Graph()
+    g.invokes.append(Invoke(args=[prompt]))
+    h = g.add(Node("output", ["transformer.h.0", 0, 0]))
+    g.add(Node("setitem", [Ref(h.id), (slice(None), 0), 0.0]))
+    out = g.add(Node("output", ["", 0, 0]))
+    logits = g.add(Node("getattr", [Ref(out.id), "logits"]))
+    g.saves.append(logits.id)
+    return pack_request(g, {})
+
+
+def test_a_position_index_means_the_same_token_whatever_the_batch_mates_prompts(gpt2):
+    # Prompts of other widths would shift a left-padded job's positions: they never share its pass.
+    ex = executor(gpt2)
+    alone = logits_of(ex.run([("a", position_edit(PROMPTS[2]))])["a"])
+    outcomes = ex.run([("a", position_edit(PROMPTS[2])), ("b", job(PROMPTS[0])), ("c", job(PROMPTS[1]))])
+    assert torch.equal(logits_of(outcomes["a"]), alone)
+    hook = gpt2._module.transformer.h[0].register_forward_hook(lambda m, a, o: o.index_fill(1, torch.tensor([0]), 0.0))
+    try:
+        expected = plain_logits(gpt2, PROMPTS[2])
+    finally:
+        hook.remove()
+    assert torch.allclose(alone, expected, atol=1e-6)
 
 
 def test_one_failing_job_leaves_its_batch_mates_correct_and_the_model_clean(gpt2):

@@ -91,7 +91,9 @@ def with_edits(
     merged_blob = merge_blobs(blobs)
     body = encode_envelope(merged, merged_blob)
     if len(body) > limits.max_envelope_bytes:
-        raise LimitExceeded(f"the job with its edits has {len(body)} bytes, over the limit of {limits.max_envelope_bytes}")
+        raise LimitExceeded(
+            f"the job with its edits has {len(body)} bytes, over the limit of {limits.max_envelope_bytes}"
+        )
     return merged, merged_blob, body, validate_request(merged, merged_blob, limits, paths)
 
 
@@ -194,9 +196,7 @@ async def accept(
     if "edits" in header:
         edits = await stored_edits(header["edits"], key, spec.name, store)
         try:
-            header, blob, body, graphs = await run_in_threadpool(
-                with_edits, header, blob, graphs, edits, limits, paths
-            )
+            header, blob, body, graphs = await run_in_threadpool(with_edits, header, blob, graphs, edits, limits, paths)
         except GraphError as exc:
             raise InvalidJob(exc) from None
     job_id = uuid.uuid4().hex
@@ -361,23 +361,18 @@ async def _send_events(websocket: WebSocket, store: Store, job_id: str, cursor: 
     limit = websocket.app.state.settings.inline_result_bytes if inline in ("inline", "json") else 0
     as_json = inline == "json"
     try:
-        while True:
-            batch = await store.events(job_id, cursor, block_ms=1000)
-            for event in batch:
-                data = None
-                if event["type"] == "completed" and 0 < int(event.get("bytes") or 0) <= limit:
-                    data = await store.result(job_id)
-                await websocket.send_json({**event, **({"inline": True} if data else {})})
-                cursor = event["id"]
-                if event["type"] in TERMINAL:
-                    if data and as_json:
-                        values = await run_in_threadpool(result_to_json, data)
-                        await websocket.send_json({"type": "result", **values})
-                    elif data:
-                        await websocket.send_bytes(data)
-                    await websocket.close()
-                    return
-            if not batch:
-                await asyncio.sleep(0)
+        async for event in store.follow(job_id, cursor, block_ms=15_000):
+            data = None
+            if event["type"] == "completed" and 0 < int(event.get("bytes") or 0) <= limit:
+                data = await store.result(job_id)
+            await websocket.send_json({**event, **({"inline": True} if data else {})})
+            if event["type"] in TERMINAL:
+                if data and as_json:
+                    values = await run_in_threadpool(result_to_json, data)
+                    await websocket.send_json({"type": "result", **values})
+                elif data:
+                    await websocket.send_bytes(data)
+                await websocket.close()
+                return
     except (WebSocketDisconnect, RuntimeError):
         return

@@ -20,13 +20,11 @@ event streams; its jobs count against the key's caps and rate limit as any other
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from nnfabric.protocol import TERMINAL
 
 from ..common.catalog import Catalog
 from ..common.settings import Settings
@@ -116,16 +114,17 @@ async def _control(text: str, key: ApiKey, store: Store, mine: set[str], reply: 
 
 
 async def _follow(job_id: str, store: Store, settings: Settings, reply: Any) -> None:
-    """Send one job's events until a final one, its small result inline."""
-    cursor = "0-0"
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        while True:
-            for event in await store.events(job_id, cursor, block_ms=_FOLLOW_BLOCK_MS):
-                cursor = event["id"]
-                data = None
-                if event["type"] == "completed" and 0 < int(event.get("bytes") or 0) <= settings.inline_result_bytes:
-                    data = await store.result(job_id)  # None when it went to the result store
-                message = {"job": job_id, **event, **({"inline": True} if data else {})}
-                await reply(message, job_id.encode() + data if data else None)
-                if event["type"] in TERMINAL:
-                    return
+    """Send one job's events until a final one, its small result inline. A follower that fails
+    is logged; the client then learns the job's end from GET /v1/jobs/{id} (it asks after a
+    quiet spell), so no job is waited on forever."""
+    try:
+        async for event in store.follow(job_id, block_ms=_FOLLOW_BLOCK_MS):
+            data = None
+            if event["type"] == "completed" and 0 < int(event.get("bytes") or 0) <= settings.inline_result_bytes:
+                data = await store.result(job_id)  # None when it went to the result store
+            message = {"job": job_id, **event, **({"inline": True} if data else {})}
+            await reply(message, job_id.encode() + data if data else None)
+    except (WebSocketDisconnect, RuntimeError):
+        return  # the client went away
+    except Exception:
+        log.exception("following job %s on a socket failed", job_id)

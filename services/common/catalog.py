@@ -75,6 +75,15 @@ class ModelSpec(BaseModel):
         """The most replicas this model may have at once (what the scheduler keeps busy)."""
         return self.max_replicas or self.replicas
 
+    @property
+    def most_in_flight(self) -> int:
+        """Batches the scheduler may have dispatched at once: each replica runs one and holds the
+        next, its payloads already fetched and decoded, so it never waits idle for a dispatch."""
+        return self.most_replicas * SLOTS_PER_REPLICA
+
+
+SLOTS_PER_REPLICA = 2  # a replica's batches in flight: the one running and the next
+
 
 class Catalog(BaseModel):
     models: list[ModelSpec]

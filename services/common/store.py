@@ -16,17 +16,24 @@ describes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, cast
 
 from nnfabric.protocol import TERMINAL, EditRecord, JobEvent, JobMeta, JobRecord
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger("nnfabric.store")
 
 GROUP = "schedulers"
 _QUEUE_PREFIX = "nnf:queue:"
@@ -203,6 +210,8 @@ local current = redis.call('HGET', job, 'state')
 if not current or current == 'completed' or current == 'failed' or current == 'cancelled' then
   return false
 end
+-- A job starts once: a second dispatch of it (a scheduler took over) finds it started.
+if state == 'running' and current ~= 'queued' then return false end
 if ARGV[6] == '1' then redis.call('SET', result, ARGV[7], 'EX', ttl) end
 redis.call('HSET', job, unpack(ARGV, 9))
 if state == 'running' then redis.call('HINCRBY', job, 'attempts', 1) end
@@ -385,7 +394,7 @@ class Store:
     ) -> bool:
         """Persist a new state (and the result, if given), then announce it: one atomic script.
         Terminal states are final: returns False, storing nothing, if the job had already ended
-        (or does not exist)."""
+        (or does not exist); a job starts ("running") only from "queued", so never twice at once."""
         stamp = {"running": "started"}.get(state, "finished" if state in TERMINAL else "")
         mapping: dict[str, Any] = {"state": state, **{k: v for k, v in fields.items() if v is not None}}
         if stamp:
@@ -421,6 +430,26 @@ class Store:
                 event = {"id": _text(event_id), "type": raw["type"], **json.loads(raw["data"])}
                 found.append(cast(JobEvent, event))
         return found
+
+    async def follow(self, job_id: str, after: str = "0-0", block_ms: int = 15_000) -> AsyncIterator[JobEvent]:
+        """Every event of the job after `after`, up to and including a final one, as Redis hands
+        them over (blocking reads, no polling). A Redis restart or a dropped connection costs a
+        retry, never the follower: whoever waits on a job hears its end."""
+        wait_s = 0.1
+        while True:
+            try:
+                batch = await self.events(job_id, after, block_ms)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("following job %s: Redis unreachable (%s); retrying", job_id, type(exc).__name__)
+                await asyncio.sleep(wait_s)
+                wait_s = min(wait_s * 2, 2.0)
+                continue
+            wait_s = 0.1
+            for event in batch:
+                after = event["id"]
+                yield event
+                if event["type"] in TERMINAL:
+                    return
 
     # -- persistent edits: one user's, on one model; never read under another user's name ----------
     async def add_edit(self, user: str, model: str, record: EditRecord, payload: bytes, limit: int) -> bool:

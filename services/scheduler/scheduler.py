@@ -129,6 +129,11 @@ class Scheduler:
                 # Redis restarting: nothing is lost (entries stay pending in its streams); wait and go on.
                 log.warning("Redis unreachable (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(_REDIS_RETRY_S)
+            except Exception:
+                # A bug or a malformed record must not stop every queue: say so and go on (the
+                # entries stay pending, so nothing is lost).
+                log.exception("scheduler loop failed; going on")
+                await asyncio.sleep(_REDIS_RETRY_S)
         if reading is not None:
             reading.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -193,7 +198,9 @@ class Scheduler:
                 del queue.watching[entry.stream_id]
                 queue.done(entry)
                 queue.add(entry)
-            elif time.time() - job.get("started", seen) > self._dispatch_timeout(queue.spec, queue.spec.limits.max_batch):
+            elif time.time() - job.get("started", seen) > self._dispatch_timeout(
+                queue.spec, queue.spec.limits.max_batch
+            ):
                 del queue.watching[entry.stream_id]
                 lost.append(entry)
         if lost:
@@ -232,9 +239,10 @@ class Scheduler:
         queue = self.queues[name]
         if not queue.users or not await self.store.live_replicas(name):
             return  # no replica answers: the jobs wait (their positions shown) until one returns
-        # Up to the most replicas the model may have: with autoscaling, batches beyond the live
-        # replicas wait in Serve's router, which is the backlog Serve scales up on.
-        while queue.in_flight < queue.spec.most_replicas and queue.users:
+        # Two batches per replica the model may have (one running, the next decoded and ready):
+        # with autoscaling, batches beyond the live replicas wait in Serve's router, which is the
+        # backlog Serve scales up on.
+        while queue.in_flight < queue.spec.most_in_flight and queue.users:
             batch = await self._live(name, queue.take_batch(queue.spec.limits.max_batch))
             if not batch:
                 continue
@@ -272,10 +280,14 @@ class Scheduler:
                 log.error("dispatch of jobs %s to %s failed: %s: %s", job_ids, name, type(exc).__name__, exc)
                 await self._replica_lost(queue, batch)
                 return
-            # Jobs the replica gave back unstarted (it had to stop) go round again.
+            # Jobs the replica gave back unstarted (it had to stop) go round again; jobs another
+            # dispatch had started (before this scheduler took over) are watched until they end.
             retry = [e for e in batch if states.get(e.job_id) == "retry"]
+            elsewhere = [e for e in batch if states.get(e.job_id) == "elsewhere"]
+            for entry in elsewhere:
+                queue.watching[entry.stream_id] = (entry, time.time())
             await self._replica_lost(queue, retry)
-            await self._ack(*[e for e in batch if e not in retry])
+            await self._ack(*[e for e in batch if e not in retry and e not in elsewhere])
         except Exception:
             # Redis unreachable: the entries stay pending in the stream; forgetting them here lets
             # the reclaim loop hand them out again once they have been idle long enough.
@@ -320,7 +332,13 @@ def ray_dispatch() -> Dispatch:
         if handle is None:
             handle = serve.get_deployment_handle(spec.deployment, app_name=spec.deployment)
             handles[spec.name] = handle
-        result: dict[str, str] = await handle.run_batch.remote(job_ids)  # type: ignore[attr-defined]
+        try:
+            result: dict[str, str] = await handle.run_batch.remote(job_ids)  # type: ignore[attr-defined]
+        except BaseException:
+            # A call that failed or timed out may have left the handle's router waiting on a
+            # replica that is gone: the next batch gets a fresh handle.
+            handles.pop(spec.name, None)
+            raise
         return result
 
     return dispatch

@@ -19,11 +19,11 @@ from typing import Any
 
 from ray import serve
 
-from ..common.catalog import Catalog, ModelSpec
+from ..common.catalog import SLOTS_PER_REPLICA, Catalog, ModelSpec
 from ..common.result_store import ResultStore
 from ..common.settings import Settings
 from ..common.store import Store
-from .executor import BatchExecutor, Outcome
+from .executor import BatchExecutor, Decoded, Outcome
 
 log = logging.getLogger("nnfabric.worker")
 
@@ -33,7 +33,9 @@ HEALTH_PERIOD_S = 1.0
 LIVENESS_S = 3 * HEALTH_PERIOD_S  # a replica silent this long no longer counts: health says so within 5 s
 
 
-@serve.deployment(max_ongoing_requests=1, health_check_period_s=HEALTH_PERIOD_S, graceful_shutdown_timeout_s=5)
+@serve.deployment(
+    max_ongoing_requests=SLOTS_PER_REPLICA, health_check_period_s=HEALTH_PERIOD_S, graceful_shutdown_timeout_s=5
+)
 class ModelReplica:
     # Serve awaits an async constructor (so the replica can use the async Store); typeshed says None.
     async def __init__(self, spec: dict[str, Any], settings: dict[str, Any]) -> None:  # type: ignore[misc]
@@ -45,6 +47,7 @@ class ModelReplica:
         self.results = ResultStore(self.settings.result_store_dir)
         self.replica = uuid.uuid4().hex[:12]
         self.stuck = ""  # why this replica must be replaced, once it must
+        self._turn = asyncio.Lock()  # one batch on the model at a time; the next one waits here, decoded
         await self.store.set_model(self.spec.name, state="loading")
         try:
             model, tokenizer = await asyncio.to_thread(load_model, self.spec)
@@ -61,14 +64,14 @@ class ModelReplica:
         )
         await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S, os.getpid())
 
-    async def _run_watched(self, jobs: list[tuple[str, bytes]]) -> dict[str, Outcome]:
+    async def _run_watched(self, jobs: list[Decoded]) -> dict[str, Outcome]:
         """Run the batch in a worker thread. The deadline is checked between every op, but one
         native op cannot be interrupted: past the deadline by a margin, the replica gives up on
         the batch, fails the job that is stuck, keeps what finished, refuses further work and
         reports itself unhealthy, so Serve replaces its process."""
         limit = self.spec.limits.timeout_s
         watchdog_s = limit * (len(jobs) + 1) + self.settings.watchdog_margin_s
-        work = asyncio.ensure_future(asyncio.to_thread(self.executor.run, jobs))
+        work = asyncio.ensure_future(asyncio.to_thread(self.executor.run_decoded, jobs))
         try:
             return await asyncio.wait_for(asyncio.shield(work), watchdog_s)
         except TimeoutError:
@@ -82,46 +85,92 @@ class ModelReplica:
             return outcomes
 
     async def run_batch(self, job_ids: list[str]) -> dict[str, str]:
+        """Run a batch; each job's final state. Up to SLOTS_PER_REPLICA batches are in flight here:
+        while one runs, the next one's payloads are fetched and decoded, and it starts the moment
+        the model is free. A job is marked running only when its batch starts, so one cancelled
+        while it waited here never runs; one that another dispatch already started is reported
+        as "elsewhere" and left alone (a scheduler that took over dispatched it again)."""
         if self.stuck:
             raise RuntimeError(f"this replica is being replaced: {self.stuck}")
         store = self.store
-        jobs: list[tuple[str, bytes]] = []
         states: dict[str, str] = {}
+        fetched: list[tuple[str, bytes]] = []
         for job_id, payload in zip(job_ids, await store.payloads(job_ids), strict=True):
             if payload is None:
                 expired = await store.transition(
                     job_id, "failed", {"message": "the job's payload has expired"}, error="payload expired"
                 )
-                states[job_id] = "failed" if expired else "cancelled"  # a cancel drops the payload too
-                continue
-            if await store.transition(job_id, "running", {"batch": len(job_ids)}):
-                jobs.append((job_id, payload))
+                states[job_id] = "failed" if expired else await self._not_started(job_id)
             else:
-                states[job_id] = "cancelled"
-        outcomes = await self._run_watched(jobs) if jobs else {}
-        for job_id in [j for j, _ in jobs if j not in outcomes]:
+                fetched.append((job_id, payload))
+        decoded, invalid = await asyncio.to_thread(self.executor.prepare, fetched) if fetched else ([], {})
+        for job_id, outcome in invalid.items():  # refused jobs fail now: they need no turn on the model
+            data = {"message": outcome.error, "node": outcome.node, "trace": outcome.trace}
+            failed = await store.transition(
+                job_id, "failed", data, error=outcome.error, error_node=outcome.node, error_trace=outcome.trace
+            )
+            states[job_id] = "failed" if failed else await self._not_started(job_id)
+        # The caller may give up (its timeout, or it died): a batch still waiting for its turn then
+        # never starts; one that started runs to the end and records every outcome.
+        abandoned = asyncio.Event()
+        turn = asyncio.ensure_future(self._when_free(decoded, len(job_ids), abandoned))
+        turn.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:
+            states.update(await asyncio.shield(turn))
+        except asyncio.CancelledError:
+            abandoned.set()
+            raise
+        return states
+
+    async def _when_free(self, decoded: list[Decoded], size: int, abandoned: asyncio.Event) -> dict[str, str]:
+        store = self.store
+        states: dict[str, str] = {}
+        async with self._turn:
+            if abandoned.is_set():
+                return states
+            if self.stuck:  # the batch ahead of this one could not be stopped: this one never started
+                raise RuntimeError(f"this replica is being replaced: {self.stuck}")
+            jobs = []
+            for job in decoded:
+                if await store.transition(job[0], "running", {"batch": size}):
+                    jobs.append(job)
+                else:
+                    states[job[0]] = await self._not_started(job[0])
+            outcomes = await self._run_watched(jobs) if jobs else {}
+        for job_id in [job_id for job_id, _, _ in jobs if job_id not in outcomes]:
             states[job_id] = "retry"  # never started here: the scheduler queues it again
         for job_id, outcome in outcomes.items():
-            if outcome.ok and outcome.result is not None:
-                done = {"result": f"/v1/jobs/{job_id}/result", "bytes": len(outcome.result)}
-                done["seconds"] = round(outcome.seconds, 4)
-                if len(outcome.result) >= self.settings.result_store_min_bytes:
-                    # Large: on the shared result store, so Redis's memory stays flat; Redis keeps its name.
-                    name = await asyncio.to_thread(self.results.write, job_id, outcome.result)
-                    stored = await store.transition(job_id, "completed", done, result_file=name)
-                    if not stored:
-                        self.results.delete(name)
-                else:
-                    # Stored by the same script that marks the job completed, unless it was cancelled.
-                    stored = await store.transition(job_id, "completed", done, result=outcome.result)
-                states[job_id] = "completed" if stored else "cancelled"
-            else:
-                data = {"message": outcome.error, "node": outcome.node, "trace": outcome.trace}
-                await store.transition(
-                    job_id, "failed", data, error=outcome.error, error_node=outcome.node, error_trace=outcome.trace
-                )
-                states[job_id] = "failed"
+            states[job_id] = await self._settle(job_id, outcome)
         return states
+
+    async def _not_started(self, job_id: str) -> str:
+        """Why a job of this batch was not started here: it ended meanwhile (cancelled), or another
+        dispatch of it is running it ("elsewhere")."""
+        found = (await self.store.states([job_id]))[0]
+        if found is None:
+            return "cancelled"
+        return "elsewhere" if found[0] == "running" else found[0]
+
+    async def _settle(self, job_id: str, outcome: Outcome) -> str:
+        store = self.store
+        if outcome.ok and outcome.result is not None:
+            done = {"result": f"/v1/jobs/{job_id}/result", "bytes": len(outcome.result)}
+            done["seconds"] = round(outcome.seconds, 4)
+            if len(outcome.result) >= self.settings.result_store_min_bytes:
+                # Large: on the shared result store, so Redis's memory stays flat; Redis keeps its name.
+                name = await asyncio.to_thread(self.results.write, job_id, outcome.result)
+                stored = await store.transition(job_id, "completed", done, result_file=name)
+                if not stored:
+                    self.results.delete(name)
+            else:
+                # Stored by the same script that marks the job completed, unless it was cancelled.
+                stored = await store.transition(job_id, "completed", done, result=outcome.result)
+            return "completed" if stored else "cancelled"
+        data = {"message": outcome.error, "node": outcome.node, "trace": outcome.trace}
+        await store.transition(
+            job_id, "failed", data, error=outcome.error, error_node=outcome.node, error_trace=outcome.trace
+        )
+        return "failed"
 
     async def check_health(self) -> None:
         """Healthy when Redis answers and the model is loaded; renews this replica's liveness."""
@@ -140,9 +189,9 @@ def model_app(spec: ModelSpec, settings: Settings) -> Any:
     between min_replicas and max_replicas, following the scheduler's batches in flight."""
     scaling: dict[str, Any] = {"num_replicas": spec.replicas}
     if spec.autoscaled:
-        # Each replica runs one batch at a time (max_ongoing_requests=1); the scheduler keeps up
-        # to max_replicas batches in flight while jobs wait, so more than one ongoing request per
-        # replica means a backlog.
+        # Each replica runs one batch at a time and holds the next; the scheduler keeps up to
+        # max_replicas * SLOTS_PER_REPLICA batches in flight while jobs wait, so more than one
+        # ongoing request per replica means a batch is waiting: a backlog.
         scaling = {"autoscaling_config": {
             "min_replicas": spec.min_replicas or spec.replicas, "max_replicas": spec.max_replicas,
             "initial_replicas": spec.replicas, "target_ongoing_requests": 1,

@@ -3,10 +3,12 @@
     executor = BatchExecutor(spec, hf_model, tokenizer)
     outcomes = executor.run([(job_id, payload_bytes), ...])   # {job_id: Outcome}
 
-Compatible jobs (plain traces whose every invoke has inputs and that take no gradients) are
-merged into one graph and one forward pass; each job's reads and writes still touch only its
-own rows. A session (several traces in one job) runs alone, its traces in order. If a merged run fails, its jobs run one by one, so one job's error never reaches
-its batch-mates. Nothing of a job outlives it on the model: hooks are removed, grads cleared.
+Compatible jobs (plain traces, or generations with their own decoding settings, whose every
+invoke has inputs, that take no gradients, and whose prompts have one width) are merged into
+one graph and one forward pass (or one `generate`); each job's reads and writes still touch
+only its own rows. A session (several traces in one job) runs alone, its traces in order. If
+a merged run fails, its jobs run one by one, so one job's error never reaches its batch-mates.
+Nothing of a job outlives it on the model: hooks are removed, grads cleared.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from typing import Any
 import torch
 from nnfabric.errors import InterventionError
 from nnfabric.graph.codec import decode_request
-from nnfabric.graph.ir import Graph, Invoke, Node, relabel
+from nnfabric.graph.ir import Graph, Invoke, Node, TensorRef, relabel
+from nnfabric.graph.leaves import map_leaves
 from nnfabric.graph.tree import ModuleTree
 from nnfabric.graph.validate import GraphError
 from nnfabric.runtime.adapters import CausalLMAdapter
+from nnfabric.runtime.decoding import DECODING_OPTIONS
 from nnfabric.runtime.execute import run_graph, run_session
 from nnfabric.runtime.guards import Budget
 from nnfabric.runtime.source import module_operations
@@ -34,6 +38,8 @@ from ..common.catalog import ModelSpec, limits_for
 from ..common.settings import Settings
 
 _UNMERGEABLE = {"backward", "grad", "set_grad", "stop"}
+_RANDOM = ("rand", "multinomial", "bernoulli", "normal", "dropout", "poisson")
+Decoded = tuple[str, list[Graph], dict[str, torch.Tensor]]  # a job ready to run: id, traces, tensors
 
 
 @dataclass
@@ -66,32 +72,65 @@ class BatchExecutor:
         return graphs, load_blob(blob)
 
     def run(self, jobs: list[tuple[str, bytes]]) -> dict[str, Outcome]:
-        """Every job's outcome. Progress is visible meanwhile (`running`, `finished`), so a
-        watchdog that gives up on a stuck run knows whose it is and what is done."""
-        outcomes: dict[str, Outcome] = {}
-        self.finished = outcomes
-        self.running = []
-        decoded: list[tuple[str, list[Graph], dict[str, torch.Tensor]]] = []
+        """Every job's outcome (decoding and running in one go)."""
+        decoded, invalid = self.prepare(jobs)
+        return {**invalid, **self.run_decoded(decoded)}
+
+    def prepare(self, jobs: list[tuple[str, bytes]]) -> tuple[list[Decoded], dict[str, Outcome]]:
+        """Decode and validate each job's payload, without touching the model (so a replica can do
+        it for its next batch while the current one runs): the decoded jobs, and the outcomes of
+        those that were refused."""
+        invalid: dict[str, Outcome] = {}
+        decoded: list[Decoded] = []
         for job_id, payload in jobs:
             try:
                 graphs, tensors = self.decode(payload)
             except GraphError as exc:
-                outcomes[job_id] = Outcome(error=f"invalid graph: {exc}", node=exc.node, trace=exc.trace)
+                invalid[job_id] = Outcome(error=f"invalid graph: {exc}", node=exc.node, trace=exc.trace)
                 continue
             except Exception as exc:  # bytes the validator passed but the loader refused: this job's alone
-                outcomes[job_id] = Outcome(error=f"invalid tensors: {type(exc).__name__}: {exc}")
+                invalid[job_id] = Outcome(error=f"invalid tensors: {type(exc).__name__}: {exc}")
                 continue
             decoded.append((job_id, graphs, tensors))
-        mergeable = [(job_id, gs[0], t) for job_id, gs, t in decoded if len(gs) == 1 and _mergeable(gs[0])]
-        if len(mergeable) > 1:
-            self.running = [job_id for job_id, _, _ in mergeable]
-            outcomes.update(self._run_merged(mergeable))
+        return decoded, invalid
+
+    def run_decoded(self, decoded: list[Decoded]) -> dict[str, Outcome]:
+        """Every decoded job's outcome. Progress is visible meanwhile (`running`, `finished`), so a
+        watchdog that gives up on a stuck run knows whose it is and what is done."""
+        outcomes: dict[str, Outcome] = {}
+        self.finished = outcomes
+        self.running = []
+        groups: dict[tuple[str, int], list[tuple[str, Graph, dict[str, torch.Tensor]]]] = {}
+        for job_id, graphs, tensors in decoded:
+            key = self._merge_key(graphs, tensors)
+            if key is not None:
+                groups.setdefault(key, []).append((job_id, graphs[0], tensors))
+        for group in groups.values():
+            if len(group) > 1:
+                self.running = [job_id for job_id, _, _ in group]
+                outcomes.update(self._run_merged(group))
         for job_id, graphs, tensors in decoded:
             if job_id not in outcomes:
                 self.running = [job_id]
                 outcomes[job_id] = self._run_one(graphs, tensors)
         self.running = []
         return outcomes
+
+    def _merge_key(self, graphs: list[Graph], tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+        """Jobs with the same key may share one forward pass (or one generate): the same kind, and
+        prompts of the same padded width, so that no job sees padding it would not see alone (a
+        position index such as `h[:, 3]` means the same token merged as alone)."""
+        if len(graphs) != 1 or (kind := _merge_kind(graphs[0])) is None:
+            return None
+        try:
+            widths = [
+                len(ids)
+                for inv in graphs[0].invokes
+                for ids, _ in self.adapter.rows_for(_resolved(inv.args, tensors), _resolved(inv.kwargs, tensors))
+            ]
+        except Exception:  # inputs it cannot read: its own run says why
+            return None
+        return (kind, max(widths)) if widths else None
 
     def _budget(self, start: float) -> Budget:
         return Budget(deadline=start + self.spec.limits.timeout_s)
@@ -129,10 +168,18 @@ class BatchExecutor:
 
     def _run_merged(self, jobs: list[tuple[str, Graph, dict[str, torch.Tensor]]]) -> dict[str, Outcome]:
         merged, tensors, offsets = merge_graphs([(g, t) for _, g, t in jobs])
+        spans = None
+        if merged.kind == "generate":
+            # One generate for every job: each keeps its own decoding and number of new tokens.
+            spans, first = [], 0
+            for _, graph, _ in jobs:
+                spans.append((first, first + len(graph.invokes), dict(graph.options)))
+                first += len(graph.invokes)
+            merged.options = {"max_new_tokens": max(int(options["max_new_tokens"]) for _, _, options in spans)}
         start = time.monotonic()
         try:
             with private_rng(None):
-                saved = run_graph(merged, tensors, self.adapter, self._budget(start), isolated=True)
+                saved = run_graph(merged, tensors, self.adapter, self._budget(start), isolated=True, spans=spans)
         except Exception:
             self._clean()
             # Someone's job failed, or needs a run of its own (NeedsSolo): run each alone, so a
@@ -157,15 +204,28 @@ class BatchExecutor:
             parameter.grad = None
 
 
-def _mergeable(graph: Graph) -> bool:
-    """May share a forward pass: a plain trace, every invoke naming its own rows (an invoke
-    without inputs is the whole batch), no gradients or early stop, no options (a seed)."""
-    return (
-        graph.kind == "trace"
-        and all(inv.args is not None for inv in graph.invokes)
-        and not graph.options
-        and not any(node.op in _UNMERGEABLE for node in graph.nodes)
-    )
+def _merge_kind(graph: Graph) -> str | None:
+    """Whether a job may share a run, and which kind: a plain trace ("trace", no options), or a
+    generation whose only options are decoding settings ("generate"). Every invoke must name its
+    own rows (an invoke without inputs is the whole batch); no gradients or early stop; a seeded
+    generation whose graph draws random numbers runs alone (its seed seeds those draws too)."""
+    if any(inv.args is None for inv in graph.invokes) or any(node.op in _UNMERGEABLE for node in graph.nodes):
+        return None
+    if graph.kind == "trace":
+        return "trace" if not graph.options else None
+    if graph.kind != "generate" or not set(graph.options) <= DECODING_OPTIONS:
+        return None
+    if "seed" in graph.options and any(_draws_random(node) for node in graph.nodes):
+        return None
+    return "generate"
+
+
+def _draws_random(node: Node) -> bool:
+    return node.op in ("call_function", "call_method") and any(word in str(node.args[0]) for word in _RANDOM)
+
+
+def _resolved(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    return map_leaves(value, lambda leaf: tensors[leaf.name] if isinstance(leaf, TensorRef) else leaf)
 
 
 @contextlib.contextmanager
@@ -182,7 +242,7 @@ def merge_graphs(
     parts: list[tuple[Graph, dict[str, torch.Tensor]]],
 ) -> tuple[Graph, dict[str, torch.Tensor], list[int]]:
     """Concatenate graphs into one: node ids, invoke indices and tensor names are offset."""
-    merged = Graph(kind="trace")
+    merged = Graph(kind=parts[0][0].kind if parts else "trace")
     tensors: dict[str, torch.Tensor] = {}
     offsets = []
     for index, (graph, own_tensors) in enumerate(parts):

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .decoding import Decoding, PerJobDecoding
+
 
 @dataclass
 class Batch:
@@ -68,7 +70,7 @@ class ModuleAdapter:
     def forward(self, batch: Batch) -> Any:
         return self.root(*batch.args, **batch.kwargs)
 
-    def generate(self, batch: Batch, options: dict[str, Any]) -> Any:
+    def generate(self, batch: Batch, decodings: list[Decoding]) -> Any:
         raise TypeError("generate() needs a language model; use trace() for a plain module")
 
 
@@ -153,13 +155,18 @@ class CausalLMAdapter:
     def forward(self, batch: Batch) -> Any:
         return self.root(*batch.args, **batch.kwargs)
 
-    def generate(self, batch: Batch, options: dict[str, Any]) -> Any:
+    def generate(self, batch: Batch, decodings: list[Decoding]) -> Any:
+        """One `generate` for every row; each job's decoding as `decodings` says (its rows, greedy
+        or sampling, its own random stream and number of new tokens)."""
+        from transformers import LogitsProcessorList
+
         kwargs = {k: v for k, v in batch.kwargs.items() if k != "position_ids"}
         kwargs.setdefault("attention_mask", torch.ones_like(kwargs["input_ids"]))
-        settings = {
-            k: v for k, v in options.items() if k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
-        }
-        settings.setdefault("do_sample", False)
-        if "seed" in options:
-            torch.manual_seed(int(options["seed"]))
-        return self.root.generate(**kwargs, **settings, pad_token_id=self.pad_id)
+        processor = PerJobDecoding(
+            decodings, kwargs["input_ids"].shape[1], self.pad_id, getattr(self.root, "generation_config", None)
+        )
+        if len(decodings) == 1 and decodings[0].seed is not None:
+            torch.manual_seed(decodings[0].seed)  # a lone job's seed also seeds its graph's random ops
+        extra: dict[str, Any] = {"logits_processor": LogitsProcessorList([processor])} if processor.needed else {}
+        longest = max(d.max_new_tokens for d in decodings)
+        return self.root.generate(**kwargs, max_new_tokens=longest, do_sample=False, pad_token_id=self.pad_id, **extra)

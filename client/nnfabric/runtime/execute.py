@@ -21,6 +21,7 @@ from ..errors import InterventionError
 from ..graph.ir import Graph, Ref, TensorRef
 from ..graph.leaves import map_leaves
 from .adapters import Batch
+from .decoding import Decoding, generated_lengths
 from .guards import Budget
 from .interleaver import Interleaver
 
@@ -30,7 +31,7 @@ class Adapter(Protocol):
 
     def batch(self, invokes: list[tuple[list[Any] | None, dict[str, Any]]]) -> Batch: ...
     def forward(self, batch: Batch) -> Any: ...
-    def generate(self, batch: Batch, options: dict[str, Any]) -> Any: ...
+    def generate(self, batch: Batch, decodings: list[Decoding]) -> Any: ...
 
 
 def _inputs(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -81,10 +82,12 @@ def run_graph(
     budget: Budget | None = None,
     imports: dict[int, Any] | None = None,
     isolated: bool = False,
+    spans: list[tuple[int, int, dict[str, Any]]] | None = None,
 ) -> dict[int, Any]:
     """Execute `graph` in one batched forward pass (or one generation); return saved values.
     `imports` are the values of its `from_trace` nodes, when it is part of a session; a
-    `budget` bounds time and sizes (the fabric's); `isolated` is a merged run of several jobs."""
+    `budget` bounds time and sizes (the fabric's); `isolated` is a merged run of several jobs,
+    whose generate options `spans` gives per job: (first invoke, invoke after its last, options)."""
     invokes = [
         (None if inv.args is None else _inputs(inv.args, tensors), _inputs(inv.kwargs, tensors))
         for inv in graph.invokes
@@ -110,11 +113,34 @@ def run_graph(
     with _attention_weights(adapter.root, bool(forward.get("output_attentions"))), _fake(scan):
         with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated) as run:
             if graph.kind == "generate":
-                run.call(lambda: adapter.generate(batch, graph.options))
+                decodings = _decodings(spans or [(0, len(graph.invokes), graph.options)], batch)
+
+                def generate() -> Any:
+                    output = adapter.generate(batch, decodings)
+                    if isinstance(output, torch.Tensor) and output.dim() == 2:
+                        # Each job sees its own generation: as many new tokens as it would have alone.
+                        width = int(batch.kwargs["input_ids"].shape[1])
+                        eos = getattr(getattr(adapter.root, "generation_config", None), "eos_token_id", None)
+                        lengths = generated_lengths(output, decodings, width, eos)
+                        for (first, stop, _), length in zip(spans or [], lengths, strict=False):
+                            run.columns.update(dict.fromkeys(range(first, stop), width + length))
+                    return output
+
+                run.call(generate)
             else:
                 run.call(lambda: adapter.forward(batch))
         saved = run.saved()
     return map_leaves(saved, _as_meta) if scan else saved
+
+
+def _decodings(spans: list[tuple[int, int, dict[str, Any]]], batch: Batch) -> list[Decoding]:
+    """Each job's decoding over the rows of its invokes."""
+    found = []
+    for first, stop, options in spans:
+        rows = [r for r in batch.rows[first:stop] if r is not None]
+        start, end = (min(r[0] for r in rows), max(r[1] for r in rows)) if rows else (0, batch.size)
+        found.append(Decoding.of(options, start, end))
+    return found
 
 
 @contextlib.contextmanager

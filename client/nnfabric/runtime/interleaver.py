@@ -134,6 +134,7 @@ class Interleaver:
         self.bypass = False
         self.ending = False
         self.final_output: Any = None
+        self.columns: dict[int, int] = {}  # invoke -> columns of the generated ids that are its job's
         self._event_value: Any = None
         self._grads: dict[tuple[int, int], Any] = {}  # (source node, backward node) -> its gradient (rows)
         self._backward_of: dict[int, int] = {}  # .grad node -> the backward call it belongs to
@@ -479,7 +480,11 @@ class Interleaver:
             finally:
                 self.bypass = False
         if op == "model_output":
-            return self._slice_rows(self.final_output, rows)
+            value = self._slice_rows(self.final_output, rows)
+            length = self.columns.get(node.invoke)
+            if length is not None and isinstance(value, torch.Tensor) and value.dim() == 2:
+                value = value[:, :length]
+            return value
         if op == "parameter":
             try:
                 param = self.root.get_parameter(args[0])

@@ -1,0 +1,145 @@
+"""Each job's own decoding inside one batched `generate`: greedy or sampling, its own settings and
+random stream, and its own number of new tokens.
+
+Usage::
+
+    spans = [Decoding.of(options_a, 0, 2), Decoding.of(options_b, 2, 3)]    # rows [0, 2) and [2, 3)
+    processor = PerJobDecoding(spans, prompt_width, pad_id, model.generation_config)
+    model.generate(..., do_sample=False, logits_processor=[processor], max_new_tokens=max(...))
+    new_tokens = generated_lengths(output, spans, prompt_width, eos_ids)
+
+Hugging Face's `generate` samples every row from one random stream, so rows of different jobs
+would steer each other's draws. Instead `generate` runs greedy, and this processor picks each
+sampling job's token with that job's own generator (seeded by the job, or at random), through
+the same warpers `generate` uses, then forces it: a job alone and a job among others draw the
+same numbers. A job's rows past its own `max_new_tokens` are forced to padding and cut off.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DECODING_OPTIONS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed"})
+
+
+@dataclass
+class Decoding:
+    start: int  # the job's rows in the batch: [start, stop)
+    stop: int
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    generator: torch.Generator = field(default_factory=torch.Generator, repr=False)
+
+    @classmethod
+    def of(cls, options: dict[str, Any], start: int, stop: int) -> Decoding:
+        seed = options.get("seed")
+        decoding = cls(
+            start,
+            stop,
+            int(options.get("max_new_tokens", 1)),
+            bool(options.get("do_sample", False)),
+            options.get("temperature"),
+            options.get("top_k"),
+            options.get("top_p"),
+            seed if isinstance(seed, int) else None,
+        )
+        decoding.generator.manual_seed(decoding.seed if decoding.seed is not None else secrets.randbits(63))
+        return decoding
+
+
+class PerJobDecoding:
+    """A logits processor for a greedy `generate`: it decides the sampling jobs' tokens (and ends
+    finished jobs' rows) by leaving a single allowed token in their rows."""
+
+    def __init__(self, spans: list[Decoding], prompt_width: int, pad_id: int, config: Any = None) -> None:
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.spans = spans
+        self.width = prompt_width
+        self.pad_id = pad_id
+        self.warpers: list[list[Any]] = []
+        for span in spans:
+            warpers: list[Any] = []
+            if span.do_sample:
+                # The settings `generate` would use: the job's, else the model's generation config.
+                temperature = _setting(span.temperature, config, "temperature", 1.0)
+                top_k = _setting(span.top_k, config, "top_k", None)
+                top_p = _setting(span.top_p, config, "top_p", None)
+                if temperature is not None and float(temperature) != 1.0:
+                    if not float(temperature) > 0:
+                        raise ValueError(f"temperature must be a positive number, got {temperature}")
+                    warpers.append(TemperatureLogitsWarper(float(temperature)))
+                if top_k is not None and int(top_k) != 0:
+                    warpers.append(TopKLogitsWarper(top_k=int(top_k), min_tokens_to_keep=1))
+                if top_p is not None and float(top_p) < 1.0:
+                    warpers.append(TopPLogitsWarper(top_p=float(top_p), min_tokens_to_keep=1))
+            self.warpers.append(warpers)
+
+    @property
+    def needed(self) -> bool:
+        """Whether any row needs it (a lone greedy job does not)."""
+        longest = max(span.max_new_tokens for span in self.spans)
+        return any(span.do_sample or span.max_new_tokens < longest for span in self.spans)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.width
+        out = scores
+        for span, warpers in zip(self.spans, self.warpers, strict=True):
+            rows = slice(span.start, span.stop)
+            if step >= span.max_new_tokens:
+                token = torch.full((span.stop - span.start, 1), self.pad_id, dtype=torch.long, device=scores.device)
+            elif span.do_sample:
+                own = scores[rows]
+                for warper in warpers:
+                    own = warper(input_ids[rows], own)
+                probs = torch.softmax(own.float(), dim=-1)
+                token = torch.multinomial(probs.cpu(), 1, generator=span.generator).to(scores.device)
+            else:
+                continue
+            if out is scores:
+                out = scores.clone()
+            forced = torch.full_like(out[rows], float("-inf"))
+            forced.scatter_(1, token, 0.0)
+            out[rows] = forced
+        return out
+
+
+def _setting(value: Any, config: Any, name: str, default: Any) -> Any:
+    """The job's setting, else the model's generation config's, else transformers' default."""
+    if value is not None:
+        return value
+    found = getattr(config, name, None) if config is not None else None
+    if found is not None:
+        return found
+    from transformers import GenerationConfig
+
+    defaults: dict[str, Any] = getattr(GenerationConfig, "_get_default_generation_params", dict)()
+    return defaults.get(name, default)
+
+
+def generated_lengths(output: torch.Tensor, spans: list[Decoding], prompt_width: int, eos: Any) -> list[int]:
+    """How many new tokens each job's own `generate` would have returned: its `max_new_tokens`,
+    or fewer when every one of its rows reached an end-of-sequence token before that."""
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    new = output[:, prompt_width:]
+    lengths = []
+    for span in spans:
+        limit = min(span.max_new_tokens, new.shape[1])
+        if not eos_ids:
+            lengths.append(limit)
+            continue
+        rows = new[span.start : span.stop, :limit]
+        ended = torch.isin(rows, torch.tensor(eos_ids, device=rows.device))
+        if bool(ended.any(dim=1).all()):
+            lengths.append(int(ended.int().argmax(dim=1).max()) + 1)
+        else:
+            lengths.append(limit)
+    return lengths
