@@ -171,10 +171,10 @@ def nnsight_tasks(directory: Path, ids: torch.Tensor, ids2: torch.Tensor) -> dic
     return {"a": one_save, "b": all_saves, "c": patching, "d": generate_edit, "e": save_and_zero}
 
 
-def run(label: str, directory: Path, keys: list[str], repeats: int) -> None:
+def run(label: str, directory: Path, keys: list[str], repeats: int, tokens: int = 16) -> None:
     model = nnfabric.LanguageModel(str(directory))
-    ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0))
-    ids2 = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 300, (1, tokens), generator=torch.Generator().manual_seed(0))
+    ids2 = torch.randint(3, 300, (1, tokens), generator=torch.Generator().manual_seed(1))
     ours = tasks(model, ids, ids2)
     theirs = nnsight_tasks(directory, ids, ids2)
     print(f"\n{label}")
@@ -205,7 +205,7 @@ def main() -> None:
         small_model(small)
         build_gpt2(tiny)
         run("GPT-2-small shape (12 x 768), 16 tokens, CPU", small, ["a", "b", "c", "d"], args.repeats)
-        run("tiny GPT-2 (2 x 64), 16 tokens, CPU", tiny, ["e"], args.repeats * 10)
+        run("tiny GPT-2 (2 x 64), 57 tokens, CPU", tiny, ["e"], args.repeats * 10, tokens=57)
 
 
 if __name__ == "__main__":

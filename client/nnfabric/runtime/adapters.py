@@ -138,6 +138,15 @@ class CausalLMAdapter:
         return rows
 
     def batch(self, invokes: list[tuple[list[Any] | None, dict[str, Any]]]) -> Batch:
+        given = [(a, k) for a, k in invokes if a is not None]
+        if len(given) == 1 and not given[0][1] and len(given[0][0]) == 1:
+            ids = given[0][0][0]
+            if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() in (1, 2) and ids.numel():
+                # Token ids as one tensor, one invoke: every row has one length, so nothing to pad or
+                # rebuild (the common local trace pays no per-token Python work).
+                ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+                rows, total = _rows_of([None if a is None else int(ids.shape[0]) for a, _ in invokes])
+                return Batch((), {"input_ids": ids.long()}, rows, total, lengths=[int(ids.shape[1])] * total)
         per_invoke = [None if a is None else self.rows_for(a, k) for a, k in invokes]
         rows, total = _rows_of([None if r is None else len(r) for r in per_invoke])
         all_rows = [row for r in per_invoke if r is not None for row in r]
