@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from nnfabric.protocol import TERMINAL, EditRecord, JobEvent, JobMeta, JobRecord
@@ -247,6 +247,17 @@ return event
 """
 
 
+@dataclass
+class Transition:
+    """One job's change of state, for `Store.transition_many`."""
+
+    job_id: str
+    state: str
+    data: dict[str, Any] | None = None
+    result: bytes | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
 class Store:
     def __init__(self, redis: Redis, ttl_s: int = 86400) -> None:
         # redis-py's stubs type replies as unions of every wire type; we decode them ourselves.
@@ -395,16 +406,38 @@ class Store:
         """Persist a new state (and the result, if given), then announce it: one atomic script.
         Terminal states are final: returns False, storing nothing, if the job had already ended
         (or does not exist); a job starts ("running") only from "queued", so never twice at once."""
+        keys, args = self._transition_call(Transition(job_id, state, data, result, fields))
+        return await self._transition(keys, args) is not None
+
+    async def transition_many(self, changes: list[Transition]) -> list[bool]:
+        """Several jobs' transitions (a batch's starts or ends) in one round trip, each as atomic
+        and as final as `transition`'s."""
+        if not changes:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for change in changes:
+                keys, args = self._transition_call(change)
+                await self._transition(keys, args, client=pipe)
+            replies = await pipe.execute()
+        return [reply is not None for reply in replies]
+
+    def _transition_call(self, change: Transition) -> tuple[list[str], list[str | int | bytes]]:
+        state, result = change.state, change.result
         stamp = {"running": "started"}.get(state, "finished" if state in TERMINAL else "")
-        mapping: dict[str, Any] = {"state": state, **{k: v for k, v in fields.items() if v is not None}}
+        mapping: dict[str, Any] = {"state": state, **{k: v for k, v in change.fields.items() if v is not None}}
         if stamp:
             mapping[stamp] = time.time()
         flat = [_text(item) for pair in mapping.items() for item in pair]
+        job_id = change.job_id
         keys = [_job(job_id), _events(job_id), _payload(job_id), _result(job_id), _OUTCOMES, _active("")]
-        args: list[str | int | bytes] = [job_id, state, int(state in TERMINAL), json.dumps(data or {}), self.ttl_s]
-        queued_prefix = _queued("")
-        event_id = await self._transition(keys, [*args, int(result is not None), result or b"", queued_prefix, *flat])
-        return event_id is not None
+        args: list[str | int | bytes] = [
+            job_id,
+            state,
+            int(state in TERMINAL),
+            json.dumps(change.data or {}),
+            self.ttl_s,
+        ]
+        return keys, [*args, int(result is not None), result or b"", _queued(""), *flat]
 
     async def requeue(self, job_id: str, model: str, reason: str) -> bool:
         """Put a job that has not ended back in its queue (in its original place) to run again;

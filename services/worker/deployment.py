@@ -22,7 +22,7 @@ from ray import serve
 from ..common.catalog import SLOTS_PER_REPLICA, Catalog, ModelSpec
 from ..common.result_store import ResultStore
 from ..common.settings import Settings
-from ..common.store import Store
+from ..common.store import Store, Transition
 from .executor import BatchExecutor, Decoded, Outcome
 
 log = logging.getLogger("nnfabric.worker")
@@ -131,16 +131,16 @@ class ModelReplica:
             if self.stuck:  # the batch ahead of this one could not be stopped: this one never started
                 raise RuntimeError(f"this replica is being replaced: {self.stuck}")
             jobs = []
-            for job in decoded:
-                if await store.transition(job[0], "running", {"batch": size}):
+            started = await store.transition_many([Transition(job[0], "running", {"batch": size}) for job in decoded])
+            for job, ok in zip(decoded, started, strict=True):
+                if ok:
                     jobs.append(job)
                 else:
                     states[job[0]] = await self._not_started(job[0])
             outcomes = await self._run_watched(jobs) if jobs else {}
         for job_id in [job_id for job_id, _, _ in jobs if job_id not in outcomes]:
             states[job_id] = "retry"  # never started here: the scheduler queues it again
-        for job_id, outcome in outcomes.items():
-            states[job_id] = await self._settle(job_id, outcome)
+        states.update(await self._settle(outcomes))
         return states
 
     async def _not_started(self, job_id: str) -> str:
@@ -151,26 +151,35 @@ class ModelReplica:
             return "cancelled"
         return "elsewhere" if found[0] == "running" else found[0]
 
-    async def _settle(self, job_id: str, outcome: Outcome) -> str:
-        store = self.store
-        if outcome.ok and outcome.result is not None:
-            done = {"result": f"/v1/jobs/{job_id}/result", "bytes": len(outcome.result)}
-            done["seconds"] = round(outcome.seconds, 4)
-            if len(outcome.result) >= self.settings.result_store_min_bytes:
-                # Large: on the shared result store, so Redis's memory stays flat; Redis keeps its name.
-                name = await asyncio.to_thread(self.results.write, job_id, outcome.result)
-                stored = await store.transition(job_id, "completed", done, result_file=name)
-                if not stored:
-                    self.results.delete(name)
+    async def _settle(self, outcomes: dict[str, Outcome]) -> dict[str, str]:
+        """Record every outcome of a batch (one round trip to Redis): "completed" with the result,
+        "failed" with the reason, or "cancelled" where a cancel got there first."""
+        changes: list[Transition] = []
+        files: dict[str, str] = {}
+        for job_id, outcome in outcomes.items():
+            if outcome.ok and outcome.result is not None:
+                done: dict[str, Any] = {"result": f"/v1/jobs/{job_id}/result", "bytes": len(outcome.result)}
+                done["seconds"] = round(outcome.seconds, 4)
+                if len(outcome.result) >= self.settings.result_store_min_bytes:
+                    # Large: on the shared result store, so Redis's memory stays flat; Redis keeps its name.
+                    files[job_id] = await asyncio.to_thread(self.results.write, job_id, outcome.result)
+                    changes.append(Transition(job_id, "completed", done, fields={"result_file": files[job_id]}))
+                else:
+                    # Stored by the same script that marks the job completed, unless it was cancelled.
+                    changes.append(Transition(job_id, "completed", done, outcome.result))
             else:
-                # Stored by the same script that marks the job completed, unless it was cancelled.
-                stored = await store.transition(job_id, "completed", done, result=outcome.result)
-            return "completed" if stored else "cancelled"
-        data = {"message": outcome.error, "node": outcome.node, "trace": outcome.trace}
-        await store.transition(
-            job_id, "failed", data, error=outcome.error, error_node=outcome.node, error_trace=outcome.trace
-        )
-        return "failed"
+                data = {"message": outcome.error, "node": outcome.node, "trace": outcome.trace}
+                fields = {"error": outcome.error, "error_node": outcome.node, "error_trace": outcome.trace}
+                changes.append(Transition(job_id, "failed", data, fields=fields))
+        states = {}
+        for change, stored in zip(changes, await self.store.transition_many(changes), strict=True):
+            if change.state == "failed":
+                states[change.job_id] = "failed"
+                continue
+            if not stored and change.job_id in files:
+                self.results.delete(files[change.job_id])
+            states[change.job_id] = "completed" if stored else "cancelled"
+        return states
 
     async def check_health(self) -> None:
         """Healthy when Redis answers and the model is loaded; renews this replica's liveness."""

@@ -44,6 +44,7 @@ class FabricClient:
         self._inline: dict[str, bytes] = {}
         # How long a wait rides out losing the api (a restart, a dropped connection).
         self.reconnect_s = 60.0
+        self._ws_proxy = _websocket_proxy(self.url)
 
     def _retrying(self, call: Callable[[], T], job_id: str) -> T:
         """`call`, retried while the api cannot be reached (for up to reconnect_s)."""
@@ -162,6 +163,9 @@ class FabricClient:
                     f"{ws_url}/v1/jobs/{job_id}/events?after={after}&result=inline",
                     additional_headers={"Authorization": f"Bearer {self.api_key}"},
                     open_timeout=10,
+                    compression=None,  # results are tensors, which do not deflate; compressing costs CPU both sides
+                    max_size=None,
+                    proxy=self._ws_proxy,
                 ) as ws:
                     lost.reset()
                     while True:
@@ -289,6 +293,20 @@ class _Progress:
     def __exit__(self, *exc: Any) -> None:
         if self._status is not None:
             self._status.stop()
+
+
+def _websocket_proxy(url: str) -> str | None:
+    """The proxy the environment names for this fabric's websockets, looked up once per
+    connection rather than once per job (reading the environment costs more than the job's
+    own client-side work)."""
+    from websockets.proxy import get_proxy
+    from websockets.uri import parse_uri
+
+    ws_url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+    try:
+        return get_proxy(parse_uri(ws_url))
+    except Exception:  # an odd URL: connect() reports it with its own message
+        return None
 
 
 def _raise_for(response: httpx.Response) -> None:

@@ -33,7 +33,8 @@ class JobSocket:
         self.timeout = timeout
         self.quiet_s = quiet_s  # silence after which a waiting result() checks the job's record
         ws_url = self.url.replace("http", "ws", 1) + "/v1/socket"
-        self._ws = connect(ws_url, additional_headers={"Authorization": f"Bearer {api_key}"}, max_size=None)
+        self._ws = connect(ws_url, additional_headers={"Authorization": f"Bearer {api_key}"}, max_size=None,
+                           compression=None)  # fmt: skip
         self._events: dict[str, list[dict[str, Any]]] = {}
         self._results: dict[str, bytes] = {}
         self._replies: list[dict[str, Any]] = []
