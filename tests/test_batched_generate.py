@@ -25,7 +25,7 @@ def layer0(model) -> str:
     return "transformer.h.0" if hasattr(model._module, "transformer") else "model.layers.0"
 
 
-def gen_job(model, prompt, n, steer=None, bad_step=None, huge=False, **options):
+def gen_job(model, prompt, n, steer=None, bad_step=None, huge=False, fabric_model=None, **options):
     g = Graph(kind="generate", options={"max_new_tokens": n, **options})
     g.invokes.append(Invoke(args=[prompt]))
     for step in range(n):
@@ -43,7 +43,7 @@ def gen_job(model, prompt, n, steer=None, bad_step=None, huge=False, **options):
             logits = g.add(Node("output", ["lm_head", step, 0]))
     out = g.add(Node("model_output", []))
     g.saves.extend([out.id, logits.id])
-    return pack_request(g, {})
+    return pack_request(g, {}, extra={"model": fabric_model} if fabric_model else None)
 
 
 def values(outcome):
@@ -139,3 +139,21 @@ def test_a_seeded_job_samples_the_same_tokens_whoever_shares_its_generate(gpt2):
     for seed in (1, 2):  # strangers sampling with seeds of their own
         stranger = gen_job(gpt2, PROMPTS[1], 5, do_sample=True, seed=seed)
         assert torch.equal(values(ex.run([("s", stranger), ("mine", mine)])["mine"])[0], alone)
+
+
+def test_generate_jobs_sent_together_to_the_fabric_equal_hugging_faces_generate(fabric, gpt2):
+    import httpx
+    from test_faults import headers, job, submit, wait_for
+
+    jobs = {
+        "steered": (gen_job(gpt2, PROMPTS[0], 6, steer=STEER, fabric_model="tiny-gpt2"), hf_generate(gpt2, PROMPTS[0], 6, steer=STEER)),
+        "sampled": (gen_job(gpt2, PROMPTS[1], 4, do_sample=True, seed=7, fabric_model="tiny-gpt2"), hf_generate(gpt2, PROMPTS[1], 4, seed=7)),
+        "short": (gen_job(gpt2, PROMPTS[2], 2, fabric_model="tiny-gpt2"), hf_generate(gpt2, PROMPTS[2], 2)),
+    }  # fmt: skip
+    ids = {name: submit(fabric, payload) for name, (payload, _) in jobs.items()}
+    for name, job_id in ids.items():
+        wait_for(lambda j=job_id: job(fabric, j)["state"] in ("completed", "failed"), what=f"job {name}")
+        response = httpx.get(f"{fabric.url}/v1/jobs/{job_id}/result", headers=headers(fabric), timeout=30)
+        assert response.status_code == 200, response.text
+        found = [v for v in unpack_result(response.content).values() if not v.is_floating_point()]
+        assert torch.equal(found[0], jobs[name][1]), name

@@ -77,3 +77,15 @@ def test_a_socket_without_a_key_is_refused(fabric):
     with pytest.raises((InvalidStatus, ConnectionClosed)):  # refused before any job is taken
         with JobSocket(fabric.url, "nnf_not-a-key") as jobs:
             jobs.submit(hidden_job(PROMPTS[0]))
+
+
+def test_a_job_whose_end_the_socket_never_heard_is_answered_from_its_record(fabric, gpt2):
+    # Submitted over plain HTTP, so no follower on this socket ever sends its events: after a
+    # quiet spell the socket client reads the job's record and fetches the result.
+    from test_faults import submit
+
+    job_id = submit(fabric, hidden_job(PROMPTS[0]))
+    with JobSocket(fabric.url, fabric.keys["alice"], quiet_s=0.5) as jobs:
+        (value,) = unpack_result(jobs.result(job_id, timeout=60)).values()
+    expected = local_hidden(gpt2, PROMPTS[0])
+    assert torch.allclose(value, expected, atol=1e-5)
