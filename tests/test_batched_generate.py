@@ -157,3 +157,41 @@ def test_generate_jobs_sent_together_to_the_fabric_equal_hugging_faces_generate(
         assert response.status_code == 200, response.text
         found = [v for v in unpack_result(response.content).values() if not v.is_floating_point()]
         assert torch.equal(found[0], jobs[name][1]), name
+
+
+def per_step_logits_job(prompt, n, **options):
+    """Every step's logits into a list (`tracer.list()` + `.append` under `tracer.all()`)."""
+    g = Graph(kind="generate", options={"max_new_tokens": n, **options})
+    g.invokes.append(Invoke(args=[prompt]))
+    steps = g.add(Node("list", []))
+    for step in range(n):
+        logits = g.add(Node("output", ["lm_head", step, 0], optional=True))
+        g.add(Node("append", [Ref(steps.id), Ref(logits.id)], optional=True))
+    out = g.add(Node("model_output", []))
+    g.saves.extend([steps.id, out.id])
+    return pack_request(g, {})
+
+
+def test_a_job_that_ends_early_sees_only_its_own_steps_among_longer_jobs(gpt2):
+    ex = executor(gpt2)
+    config = gpt2._module.generation_config
+    plain = values(ex.run([("p", gen_job(gpt2, PROMPTS[2], 6, do_sample=True, seed=7))])["p"])[0]
+    width = len(gpt2.tokenizer(PROMPTS[2])["input_ids"])
+    saved_eos = config.eos_token_id
+    new = plain[0, width:].tolist()
+    stop = next(k for k in range(1, len(new)) if new[k] not in new[:k])
+    config.eos_token_id = new[stop]  # a token it first makes at step `stop`: alone, it ends there
+    try:
+        mine = per_step_logits_job(PROMPTS[2], 6, do_sample=True, seed=7)
+        alone = list(unpack_result(ex.run([("mine", mine)])["mine"].result).values())
+        merged = ex.run([("mine", mine), ("long", gen_job(gpt2, PROMPTS[0], 6))])
+        together = list(unpack_result(merged["mine"].result).values())
+    finally:
+        config.eos_token_id = saved_eos
+    steps_alone, ids_alone = alone
+    steps_together, ids_together = together
+    assert ids_alone.shape[1] == width + stop + 1  # it did end early alone
+    assert torch.equal(ids_together, ids_alone)
+    assert len(steps_together) == len(steps_alone) == stop + 1
+    for a, b in zip(steps_together, steps_alone, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)

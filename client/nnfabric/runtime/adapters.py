@@ -13,6 +13,7 @@ position ids that ignore the padding, so a padded row computes what it would alo
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,9 @@ class ModuleAdapter:
     def forward(self, batch: Batch) -> Any:
         return self.root(*batch.args, **batch.kwargs)
 
-    def generate(self, batch: Batch, decodings: list[Decoding]) -> Any:
+    def generate(
+        self, batch: Batch, decodings: list[Decoding], on_end: Callable[[int, int], None] | None = None
+    ) -> Any:
         raise TypeError("generate() needs a language model; use trace() for a plain module")
 
 
@@ -164,15 +167,18 @@ class CausalLMAdapter:
     def forward(self, batch: Batch) -> Any:
         return self.root(*batch.args, **batch.kwargs)
 
-    def generate(self, batch: Batch, decodings: list[Decoding]) -> Any:
+    def generate(
+        self, batch: Batch, decodings: list[Decoding], on_end: Callable[[int, int], None] | None = None
+    ) -> Any:
         """One `generate` for every row; each job's decoding as `decodings` says (its rows, greedy
-        or sampling, its own random stream and number of new tokens)."""
+        or sampling, its own random stream and number of new tokens). `on_end(job, step)` hears
+        the last step each job would have run alone."""
         from transformers import LogitsProcessorList
 
         kwargs = {k: v for k, v in batch.kwargs.items() if k != "position_ids"}
         kwargs.setdefault("attention_mask", torch.ones_like(kwargs["input_ids"]))
         processor = PerJobDecoding(
-            decodings, kwargs["input_ids"].shape[1], self.pad_id, getattr(self.root, "generation_config", None)
+            decodings, kwargs["input_ids"].shape[1], self.pad_id, getattr(self.root, "generation_config", None), on_end
         )
         if len(decodings) == 1 and decodings[0].seed is not None:
             torch.manual_seed(decodings[0].seed)  # a lone job's seed also seeds its graph's random ops

@@ -18,6 +18,7 @@ same numbers. A job's rows past its own `max_new_tokens` are forced to padding a
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,12 +60,25 @@ class PerJobDecoding:
     """A logits processor for a greedy `generate`: it decides the sampling jobs' tokens (and ends
     finished jobs' rows) by leaving a single allowed token in their rows."""
 
-    def __init__(self, spans: list[Decoding], prompt_width: int, pad_id: int, config: Any = None) -> None:
+    def __init__(
+        self,
+        spans: list[Decoding],
+        prompt_width: int,
+        pad_id: int,
+        config: Any = None,
+        on_end: Callable[[int, int], None] | None = None,
+    ) -> None:
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         self.spans = spans
         self.width = prompt_width
         self.pad_id = pad_id
+        # Told (job index, last step) when a job's own generate would stop: its max_new_tokens
+        # reached, or every one of its rows at an end-of-sequence token.
+        self.on_end = on_end
+        self.ended: set[int] = set()
+        eos = getattr(config, "eos_token_id", None) if config is not None else None
+        self.eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.warpers: list[list[Any]] = []
         for span in spans:
             warpers: list[Any] = []
@@ -87,7 +101,7 @@ class PerJobDecoding:
     def needed(self) -> bool:
         """Whether any row needs it (a lone greedy job does not)."""
         longest = max(span.max_new_tokens for span in self.spans)
-        return any(span.do_sample or span.max_new_tokens < longest for span in self.spans)
+        return len(self.spans) > 1 or any(span.do_sample or span.max_new_tokens < longest for span in self.spans)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.width
@@ -109,7 +123,24 @@ class PerJobDecoding:
             forced = torch.full_like(out[rows], float("-inf"))
             forced.scatter_(1, token, 0.0)
             out[rows] = forced
+        if self.on_end is not None:
+            self._report_ends(input_ids, out, step)
         return out
+
+    def _report_ends(self, input_ids: torch.Tensor, scores: torch.Tensor, step: int) -> None:
+        chosen = scores.argmax(dim=-1)  # what generate picks from these scores (greedy)
+        for index, span in enumerate(self.spans):
+            if index in self.ended:
+                continue
+            rows = slice(span.start, span.stop)
+            done = step + 1 >= span.max_new_tokens
+            if not done and self.eos:
+                eos = torch.tensor(self.eos, device=input_ids.device)
+                earlier = torch.isin(input_ids[rows, self.width :], eos).any(dim=1)
+                done = bool((earlier | torch.isin(chosen[rows], eos)).all())
+            if done:
+                self.ended.add(index)
+                self.on_end(index, step)  # type: ignore[misc]
 
 
 def _setting(value: Any, config: Any, name: str, default: Any) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -31,7 +31,9 @@ class Adapter(Protocol):
 
     def batch(self, invokes: list[tuple[list[Any] | None, dict[str, Any]]]) -> Batch: ...
     def forward(self, batch: Batch) -> Any: ...
-    def generate(self, batch: Batch, decodings: list[Decoding]) -> Any: ...
+    def generate(
+        self, batch: Batch, decodings: list[Decoding], on_end: Callable[[int, int], None] | None = None
+    ) -> Any: ...
 
 
 def _inputs(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -115,8 +117,15 @@ def run_graph(
             if graph.kind == "generate":
                 decodings = _decodings(spans or [(0, len(graph.invokes), graph.options)], batch)
 
+                job_spans = spans or [(0, len(graph.invokes), graph.options)]
+
+                def ended(job: int, step: int) -> None:
+                    # Steps after this one never happen for this job's invokes, as when it runs alone.
+                    first, stop, _ = job_spans[job]
+                    run.last_step.update(dict.fromkeys(range(first, stop), step))
+
                 def generate() -> Any:
-                    output = adapter.generate(batch, decodings)
+                    output = adapter.generate(batch, decodings, ended if spans else None)
                     if isinstance(output, torch.Tensor) and output.dim() == 2:
                         # Each job sees its own generation: as many new tokens as it would have alone.
                         width = int(batch.kwargs["input_ids"].shape[1])

@@ -135,6 +135,7 @@ class Interleaver:
         self.ending = False
         self.final_output: Any = None
         self.columns: dict[int, int] = {}  # invoke -> columns of the generated ids that are its job's
+        self.last_step: dict[int, int] = {}  # invoke -> its job's last generation step (merged runs)
         self._event_value: Any = None
         self._grads: dict[tuple[int, int], Any] = {}  # (source node, backward node) -> its gradient (rows)
         self._backward_of: dict[int, int] = {}  # .grad node -> the backward call it belongs to
@@ -321,8 +322,9 @@ class Interleaver:
         try:
             self._advance(self.threads)
             for thread in self.threads:
-                if thread.pc < len(thread.nodes) and self.pin[thread.nodes[thread.pc]] == key:
-                    self._stuck(thread.nodes[thread.pc], key)
+                waiting = thread.nodes[thread.pc] if thread.pc < len(thread.nodes) else None
+                if waiting is not None and self.pin[waiting] == key and not self._past_end(self.nodes[waiting], key):
+                    self._stuck(waiting, key)
             return self._event_value
         finally:
             self.live, self._event_value = outer_live, outer_value
@@ -369,6 +371,14 @@ class Interleaver:
             return True  # a stop node that already ended the forward pass
         node = self.nodes[nid]
         key = self.pin[nid]
+        if self._past_end(node, key):
+            # Its job's own generation had ended before this step: as alone, the step never happens.
+            if not self.ending:
+                return False
+            if node.optional:
+                self.values[nid] = _SKIPPED
+                return True
+            raise self._error(node, f"{_describe(key)} never happened: the model did not reach it in this run")  # type: ignore[arg-type]
         if key is not None and key not in self.live:
             if not self.ending and key not in self.fired:
                 return False
@@ -391,6 +401,10 @@ class Interleaver:
                 raise self._error(node, "this line uses a value from a generation step that did not happen")
         self.values[nid] = self._execute(node)
         return True
+
+    def _past_end(self, node: Node, key: EventKey | None) -> bool:
+        last = self.last_step.get(node.invoke)
+        return last is not None and isinstance(key, ModuleEvent) and key.step > last
 
     def _why_not_live(self, node: Node, key: EventKey) -> str:
         if isinstance(key, GradEvent):
