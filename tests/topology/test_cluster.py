@@ -255,6 +255,15 @@ def test_a_scheduler_replaced_under_a_new_name_is_taken_over_within_seconds(clus
 
     from services.common.store import GROUP, Store
 
+    async def alive() -> list[str]:
+        store = Store.from_url(cluster.env["NNFABRIC_REDIS_URL"])
+        try:
+            return await store.alive("scheduler:")
+        finally:
+            await store.close()
+
+    # Pod A may still be connecting: a Ray Client start fails now and then, and is retried.
+    wait_for(lambda: "scheduler:scheduler-pod-a" in asyncio.run(alive()), 240, "pod A to hold Ray")
     key = make_key(cluster, "carol")
     api = httpx.Client(base_url=cluster.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
     jobs = [api.post("/v1/jobs", content=slow_job(steps=20, model="tiny")).json()["id"] for _ in range(8)]
