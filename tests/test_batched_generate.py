@@ -195,3 +195,13 @@ def test_a_job_that_ends_early_sees_only_its_own_steps_among_longer_jobs(gpt2):
     assert len(steps_together) == len(steps_alone) == stop + 1
     for a, b in zip(steps_together, steps_alone, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_hostile_decoding_settings_fail_their_own_job_only(gpt2):
+    ex = executor(gpt2)
+    honest = gen_job(gpt2, PROMPTS[0], 4, do_sample=True, seed=3)
+    alone = values(ex.run([("honest", honest)])["honest"])[0]
+    for hostile in ({"temperature": -1.0}, {"top_p": -0.5}, {"seed": 10**19 * 5}, {"top_k": -7}):
+        outcomes = ex.run([("honest", honest), ("hostile", gen_job(gpt2, PROMPTS[1], 4, do_sample=True, **hostile))])
+        assert torch.equal(values(outcomes["honest"])[0], alone), hostile
+        assert not outcomes["hostile"].ok and outcomes["hostile"].error, hostile

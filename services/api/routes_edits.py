@@ -49,9 +49,7 @@ async def add_edit(
     spec = _model(name, key, catalog)
     wait = await store.count_submit(key)
     if wait:
-        raise ApiError(
-            429, f"rate limit of {key.rate_limit} requests a minute reached", headers={"Retry-After": str(wait)}
-        )
+        raise ApiError(429, f"rate limit of {key.rate_limit} requests a minute reached", headers={"Retry-After": str(wait)})
     header, blob, body = await read_envelope(request, settings)
     if header.get("model", spec.name) != spec.name:
         raise ApiError(422, f"the envelope names model {str(header.get('model'))[:100]!r}, not {spec.name!r}")

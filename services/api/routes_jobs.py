@@ -91,9 +91,7 @@ def with_edits(
     merged_blob = merge_blobs(blobs)
     body = encode_envelope(merged, merged_blob)
     if len(body) > limits.max_envelope_bytes:
-        raise LimitExceeded(
-            f"the job with its edits has {len(body)} bytes, over the limit of {limits.max_envelope_bytes}"
-        )
+        raise LimitExceeded(f"the job with its edits has {len(body)} bytes, over the limit of {limits.max_envelope_bytes}")
     return merged, merged_blob, body, validate_request(merged, merged_blob, limits, paths)
 
 
@@ -196,7 +194,9 @@ async def accept(
     if "edits" in header:
         edits = await stored_edits(header["edits"], key, spec.name, store)
         try:
-            header, blob, body, graphs = await run_in_threadpool(with_edits, header, blob, graphs, edits, limits, paths)
+            header, blob, body, graphs = await run_in_threadpool(
+                with_edits, header, blob, graphs, edits, limits, paths
+            )
         except GraphError as exc:
             raise InvalidJob(exc) from None
     job_id = uuid.uuid4().hex

@@ -198,9 +198,7 @@ class Scheduler:
                 del queue.watching[entry.stream_id]
                 queue.done(entry)
                 queue.add(entry)
-            elif time.time() - job.get("started", seen) > self._dispatch_timeout(
-                queue.spec, queue.spec.limits.max_batch
-            ):
+            elif time.time() - job.get("started", seen) > self._dispatch_timeout(queue.spec, queue.spec.limits.max_batch):
                 del queue.watching[entry.stream_id]
                 lost.append(entry)
         if lost:

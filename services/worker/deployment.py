@@ -104,12 +104,7 @@ class ModelReplica:
             else:
                 fetched.append((job_id, payload))
         decoded, invalid = await asyncio.to_thread(self.executor.prepare, fetched) if fetched else ([], {})
-        for job_id, outcome in invalid.items():  # refused jobs fail now: they need no turn on the model
-            data = {"message": outcome.error, "node": outcome.node, "trace": outcome.trace}
-            failed = await store.transition(
-                job_id, "failed", data, error=outcome.error, error_node=outcome.node, error_trace=outcome.trace
-            )
-            states[job_id] = "failed" if failed else await self._not_started(job_id)
+        states.update(await self._settle(invalid))  # refused jobs fail now: they need no turn on the model
         # The caller may give up (its timeout, or it died): a batch still waiting for its turn then
         # never starts; one that started runs to the end and records every outcome.
         abandoned = asyncio.Event()

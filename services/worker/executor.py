@@ -100,15 +100,9 @@ class BatchExecutor:
         outcomes: dict[str, Outcome] = {}
         self.finished = outcomes
         self.running = []
-        groups: dict[tuple[str, int], list[tuple[str, Graph, dict[str, torch.Tensor]]]] = {}
-        for job_id, graphs, tensors in decoded:
-            key = self._merge_key(graphs, tensors)
-            if key is not None:
-                groups.setdefault(key, []).append((job_id, graphs[0], tensors))
-        for group in groups.values():
-            if len(group) > 1:
-                self.running = [job_id for job_id, _, _ in group]
-                outcomes.update(self._run_merged(group))
+        for group in self._merge_groups(decoded):
+            self.running = [job_id for job_id, _, _ in group]
+            outcomes.update(self._run_merged(group))
         for job_id, graphs, tensors in decoded:
             if job_id not in outcomes:
                 self.running = [job_id]
@@ -116,21 +110,33 @@ class BatchExecutor:
         self.running = []
         return outcomes
 
-    def _merge_key(self, graphs: list[Graph], tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
-        """Jobs with the same key may share one forward pass (or one generate): the same kind, and
-        prompts of the same padded width, so that no job sees padding it would not see alone (a
-        position index such as `h[:, 3]` means the same token merged as alone)."""
-        if len(graphs) != 1 or (kind := _merge_kind(graphs[0])) is None:
-            return None
+    def _merge_groups(self, decoded: list[Decoded]) -> list[list[tuple[str, Graph, dict[str, torch.Tensor]]]]:
+        """Jobs that may share one forward pass (or one generate), two or more to a group: the
+        same kind, and prompts of the same padded width, so that no job sees padding it would not
+        see alone (a position index such as `h[:, 3]` means the same token merged as alone)."""
+        by_kind: dict[str, list[tuple[str, Graph, dict[str, torch.Tensor]]]] = {}
+        for job_id, graphs, tensors in decoded:
+            kind = _merge_kind(graphs[0]) if len(graphs) == 1 else None
+            if kind is not None:
+                by_kind.setdefault(kind, []).append((job_id, graphs[0], tensors))
+        groups: dict[tuple[str, int], list[tuple[str, Graph, dict[str, torch.Tensor]]]] = {}
+        for kind, jobs in by_kind.items():
+            for job in jobs if len(jobs) > 1 else []:  # a lone job is never tokenized twice
+                width = self._prompt_width(job[1], job[2])
+                if width is not None:
+                    groups.setdefault((kind, width), []).append(job)
+        return [group for group in groups.values() if len(group) > 1]
+
+    def _prompt_width(self, graph: Graph, tensors: dict[str, torch.Tensor]) -> int | None:
         try:
             widths = [
                 len(ids)
-                for inv in graphs[0].invokes
+                for inv in graph.invokes
                 for ids, _ in self.adapter.rows_for(_resolved(inv.args, tensors), _resolved(inv.kwargs, tensors))
             ]
         except Exception:  # inputs it cannot read: its own run says why
             return None
-        return (kind, max(widths)) if widths else None
+        return max(widths) if widths else None
 
     def _budget(self, start: float) -> Budget:
         return Budget(deadline=start + self.spec.limits.timeout_s)

@@ -53,7 +53,9 @@ def parse_json(data: bytes, limits: Limits, what: str = "header") -> Any:
             f"{what} has up to {containers} objects and lists, over the limit of {limits.max_json_containers}"
         )
     try:
-        value = json.loads(data, parse_int=_parse_int, parse_constant=_parse_constant, object_pairs_hook=_no_duplicates)
+        value = json.loads(
+            data, parse_int=_parse_int, parse_constant=_parse_constant, object_pairs_hook=_no_duplicates
+        )
     except _Refused as exc:
         raise GraphError(f"{what} is not acceptable JSON: {exc}") from None
     except RecursionError:
@@ -80,9 +82,7 @@ def _check_strings(value: Any, limits: Limits, what: str) -> None:
 
 def _check_string(text: str, limits: Limits, what: str) -> None:
     if len(text) > limits.max_string_chars:
-        raise LimitExceeded(
-            f"{what} holds a string of {len(text)} characters, over the limit of {limits.max_string_chars}"
-        )
+        raise LimitExceeded(f"{what} holds a string of {len(text)} characters, over the limit of {limits.max_string_chars}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

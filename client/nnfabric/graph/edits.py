@@ -61,7 +61,9 @@ def apply_edits(graph: Graph, edits: list[tuple[Graph, str]]) -> Graph:
         merged.invokes += [Invoke(args=None) for _ in edit.invokes]
     merged.invokes += graph.invokes
     for node in graph.nodes:
-        merged.add(Node(node.op, node.args, node.kwargs, node.invoke + shift, node.line, node.optional, node.unordered))
+        merged.add(
+            Node(node.op, node.args, node.kwargs, node.invoke + shift, node.line, node.optional, node.unordered)
+        )
     first_invoke = 0
     for edit, prefix in edits:
         for step in steps:
@@ -85,3 +87,4 @@ def apply_edits(graph: Graph, edits: list[tuple[Graph, str]]) -> Graph:
                 mapping[node.id] = copy.id
         first_invoke += len(edit.invokes)
     return merged
+

@@ -114,11 +114,7 @@ def merge_blobs(parts: list[tuple[bytes, str]]) -> bytes:
             if renamed in header:
                 raise GraphError(f"tensor {renamed[:40]!r} is named twice; rename your tensors")
             start, end = info["data_offsets"]
-            header[renamed] = {
-                "dtype": info["dtype"],
-                "shape": info["shape"],
-                "data_offsets": [start + offset, end + offset],
-            }
+            header[renamed] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [start + offset, end + offset]}
         data.append(blob[8 + size :])
         offset += len(data[-1])
     if not header:

@@ -57,9 +57,7 @@ class JobSocket:
                 raise TimeoutError(f"the fabric did not answer the submission within {self.timeout:g} s")
         reply = self._replies.pop(0)
         if reply["type"] == "rejected":
-            raise RemoteError(
-                str(reply.get("detail")), None, reply.get("node"), reply.get("status"), reply.get("trace")
-            )
+            raise RemoteError(str(reply.get("detail")), None, reply.get("node"), reply.get("status"), reply.get("trace"))
         job_id: str = reply["id"]
         return job_id
 
@@ -75,9 +73,7 @@ class JobSocket:
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         while True:
             final = next((e for e in self._events.get(job_id, []) if e["type"] in TERMINAL), None)
-            if final is not None and (
-                final["type"] != "completed" or not final.get("inline") or job_id in self._results
-            ):
+            if final is not None and (final["type"] != "completed" or not final.get("inline") or job_id in self._results):
                 break
             if not self._read(min(deadline, time.monotonic() + self.quiet_s)):
                 # A quiet spell: ask for the job's record once, in case its end was not heard here.
@@ -88,9 +84,7 @@ class JobSocket:
                     raise TimeoutError(f"job {job_id} did not end within {timeout or self.timeout:g} s")
         if final["type"] != "completed":
             reason = final.get("message") or final.get("error") or final["type"]
-            raise RemoteError(
-                f"job {job_id} {final['type']}: {reason}", None, final.get("node"), None, final.get("trace")
-            )
+            raise RemoteError(f"job {job_id} {final['type']}: {reason}", None, final.get("node"), None, final.get("trace"))
         if job_id in self._results:
             return self._results.pop(job_id)
         response = self._http("GET", f"/v1/jobs/{job_id}/result")

@@ -4,9 +4,9 @@ random stream, and its own number of new tokens.
 Usage::
 
     spans = [Decoding.of(options_a, 0, 2), Decoding.of(options_b, 2, 3)]    # rows [0, 2) and [2, 3)
-    processor = PerJobDecoding(spans, prompt_width, pad_id, model.generation_config)
+    processor = PerJobDecoding(spans, prompt_width, pad_id, model.generation_config, on_end)
     model.generate(..., do_sample=False, logits_processor=[processor], max_new_tokens=max(...))
-    new_tokens = generated_lengths(output, spans, prompt_width, eos_ids)
+    # on_end(job, step): the last step the job's own generate would have run
 
 Hugging Face's `generate` samples every row from one random stream, so rows of different jobs
 would steer each other's draws. Instead `generate` runs greedy, and this processor picks each
@@ -78,7 +78,7 @@ class PerJobDecoding:
         self.on_end = on_end
         self.ended: set[int] = set()
         eos = getattr(config, "eos_token_id", None) if config is not None else None
-        self.eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
         self.warpers: list[list[Any]] = []
         for span in spans:
             warpers: list[Any] = []
@@ -99,9 +99,8 @@ class PerJobDecoding:
 
     @property
     def needed(self) -> bool:
-        """Whether any row needs it (a lone greedy job does not)."""
-        longest = max(span.max_new_tokens for span in self.spans)
-        return len(self.spans) > 1 or any(span.do_sample or span.max_new_tokens < longest for span in self.spans)
+        """Whether any row needs it (a lone greedy job does not: `generate` itself decodes it)."""
+        return len(self.spans) > 1 or self.spans[0].do_sample
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.width
@@ -134,8 +133,8 @@ class PerJobDecoding:
                 continue
             rows = slice(span.start, span.stop)
             done = step + 1 >= span.max_new_tokens
-            if not done and self.eos:
-                eos = torch.tensor(self.eos, device=input_ids.device)
+            if not done and self.eos.numel():
+                eos = self.eos.to(input_ids.device)
                 earlier = torch.isin(input_ids[rows, self.width :], eos).any(dim=1)
                 done = bool((earlier | torch.isin(chosen[rows], eos)).all())
             if done:
@@ -154,23 +153,3 @@ def _setting(value: Any, config: Any, name: str, default: Any) -> Any:
 
     defaults: dict[str, Any] = getattr(GenerationConfig, "_get_default_generation_params", dict)()
     return defaults.get(name, default)
-
-
-def generated_lengths(output: torch.Tensor, spans: list[Decoding], prompt_width: int, eos: Any) -> list[int]:
-    """How many new tokens each job's own `generate` would have returned: its `max_new_tokens`,
-    or fewer when every one of its rows reached an end-of-sequence token before that."""
-    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    new = output[:, prompt_width:]
-    lengths = []
-    for span in spans:
-        limit = min(span.max_new_tokens, new.shape[1])
-        if not eos_ids:
-            lengths.append(limit)
-            continue
-        rows = new[span.start : span.stop, :limit]
-        ended = torch.isin(rows, torch.tensor(eos_ids, device=rows.device))
-        if bool(ended.any(dim=1).all()):
-            lengths.append(int(ended.int().argmax(dim=1).max()) + 1)
-        else:
-            lengths.append(limit)
-    return lengths

@@ -21,7 +21,7 @@ from ..errors import InterventionError
 from ..graph.ir import Graph, Ref, TensorRef
 from ..graph.leaves import map_leaves
 from .adapters import Batch
-from .decoding import Decoding, generated_lengths
+from .decoding import Decoding
 from .guards import Budget
 from .interleaver import Interleaver
 
@@ -115,27 +115,17 @@ def run_graph(
     with _attention_weights(adapter.root, bool(forward.get("output_attentions"))), _fake(scan):
         with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated) as run:
             if graph.kind == "generate":
-                decodings = _decodings(spans or [(0, len(graph.invokes), graph.options)], batch)
-
-                job_spans = spans or [(0, len(graph.invokes), graph.options)]
+                jobs = spans or [(0, len(graph.invokes), graph.options)]
+                width = int(batch.kwargs["input_ids"].shape[1])
 
                 def ended(job: int, step: int) -> None:
-                    # Steps after this one never happen for this job's invokes, as when it runs alone.
-                    first, stop, _ = job_spans[job]
+                    # As when the job runs alone: no later steps for its invokes, and its ids end here.
+                    first, stop, _ = jobs[job]
                     run.last_step.update(dict.fromkeys(range(first, stop), step))
+                    run.columns.update(dict.fromkeys(range(first, stop), width + step + 1))
 
-                def generate() -> Any:
-                    output = adapter.generate(batch, decodings, ended if spans else None)
-                    if isinstance(output, torch.Tensor) and output.dim() == 2:
-                        # Each job sees its own generation: as many new tokens as it would have alone.
-                        width = int(batch.kwargs["input_ids"].shape[1])
-                        eos = getattr(getattr(adapter.root, "generation_config", None), "eos_token_id", None)
-                        lengths = generated_lengths(output, decodings, width, eos)
-                        for (first, stop, _), length in zip(spans or [], lengths, strict=False):
-                            run.columns.update(dict.fromkeys(range(first, stop), width + length))
-                    return output
-
-                run.call(generate)
+                decodings = _decodings(jobs, batch)
+                run.call(lambda: adapter.generate(batch, decodings, ended))
             else:
                 run.call(lambda: adapter.forward(batch))
         saved = run.saved()
