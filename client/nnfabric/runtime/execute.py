@@ -112,8 +112,16 @@ def run_graph(
     if scan and "input_ids" in batch.kwargs and batch.kwargs.get("attention_mask") is None:
         # Without a mask, transformers looks into the ids for padding: data a scan does not have.
         batch.kwargs["attention_mask"] = torch.ones_like(batch.kwargs["input_ids"])
-    with _attention_weights(adapter.root, bool(forward.get("output_attentions"))), _fake(scan):
-        with Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated) as run:
+    attention = bool(forward.get("output_attentions"))
+    staged = getattr(adapter, "interleaver", None)  # a model split into pipeline stages runs there
+    if staged is not None:
+        if scan:
+            raise InterventionError("a model split into pipeline stages cannot be scanned; run a trace instead")
+        run: Any = staged(graph, tensors, batch.rows, batch.size, budget, imports, isolated, attention)
+    else:
+        run = Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated)
+    with _attention_weights(adapter.root, attention and staged is None), _fake(scan):
+        with run:
             if graph.kind == "generate":
                 jobs = spans or [(0, len(graph.invokes), graph.options)]
                 width = int(batch.kwargs["input_ids"].shape[1])

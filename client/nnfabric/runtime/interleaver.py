@@ -202,10 +202,10 @@ class Interleaver:
 
     def _install(self) -> None:
         root = self.root
-        if self.graph.kind == "generate":
+        if self.graph.kind == "generate" and self.counts_steps:
             self._handles.append(root.register_forward_pre_hook(self._step_hook, prepend=True))
         sides: dict[str, set[str]] = {}
-        for event in self.wanted:
+        for event in self._hooked():
             sides.setdefault(event.path, set()).add(event.side)
         operations: dict[str, dict[str, set[str]]] = {}  # module path -> operation -> sides
         for path, which in sides.items():
@@ -224,6 +224,12 @@ class Interleaver:
             self._instrumented.enter_context(instrumented(root.get_submodule(path), on_call))
         if self.graph.kind == "generate":
             self.step = -1
+
+    counts_steps = True  # a pipeline stage after the first leaves the step count to the first
+
+    def _hooked(self) -> set[ModuleEvent]:
+        """The events to hook here (a pipeline stage hooks only the modules it holds)."""
+        return self.wanted
 
     def __exit__(self, *exc: Any) -> None:
         self._instrumented.close()
@@ -577,16 +583,29 @@ class Interleaver:
         loss = args[0]
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             raise TypeError("backward() needs a tensor that depends on the model's activations")
+        self._backward_from(node.id, loss, args[1] if len(args) > 1 else None, [])
+
+    def _activation(self, nid: int) -> Any:
+        """The activation object a gradient source was read from (a pipeline stage: only its own)."""
+        return self.values[nid]
+
+    def _backward_from(
+        self, backward: int, output: torch.Tensor, grad_output: Any, extra: list[torch.Tensor]
+    ) -> list[Any]:
+        """Backward from `output` for backward node `backward`: the `.grad` reads bound to it run
+        from tensor hooks; returns the gradients of the `extra` tensors (a stage's input)."""
         sources: dict[int, tuple[torch.Tensor, list[_GradSource]]] = {}
         for nid in [n for t in self.grad_threads for n in t.nodes]:
             grad_node = self.nodes[nid]
             if grad_node.op not in _GRAD_OPS:
                 continue
             src = grad_node.args[0].id
-            if self._backward_of[nid] != node.id or self.values[src] is _MISSING or self.values[src] is _SKIPPED:
+            if self._backward_of[nid] != backward or self.values[src] is _MISSING or self.values[src] is _SKIPPED:
                 continue
             root, keys = self._indexed_from(src)
-            value = self.values[root]
+            value = self._activation(root)
+            if value is _MISSING:
+                continue  # read on another stage of a pipeline: that stage gives its gradient
             if not isinstance(value, torch.Tensor):
                 raise self._error(grad_node, f".grad needs a tensor, got {type(value).__name__}")
             base, rows = self._row_base.get(id(value), (value, None))
@@ -595,18 +614,20 @@ class Interleaver:
             entry = sources.setdefault(id(base), (base, []))
             if all(s.src != src for s in entry[1]):
                 entry[1].append(_GradSource(src, rows, keys))
-        if not sources:
-            return
-        self._backward_now = node.id
+        if not sources and not extra:
+            return []
+        self._backward_now = backward
         handles = [base.register_hook(functools.partial(self._grad_hook, srcs)) for base, srcs in sources.values()]
         retain = sum(1 for n in self.nodes if n.op == "backward") > 1
         try:
-            torch.autograd.grad(
-                loss,
-                [base for base, _ in sources.values()],
-                grad_outputs=args[1] if len(args) > 1 else None,
-                allow_unused=True,
-                retain_graph=retain,
+            return list(
+                torch.autograd.grad(
+                    output,
+                    [base for base, _ in sources.values()] + extra,
+                    grad_outputs=grad_output,
+                    allow_unused=True,
+                    retain_graph=retain,
+                )[len(sources) :]
             )
         finally:
             for handle in reversed(handles):
