@@ -40,6 +40,21 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt2_4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer GPT-2, to split into pipeline stages."""
+    directory = tmp_path_factory.mktemp("gpt2-4")
+    build_gpt2(directory, layers=4)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def llama_4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("llama-4")
+    build_llama(directory, layers=4)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def gpt2(gpt2_dir: Path) -> nnfabric.LanguageModel:
     return nnfabric.LanguageModel(str(gpt2_dir))
 

@@ -47,14 +47,14 @@ def build_gpt2(directory: Path, layers: int = 2, width: int = 64, vocab: int = 3
     train_tokenizer(directory)
 
 
-def build_llama(directory: Path) -> None:
+def build_llama(directory: Path, layers: int = 2) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=300,

@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 async def describe(spec: ModelSpec, store: Store) -> ModelInfo:
     """A catalog model as it is now: a model counts as ready only while a replica says so."""
-    live = await store.model(spec.name, "state", "error", "last_alive")
+    live = await store.model(spec.name, "state", "error", "last_alive", "lost")
     alive = await store.live_replicas(spec.name)
     depth, wait = await store.queue_depth(spec.name)
     state = live.get("state", "not started")
@@ -32,6 +32,9 @@ async def describe(spec: ModelSpec, store: Store) -> ModelInfo:
             f"no replica has answered for {silent:.0f} s; jobs wait in the queue (up to the queue "
             "deadline) and run when a replica is back"
         )
+        when, _, why = live.get("lost", "").partition(" ")
+        if why and time.time() - float(when) < 600:
+            live["error"] += f" (the last replica reported: {why})"
     elif state == "ready":
         live.pop("error", None)
     return {

@@ -16,6 +16,7 @@ YAML:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from nnfabric.graph.validate import Limits
@@ -51,6 +52,14 @@ class ModelSpec(BaseModel):
     max_replicas: int | None = Field(None, ge=1)
     scale_up_s: float = Field(5.0, ge=0)
     scale_down_s: float = Field(60.0, ge=0)
+    # A model larger than one node: split into `stages` pipeline stages, each on its own bundle
+    # of the replica's placement group (`gpus`/`cpus` are then per stage), holding a contiguous
+    # range of layers: `stage_layers` ([start, stop) per stage), or balanced by parameter count.
+    stages: int = Field(1, ge=1, le=64)
+    stage_layers: list[tuple[int, int]] | None = None
+    placement_strategy: Literal["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"] = Field(
+        "SPREAD", description="how a staged replica's bundles spread over nodes (Ray placement group strategy)"
+    )
     limits: ModelLimits = ModelLimits()  # type: ignore[call-arg]
 
     @model_validator(mode="after")
@@ -61,6 +70,22 @@ class ModelSpec(BaseModel):
         if self.max_replicas is not None and not low <= self.replicas <= high:
             self.replicas = min(max(self.replicas, low), high)
         return self
+
+    @model_validator(mode="after")
+    def _stage_layers(self) -> ModelSpec:
+        if self.stage_layers is not None:
+            if len(self.stage_layers) != self.stages:
+                raise ValueError(f"stage_layers has {len(self.stage_layers)} ranges for {self.stages} stages")
+            expected = 0
+            for start, stop in self.stage_layers:
+                if start != expected or stop <= start:
+                    raise ValueError(f"stage_layers must be contiguous, non-empty ranges from 0: {self.stage_layers}")
+                expected = stop
+        return self
+
+    @property
+    def staged(self) -> bool:
+        return self.stages > 1
 
     @property
     def deployment(self) -> str:

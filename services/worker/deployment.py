@@ -14,9 +14,11 @@ import asyncio
 import json
 import logging
 import os
+import time
 import uuid
 from typing import Any
 
+from nnfabric.runtime.stages import StageLost
 from ray import serve
 
 from ..common.catalog import SLOTS_PER_REPLICA, Catalog, ModelSpec
@@ -24,6 +26,7 @@ from ..common.result_store import ResultStore
 from ..common.settings import Settings
 from ..common.store import Store, Transition
 from .executor import BatchExecutor, Decoded, Outcome
+from .stages import Stages
 
 log = logging.getLogger("nnfabric.worker")
 
@@ -48,21 +51,48 @@ class ModelReplica:
         self.replica = uuid.uuid4().hex[:12]
         self.stuck = ""  # why this replica must be replaced, once it must
         self._turn = asyncio.Lock()  # one batch on the model at a time; the next one waits here, decoded
+        self.stages: Stages | None = None
         await self.store.set_model(self.spec.name, state="loading")
         try:
-            model, tokenizer = await asyncio.to_thread(load_model, self.spec)
+            if self.spec.staged:
+                # The weights live on the stage actors; this process keeps the model's shell.
+                pipeline, self.stages = await asyncio.to_thread(self._start_stages)
+                self.executor = BatchExecutor(self.spec, pipeline.root, pipeline.lm.tokenizer, self.settings, pipeline)
+                tokenizer = pipeline.lm.tokenizer
+            else:
+                model, tokenizer = await asyncio.to_thread(load_model, self.spec)
+                self.executor = BatchExecutor(self.spec, model, tokenizer, self.settings)
         except Exception as exc:
             await self.store.set_model(self.spec.name, state="failed", error=f"{type(exc).__name__}: {exc}")
             raise
-        self.executor = BatchExecutor(self.spec, model, tokenizer, self.settings)
         await self.store.set_model(
             self.spec.name,
             state="ready",
             structure=json.dumps(self.executor.tree.to_json()),
             tokenizer=json.dumps(tokenizer_files(tokenizer)),
+            stages=json.dumps(self.stages.places if self.stages else []),
             error="",
         )
         await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S, os.getpid())
+
+    def _start_stages(self) -> tuple[Any, Stages]:
+        from transformers import AutoTokenizer
+
+        from .loader import prepare
+        from .stages import start_stages
+
+        source = prepare(self.spec)
+        return start_stages(self.spec, source, AutoTokenizer.from_pretrained(self.spec.tokenizer or source))
+
+    async def _lost(self, why: str) -> None:
+        """Part of this replica's model is gone: it takes no more work, and health fails, so that
+        Serve replaces it whole (every stage with it)."""
+        if not self.stuck:
+            self.stuck = f"{why}; the replica and all its stages are being replaced"
+            log.error("replica of %s: %s", self.spec.name, self.stuck)
+            await self.store.set_model(self.spec.name, lost=f"{time.time():.0f} {self.stuck}")
+            # No longer counted as live: the scheduler holds jobs until a whole replica is back.
+            await self.store.replica_gone(self.spec.name, self.replica)
 
     async def _run_watched(self, jobs: list[Decoded]) -> dict[str, Outcome]:
         """Run the batch in a worker thread. The deadline is checked between every op, but one
@@ -74,6 +104,11 @@ class ModelReplica:
         work = asyncio.ensure_future(asyncio.to_thread(self.executor.run_decoded, jobs))
         try:
             return await asyncio.wait_for(asyncio.shield(work), watchdog_s)
+        except StageLost as exc:
+            # The job that was running goes back to the queue (the scheduler runs it once more,
+            # on a replica that is whole); those that finished keep their outcomes.
+            await self._lost(str(exc))
+            return dict(self.executor.finished)
         except TimeoutError:
             self.stuck = f"a job ran {watchdog_s:.0f} s, past its time limit, and could not be stopped"
             log.error("replica of %s is stuck (%s); asking to be replaced", self.spec.name, self.stuck)
@@ -182,6 +217,12 @@ class ModelReplica:
             raise RuntimeError(self.stuck)
         if self.executor.model is None:
             raise RuntimeError("the model is not loaded")
+        if self.stages is not None:
+            try:
+                await self.stages.check()
+            except StageLost as exc:
+                await self._lost(str(exc))
+                raise RuntimeError(self.stuck) from exc
         await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S, os.getpid())
 
     async def __del__(self) -> None:
@@ -203,10 +244,22 @@ def model_app(spec: ModelSpec, settings: Settings) -> Any:
             "metrics_interval_s": 1.0, "look_back_period_s": 2.0,
         }}  # fmt: skip
     return ModelReplica.options(  # type: ignore[attr-defined]
-        name=spec.deployment,
-        ray_actor_options={"num_gpus": spec.gpus, "num_cpus": 0 if spec.gpus else spec.cpus},
-        **scaling,
+        name=spec.deployment, **replica_placement(spec), **scaling
     ).bind(spec.model_dump(), settings.model_dump())
+
+
+def replica_placement(spec: ModelSpec) -> dict[str, Any]:
+    """Where a replica runs. A staged model's replica reserves one placement group with a bundle
+    per stage (spread over nodes as the catalog says); the replica itself needs nothing of its
+    own and lives in bundle 0, beside stage 0."""
+    if not spec.staged:
+        return {"ray_actor_options": {"num_gpus": spec.gpus, "num_cpus": 0 if spec.gpus else spec.cpus}}
+    bundle = {"GPU": float(spec.gpus)} if spec.gpus else {"CPU": float(spec.cpus)}
+    return {
+        "ray_actor_options": {"num_gpus": 0, "num_cpus": 0},
+        "placement_group_bundles": [dict(bundle) for _ in range(spec.stages)],
+        "placement_group_strategy": spec.placement_strategy,
+    }
 
 
 def build_app(args: dict[str, str]) -> Any:

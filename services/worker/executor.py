@@ -32,6 +32,7 @@ from nnfabric.runtime.decoding import DECODING_OPTIONS
 from nnfabric.runtime.execute import run_graph, run_session
 from nnfabric.runtime.guards import Budget
 from nnfabric.runtime.source import module_operations
+from nnfabric.runtime.stages import StageLost
 from nnfabric.runtime.wire import load_blob, pack_saved, saved_nbytes
 
 from ..common.catalog import ModelSpec, limits_for
@@ -56,10 +57,12 @@ class Outcome:
 
 
 class BatchExecutor:
-    def __init__(self, spec: ModelSpec, model: Any, tokenizer: Any, settings: Settings | None = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, model: Any, tokenizer: Any, settings: Settings | None = None, adapter: Any = None
+    ) -> None:
         self.spec = spec
-        self.model = model
-        self.adapter = CausalLMAdapter(model, tokenizer)
+        self.model = model  # a staged model's shell (its module tree; the weights live on its stages)
+        self.adapter = adapter or CausalLMAdapter(model, tokenizer)
         self.tree = ModuleTree.from_module(model, operations=module_operations)
         self.paths = self.tree.paths()
         self.limits = limits_for(spec, settings or Settings())
@@ -150,6 +153,8 @@ class BatchExecutor:
             return self._finish(saved, len(graphs) > 1, start)
         except InterventionError as exc:
             return Outcome(error=exc.reason, node=exc.node, seconds=time.monotonic() - start, trace=exc.trace)
+        except StageLost:
+            raise  # not the job's failure: the replica has lost part of its model
         except torch.OutOfMemoryError:
             return Outcome(
                 error="out of memory: save less, or use fewer or shorter prompts", seconds=time.monotonic() - start
@@ -186,6 +191,9 @@ class BatchExecutor:
         try:
             with private_rng(None):
                 saved = run_graph(merged, tensors, self.adapter, self._budget(start), isolated=True, spans=spans)
+        except StageLost:
+            self._clean()
+            raise
         except Exception:
             self._clean()
             # Someone's job failed, or needs a run of its own (NeedsSolo): run each alone, so a

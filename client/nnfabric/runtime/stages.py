@@ -47,7 +47,12 @@ from ..graph.tree import split_source
 from .adapters import Batch, CausalLMAdapter
 from .decoding import Decoding
 from .guards import Budget, NeedsSolo
-from .interleaver import _MISSING, _SKIPPED, EarlyStop, Interleaver, ModuleEvent, _Thread
+from .interleaver import _MISSING, _SKIPPED, EarlyStop, Interleaver, ModuleEvent
+
+
+class StageLost(Exception):
+    """A stage's process is gone: the run cannot go on, and the replica must be replaced whole."""
+
 
 # -- the plan ------------------------------------------------------------------------------------
 
@@ -114,7 +119,7 @@ class StagePlan:
             cuts.append(best)
             start = best
         cuts.append(len(sizes))
-        return cls(path, tuple(zip(cuts[:-1], cuts[1:], strict=True)), after)
+        return cls(path, tuple(itertools.pairwise(cuts)), after)
 
     def stage_of_layer(self, index: int) -> int:
         return next(s for s, (a, b) in enumerate(self.ranges) if a <= index < b)
@@ -145,7 +150,8 @@ class StagePlan:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StagePlan:
-        return cls(data["layers"], tuple(tuple(r) for r in data["ranges"]), frozenset(data["after"]))  # type: ignore[arg-type]
+        ranges = tuple((int(a), int(b)) for a, b in data["ranges"])
+        return cls(data["layers"], ranges, frozenset(data["after"]))
 
 
 def _after_modules(model: torch.nn.Module, layers: str) -> frozenset[str]:
@@ -229,15 +235,15 @@ def load_stage(source: str, plan: StagePlan, index: int, dtype: torch.dtype = to
         if not start <= layer < stop:
             blocks[layer] = _LayerStub()
     if index > 0:
+        replaced: list[str] = []
         for name, module in list(model.named_modules()):
-            if name and plan.owner(name) == 0 and not plan.layers.startswith(f"{name}.") and name != plan.layers:
-                if any(True for _ in module.parameters(recurse=False)) or isinstance(module, torch.nn.Embedding):
-                    stub: torch.nn.Module = (
-                        _EmbeddingStub(module.embedding_dim, dtype)
-                        if isinstance(module, torch.nn.Embedding)
-                        else _PassStub()
-                    )
-                    _replace(model, name, stub)
+            if not name or plan.owner(name) != 0 or name == plan.layers or plan.layers.startswith(f"{name}."):
+                continue
+            if any(name.startswith(f"{done}.") for done in replaced) or next(module.parameters(recurse=False), None) is None:
+                continue
+            embedding = isinstance(module, torch.nn.Embedding)
+            _replace(model, name, _EmbeddingStub(module.embedding_dim, dtype) if embedding else _PassStub())
+            replaced.append(name)
     files = sorted(Path(source).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"a staged model needs a safetensors checkpoint in {source}")
