@@ -218,3 +218,38 @@ def test_the_chart_and_compose_describe_one_topology_with_ray_token_auth():
     assert chart_address.startswith("ray://") and compose_address.startswith("ray://")
     assert chart_address.rsplit(":", 1)[1] == compose_address.rsplit(":", 1)[1] == "10001"
     assert "--ray-client-server-port=10001" in compose["ray-head"]["command"]
+
+
+def test_a_staged_model_gets_pods_of_its_stage_shape_and_a_placement_group_per_replica():
+    from ray.serve.schema import ServeDeploySchema
+
+    from services.common.catalog import Catalog, ModelSpec
+    from services.worker.deployment import replica_placement
+
+    models = [
+        {"name": "huge", "source": "/models/huge", "dtype": "bfloat16", "gpus": 4, "stages": 3, "replicas": 2,
+         "placement_strategy": "STRICT_SPREAD"},
+        {"name": "cpu-staged", "source": "/models/small", "stages": 2, "cpus": 2, "replicas": 1},
+        {"name": "small", "source": "/models/small", "gpus": 4, "replicas": 1},
+    ]
+    docs = render({"models": models, "secrets": {"password": "pw"}})
+    ray = find(docs, "RayService")[0]
+    groups = {g["groupName"]: g for g in ray["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    # 3 stages x 2 replicas of 4-GPU pods, plus the one-stage model's pod; 2 CPU pods for 2 stages.
+    assert groups["gpu4"]["replicas"] == 3 * 2 + 1 and groups["cpu"]["replicas"] == 2
+    serve = yaml.safe_load(ray["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve)  # Ray Serve's own schema for the config KubeRay applies
+    apps = {a["name"]: a for a in serve["applications"]}
+    assert "deployments" not in apps["model-small"]
+    # The chart renders exactly what the code asks Serve for.
+    catalog = Catalog.model_validate({"models": models})
+    for name in ("huge", "cpu-staged"):
+        spec = catalog.get(name)
+        assert isinstance(spec, ModelSpec)
+        (deployment,) = apps[f"model-{name}"]["deployments"]
+        wanted = replica_placement(spec)
+        assert deployment["name"] == spec.deployment
+        assert deployment["placement_group_strategy"] == wanted["placement_group_strategy"]
+        assert [{k: float(v) for k, v in b.items()} for b in deployment["placement_group_bundles"]] == wanted[
+            "placement_group_bundles"
+        ]

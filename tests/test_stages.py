@@ -187,3 +187,16 @@ def test_jobs_merged_on_a_staged_model_keep_their_own_rows_and_failures(kind: Ki
         solo_ids, solo_logits = values(one.run([(name, payload)])[name])
         assert torch.equal(ids, solo_ids), name
         assert torch.allclose(logits, solo_logits, atol=1e-5), name
+
+
+def test_attention_weights_and_every_hidden_state_come_back_whole(kind: Kind) -> None:
+    def run(model: Any) -> Any:
+        with model.trace(PROMPTS, output_attentions=True, output_hidden_states=True):
+            out = model.output.save()
+        return out.value
+
+    expected, found = run(kind.one), run(kind.staged)
+    assert len(found["attentions"]) == len(expected["attentions"]) == 4
+    assert_all_equal(list(found["attentions"]), list(expected["attentions"]))
+    assert_all_equal(list(found["hidden_states"]), list(expected["hidden_states"]))
+    assert torch.equal(found["logits"], expected["logits"])

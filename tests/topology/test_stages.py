@@ -74,11 +74,9 @@ def staged(gpt2_4_dir: Path, llama_4_dir: Path) -> Iterator[Any]:
     from services.launcher import EmbeddedFabric
     gcs = free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
-    processes = [
-        _start(folder, "ray-head", [ray_bin, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-                                    "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={folder}/ray",
-                                    "--block"]),  # fmt: skip
-    ]
+    head = [ray_bin, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            "--include-dashboard=false", f"--temp-dir={folder}/ray", "--block"]  # fmt: skip
+    processes = [_start(folder, "ray-head", head)]
     fabric = None
     try:
         time.sleep(3)

@@ -468,9 +468,21 @@ class StagedInterleaver(Interleaver):
 
 
 class _Handoff(Exception):
-    def __init__(self, hidden: torch.Tensor) -> None:
+    def __init__(self, hidden: torch.Tensor, collected: dict[str, Any] | None) -> None:
         super().__init__("handoff")
         self.hidden = hidden
+        self.collected = collected
+
+
+def _collector() -> dict[str, Any] | None:
+    """What transformers is collecting for the model's output in this forward (attention weights,
+    hidden states of every layer): each stage collects its own layers', and they travel on."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older transformers: nothing collected this way
+        return None
+    found = _active_collector.get()
+    return found if isinstance(found, dict) else None
 
 
 @dataclass
@@ -557,7 +569,8 @@ class Stage:
                 if run.needs_grad:
                     received = received.detach().requires_grad_(True)
                 run.boundary_in = received
-                handles.append(self.first.register_forward_pre_hook(_inject(received), with_kwargs=True, prepend=True))
+                inject = _inject(received, state.get("collected"))
+                handles.append(self.first.register_forward_pre_hook(inject, with_kwargs=True, prepend=True))
             if self.next is not None:
                 handles.append(self.next.register_forward_pre_hook(_hand_off, with_kwargs=True, prepend=True))
             args = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
@@ -571,12 +584,15 @@ class Stage:
                 except _Handoff as handoff:
                     run.boundary_out = handoff.hidden
                     reply["hidden"] = handoff.hidden.detach()
+                    reply["collected"] = _portable(handoff.collected)
                 except EarlyStop:
                     reply["stopped"] = True
                 else:
                     self.output = output
                     reply["output"] = _output_portable(output)
             reply["state"] = run.export()
+            if reply.get("collected"):
+                reply["state"]["collected"] = reply.pop("collected")
             return reply
         except Exception as exc:
             return _failure(exc)
@@ -626,8 +642,16 @@ class Stage:
         return {}
 
 
-def _inject(hidden: torch.Tensor) -> Callable[..., Any]:
+def _inject(hidden: torch.Tensor, earlier: dict[str, Any] | None) -> Callable[..., Any]:
     def hook(module: Any, args: Any, kwargs: Any) -> Any:
+        collecting = _collector()
+        if earlier and collecting is not None:
+            # Earlier stages' layers come first in the model's output (their attention weights,
+            # hidden states): as if one forward had collected them all.
+            device = hidden.device
+            for key, values in earlier.items():
+                if key in collecting and isinstance(values, list):
+                    collecting[key][:0] = [v.to(device) if isinstance(v, torch.Tensor) else v for v in values]
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -636,7 +660,9 @@ def _inject(hidden: torch.Tensor) -> Callable[..., Any]:
 
 
 def _hand_off(module: Any, args: Any, kwargs: Any) -> Any:
-    raise _Handoff(args[0] if args else kwargs["hidden_states"])
+    collecting = _collector()
+    kept = {k: list(v) for k, v in collecting.items() if isinstance(v, list)} if collecting else None
+    raise _Handoff(args[0] if args else kwargs["hidden_states"], kept)
 
 
 def _output_portable(output: Any) -> Any:

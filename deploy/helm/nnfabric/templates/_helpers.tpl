@@ -85,8 +85,10 @@ the pods Serve's autoscaling asks for). */}}
 {{- $groups := dict -}}
 {{- range .Values.models -}}
 {{- $key := printf "%d" (int .gpus) -}}
-{{- $low := int (.min_replicas | default .replicas | default 1) -}}
-{{- $high := int (.max_replicas | default .replicas | default 1) -}}
+{{- /* A model split into stages needs a pod of its stage shape for each stage of each replica. */ -}}
+{{- $stages := int (.stages | default 1) -}}
+{{- $low := mul $stages (int (.min_replicas | default .replicas | default 1)) -}}
+{{- $high := mul $stages (int (.max_replicas | default .replicas | default 1)) -}}
 {{- $old := get $groups $key | default (list 0 0) -}}
 {{- $_ := set $groups $key (list (add (index $old 0) $low) (add (index $old 1) $high)) -}}
 {{- end -}}
