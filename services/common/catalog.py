@@ -11,6 +11,11 @@ YAML:
         gpus: 0                            # GPUs per replica (the model is sharded over them)
         replicas: 1                        # or, to follow the queue: min_replicas / max_replicas
         limits: {max_batch: 8, max_new_tokens: 256, max_saved_bytes: 268435456, timeout_s: 120}
+      - name: huge
+        source: /models/huge                # a model larger than one node: pipeline stages
+        stages: 4                           # each replica: a placement group of 4 bundles
+        gpus: 8                             # per stage
+        placement_strategy: STRICT_SPREAD   # one stage per node
 """
 
 from __future__ import annotations

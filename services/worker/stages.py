@@ -51,10 +51,13 @@ class StageActor:
     def forward(self, kwargs: dict[str, Any], state: dict[str, Any], hidden: torch.Tensor | None) -> dict[str, Any]:
         return self.stage.forward(kwargs, state, hidden)
 
+    def forward_after(self, kwargs: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+        return self.stage.forward_after(kwargs, previous)
+
     def finish(self, state: dict[str, Any], final_output: Any) -> dict[str, Any]:
         return self.stage.finish(state, final_output)
 
-    def backward(self, state: dict[str, Any], backward: int, grad: torch.Tensor) -> dict[str, Any]:
+    def backward(self, state: dict[str, Any], backward: int, grad: Any) -> dict[str, Any]:
         return self.stage.backward(state, backward, grad)
 
     def end(self) -> dict[str, Any]:
@@ -70,16 +73,34 @@ class RayLink:
     def __init__(self, actor: Any, index: int) -> None:
         self.actor = actor
         self.index = index
+        self.chain: list[RayLink] = []  # every stage of the pipeline, to name the one that died
 
     def _call(self, method: str, *args: Any) -> dict[str, Any]:
-        try:
-            reply: dict[str, Any] = ray.get(getattr(self.actor, method).remote(*args))
-        except _LOST as exc:
-            raise StageLost(f"stage {self.index} of this model's pipeline was lost ({type(exc).__name__})") from exc
-        return reply
+        return self.result(getattr(self.actor, method).remote(*args))
 
-    def begin(self, spec: RunSpec) -> dict[str, Any]:
-        return self._call("begin", spec)
+    def result(self, reply: Any) -> dict[str, Any]:
+        """The reply behind a reference (a chain of stages' forwards ends here)."""
+        try:
+            found: dict[str, Any] = ray.get(reply)
+        except _LOST as exc:
+            raise StageLost(f"{self._which(exc)} of this model's pipeline was lost ({type(exc).__name__})") from exc
+        return found
+
+    def _which(self, exc: BaseException) -> str:
+        """The stage that died (a chained call fails at the last stage, whichever one died)."""
+        dead = getattr(exc, "actor_id", None)
+        for link in self.chain:
+            if dead is not None and link.actor._actor_id.hex() == dead:
+                return f"stage {link.index}"
+        return f"stage {self.index}" if dead is None or not self.chain else "a stage"
+
+    def forward_after(self, kwargs: dict[str, Any], previous: Any) -> Any:
+        """This stage's forward on the previous stage's reply, left as a reference: Ray hands the
+        reply from stage to stage directly."""
+        return self.actor.forward_after.remote(kwargs, previous)
+
+    def begin(self, spec: RunSpec) -> Any:
+        return self.actor.begin.remote(spec)
 
     def forward(self, kwargs: dict[str, Any], state: dict[str, Any], hidden: torch.Tensor | None) -> dict[str, Any]:
         return self._call("forward", kwargs, state, hidden)
@@ -90,8 +111,8 @@ class RayLink:
     def backward(self, state: dict[str, Any], backward: int, grad: torch.Tensor) -> dict[str, Any]:
         return self._call("backward", state, backward, grad)
 
-    def end(self) -> dict[str, Any]:
-        return self._call("end")
+    def end(self) -> Any:
+        return self.actor.end.remote()
 
 
 class Stages:
@@ -137,4 +158,6 @@ def start_stages(spec: ModelSpec, source: str, tokenizer: Any) -> tuple[Pipeline
     places = ray.get([actor.where.remote() for actor in actors])
     ray.get([later.connect.remote(earlier) for earlier, later in itertools.pairwise(actors)])
     links = [RayLink(actor, index) for index, actor in enumerate(actors)]
+    for link in links:
+        link.chain = links
     return Pipeline(shell, tokenizer, plan, links), Stages(actors, places)

@@ -295,11 +295,34 @@ _DROPPED = _Mark("dropped")  # a value nothing later needs: it does not travel
 _MARKS = {"missing": _MISSING, "skipped": _SKIPPED}
 
 
+@dataclass(frozen=True)
+class _Array:
+    """A tensor as it travels: its bytes as a numpy array, which Ray hands over without pickling
+    them (and a receiver on the same node reads from shared memory), with its dtype and shape."""
+
+    data: Any
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> _Array | torch.Tensor:
+        if tensor.layout != torch.strided or tensor.is_quantized:
+            return tensor
+        flat = tensor.contiguous().reshape(-1)
+        return cls(flat.view(torch.uint8).numpy(), str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        # A copy: what arrives may be read-only shared memory, and the graph may write to it.
+        raw = torch.from_numpy(self.data.copy()) if self.data.size else torch.empty(0, dtype=torch.uint8)
+        found = raw.view(getattr(torch, self.dtype)).reshape(self.shape)
+        return found if found.device == device else found.to(device)
+
+
 def _portable(value: Any) -> Any:
     """A value as it travels: tensors detached (an autograd graph never leaves its stage), on the CPU."""
     if isinstance(value, torch.Tensor):
         found = value.detach()
-        return found if found.device.type == "cpu" else found.cpu()
+        return _Array.of(found if found.device.type == "cpu" else found.cpu())
     if value is _MISSING:
         return _Mark("missing")
     if value is _SKIPPED:
@@ -320,6 +343,8 @@ def _portable(value: Any) -> Any:
 
 
 def _arrived(value: Any, device: torch.device) -> Any:
+    if isinstance(value, _Array):
+        return value.tensor(device)
     if isinstance(value, torch.Tensor):
         return value if value.device == device else value.to(device)
     if isinstance(value, _Mark):
@@ -565,7 +590,7 @@ class Stage:
         try:
             run.adopt(state)
             if hidden is not None:
-                received = hidden.to(self.device)
+                received = _arrived(hidden, self.device)
                 if run.needs_grad:
                     received = received.detach().requires_grad_(True)
                 run.boundary_in = received
@@ -583,7 +608,7 @@ class Stage:
                     output = self.model(**args)
                 except _Handoff as handoff:
                     run.boundary_out = handoff.hidden
-                    reply["hidden"] = handoff.hidden.detach()
+                    reply["hidden"] = _portable(handoff.hidden)
                     reply["collected"] = _portable(handoff.collected)
                 except EarlyStop:
                     reply["stopped"] = True
@@ -600,6 +625,13 @@ class Stage:
             for handle in reversed(handles):
                 handle.remove()
 
+    def forward_after(self, kwargs: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+        """This stage's forward, given the previous stage's reply (handed over stage to stage,
+        never through the replica); a failure or an early stop passes through unchanged."""
+        if "error" in previous or "solo" in previous or previous.get("stopped"):
+            return previous
+        return self.forward(kwargs, previous["state"], _arrived(previous.get("hidden"), self.device))
+
     def finish(self, state: dict[str, Any], final_output: Any) -> dict[str, Any]:
         """The end of the run (on the last stage): what waited for it runs; the saved values."""
         run = self.run
@@ -614,14 +646,14 @@ class Stage:
         except Exception as exc:
             return _failure(exc)
 
-    def backward(self, state: dict[str, Any], backward: int, grad: torch.Tensor) -> dict[str, Any]:
+    def backward(self, state: dict[str, Any], backward: int, grad: Any) -> dict[str, Any]:
         run = self.run
         if run is None:
             return {"error": "this stage has no run in progress (the replica restarted it)"}
         try:
             run.adopt(state)
             with torch.enable_grad():
-                run.backward_upstream(backward, grad)
+                run.backward_upstream(backward, _arrived(grad, self.device))
             return {"state": run.export()}
         except Exception as exc:
             return _failure(exc)
@@ -629,7 +661,7 @@ class Stage:
     def _upstream(self, backward: int, grad: torch.Tensor) -> None:
         run = self.run
         assert run is not None and self.previous is not None
-        reply = self.previous.backward(run.export(), backward, grad.detach())
+        reply = self.previous.backward(run.export(), backward, _portable(grad))
         raise_failure(reply)
         run.adopt(reply["state"])
 
@@ -710,11 +742,13 @@ def _stage_cache(model: Any, plan: StagePlan, index: int) -> Any:
 class StageLink(Protocol):
     """A stage as the replica calls it: in this process, or a Ray actor."""
 
-    def begin(self, spec: RunSpec) -> dict[str, Any]: ...
+    def begin(self, spec: RunSpec) -> Any: ...  # pending: `result` gives the reply (stages start at once)
     def forward(self, kwargs: dict[str, Any], state: dict[str, Any], hidden: torch.Tensor | None) -> dict[str, Any]: ...
+    def forward_after(self, kwargs: dict[str, Any], previous: Any) -> Any: ...
     def finish(self, state: dict[str, Any], final_output: Any) -> dict[str, Any]: ...
-    def backward(self, state: dict[str, Any], backward: int, grad: torch.Tensor) -> dict[str, Any]: ...
-    def end(self) -> dict[str, Any]: ...
+    def backward(self, state: dict[str, Any], backward: int, grad: Any) -> dict[str, Any]: ...
+    def end(self) -> Any: ...
+    def result(self, reply: Any) -> dict[str, Any]: ...
 
 
 class LocalLink:
@@ -729,11 +763,17 @@ class LocalLink:
     def forward(self, kwargs: dict[str, Any], state: dict[str, Any], hidden: torch.Tensor | None) -> dict[str, Any]:
         return copy.deepcopy(self.stage.forward(copy.deepcopy(kwargs), copy.deepcopy(state), _copy(hidden)))
 
+    def forward_after(self, kwargs: dict[str, Any], previous: Any) -> Any:
+        return copy.deepcopy(self.stage.forward_after(copy.deepcopy(kwargs), copy.deepcopy(previous)))
+
+    def result(self, reply: Any) -> dict[str, Any]:
+        return dict(reply)
+
     def finish(self, state: dict[str, Any], final_output: Any) -> dict[str, Any]:
         return copy.deepcopy(self.stage.finish(copy.deepcopy(state), copy.deepcopy(final_output)))
 
-    def backward(self, state: dict[str, Any], backward: int, grad: torch.Tensor) -> dict[str, Any]:
-        return copy.deepcopy(self.stage.backward(copy.deepcopy(state), backward, grad.clone()))
+    def backward(self, state: dict[str, Any], backward: int, grad: Any) -> dict[str, Any]:
+        return copy.deepcopy(self.stage.backward(copy.deepcopy(state), backward, copy.deepcopy(grad)))
 
     def end(self) -> dict[str, Any]:
         return self.stage.end()
@@ -814,13 +854,15 @@ class StagedRun:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for link in self.pipeline.links:
-            with contextlib.suppress(Exception):
-                link.end()
+        links = self.pipeline.links
+        with contextlib.suppress(Exception):
+            for link, pending in zip(links, [link.end() for link in links], strict=True):
+                link.result(pending)
 
     def call(self, run_model: Callable[[], Any]) -> Any:
-        for link in self.pipeline.links:
-            raise_failure(link.begin(self.spec))
+        links = self.pipeline.links
+        for link, pending in zip(links, [link.begin(self.spec) for link in links], strict=True):
+            raise_failure(link.result(pending))
         shell = self.pipeline.root
 
         # Hugging Face's own loop (generate) drives the stages; it reads the forward's signature
@@ -858,15 +900,17 @@ class StagedRun:
         if args:
             kwargs["input_ids"] = args[0]
         self._sync()
-        hidden = None
-        reply: dict[str, Any] = {}
-        for link in self.pipeline.links:
-            reply = link.forward(kwargs, self.state, hidden)
-            raise_failure(reply)
-            self.state = reply["state"]
-            if reply.get("stopped"):
-                raise EarlyStop()
-            hidden = reply.get("hidden")
+        # Each stage's reply goes straight to the next stage (a Ray object reference: the hidden
+        # state and the graph's values move stage to stage, not through this process).
+        links = self.pipeline.links
+        pending: Any = {"state": self.state}
+        for link in links:
+            pending = link.forward_after(kwargs, pending)
+        reply = links[-1].result(pending)
+        raise_failure(reply)
+        self.state = reply["state"]
+        if reply.get("stopped"):
+            raise EarlyStop()
         output = _arrived(reply["output"], torch.device("cpu"))
         if cache is not None:
             # Hugging Face's loop reads the cache's length for positions: a cache of zero-width keys
