@@ -19,8 +19,9 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 async def describe(spec: ModelSpec, store: Store) -> ModelInfo:
     """A catalog model as it is now: a model counts as ready only while a replica says so."""
-    live = await store.model(spec.name, "state", "error", "last_alive", "lost")
+    # Liveness first: a replica that gives up writes why ("lost") before it stops counting as live.
     alive = await store.live_replicas(spec.name)
+    live = await store.model(spec.name, "state", "error", "last_alive", "lost")
     depth, wait = await store.queue_depth(spec.name)
     state = live.get("state", "not started")
     if state == "ready" and alive == 0:
