@@ -193,9 +193,11 @@ def test_attention_weights_and_every_hidden_state_come_back_whole(kind: Kind) ->
     def run(model: Any) -> Any:
         with model.trace(PROMPTS, output_attentions=True, output_hidden_states=True):
             out = model.output.save()
-        return out.value
+            first = (model.output.attentions[0] * 2).save()  # used inside the graph, on the last stage
+        return out.value, first.value
 
-    expected, found = run(kind.one), run(kind.staged)
+    (expected, first_expected), (found, first_found) = run(kind.one), run(kind.staged)
+    assert torch.equal(first_found, first_expected)
     assert len(found["attentions"]) == len(expected["attentions"]) == 4
     assert_all_equal(list(found["attentions"]), list(expected["attentions"]))
     assert_all_equal(list(found["hidden_states"]), list(expected["hidden_states"]))

@@ -680,10 +680,9 @@ def _inject(hidden: torch.Tensor, earlier: dict[str, Any] | None) -> Callable[..
         if earlier and collecting is not None:
             # Earlier stages' layers come first in the model's output (their attention weights,
             # hidden states): as if one forward had collected them all.
-            device = hidden.device
             for key, values in earlier.items():
                 if key in collecting and isinstance(values, list):
-                    collecting[key][:0] = [v.to(device) if isinstance(v, torch.Tensor) else v for v in values]
+                    collecting[key][:0] = _arrived(values, hidden.device)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
