@@ -161,6 +161,20 @@ def test_early_stop_sessions_and_backward_from_an_early_layer(kind: Kind) -> Non
     assert_all_equal(run(kind.staged), run(kind.one))
 
 
+def test_weights_of_every_stage_can_be_read(kind: Kind) -> None:
+    def run(model: Any) -> list[torch.Tensor]:
+        embedding = "transformer.wte" if kind.name == "gpt2" else "model.embed_tokens"
+        with model.trace(PROMPT):
+            first = at(model, embedding).weight[:3].save()  # stage 0's, in a graph whose events are all on stage 1
+            head = model.lm_head.weight[:3].save()
+            out = model.lm_head.output.save()
+        return [first.value, head.value, out.value]
+
+    expected = run(kind.one)
+    assert torch.equal(expected[0], kind.one._module.get_input_embeddings().weight[:3])
+    assert_all_equal(run(kind.staged), expected)
+
+
 def test_a_module_of_a_later_stage_used_before_the_run_reaches_it_fails_at_the_users_line(kind: Kind) -> None:
     model = kind.staged
     blocks, norm = at(model, kind.layers), at(model, kind.norm)

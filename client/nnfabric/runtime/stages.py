@@ -407,7 +407,9 @@ class StagedInterleaver(Interleaver):
             "ending": self.ending,
         }
 
-    def adopt(self, state: dict[str, Any]) -> None:
+    def adopt(self, state: dict[str, Any], advance: bool = False) -> None:
+        """Take over the run's state; `advance`: the run has reached this stage's forward, so what
+        needs no event may run here (never mid-backward: the node running then is not done)."""
         self.values = [_arrived(v, self.device) for v in state["values"]]
         for thread, (nodes, pc) in zip(self.threads, state["threads"], strict=True):
             thread.nodes, thread.pc = list(nodes), pc
@@ -422,6 +424,10 @@ class StagedInterleaver(Interleaver):
         self.last_step = dict(state["last_step"])
         self.ending = state["ending"]
         self._retry_postponed()
+        if advance and not self.ending:
+            # What needs no event runs where its module is (a weight of stage 0 read by a graph
+            # whose every event is on a later stage).
+            self._advance(self.threads)
 
     # -- values that wait for a later stage --------------------------------------------------------
     def _here(self, node: Node) -> bool:
@@ -588,7 +594,8 @@ class Stage:
             return {"error": "this stage has no run in progress (the replica restarted it)"}
         handles = []
         try:
-            run.adopt(state)
+            with torch.enable_grad() if run.needs_grad else torch.no_grad():
+                run.adopt(state, advance=True)  # what waited for this stage runs now, under the run's grad mode
             if hidden is not None:
                 received = _arrived(hidden, self.device)
                 if run.needs_grad:
