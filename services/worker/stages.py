@@ -48,9 +48,6 @@ class StageActor:
     def begin(self, spec: RunSpec) -> dict[str, Any]:
         return self.stage.begin(spec)
 
-    def forward(self, kwargs: dict[str, Any], state: dict[str, Any], hidden: torch.Tensor | None) -> dict[str, Any]:
-        return self.stage.forward(kwargs, state, hidden)
-
     def forward_after(self, kwargs: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
         return self.stage.forward_after(kwargs, previous)
 
@@ -101,9 +98,6 @@ class RayLink:
 
     def begin(self, spec: RunSpec) -> Any:
         return self.actor.begin.remote(spec)
-
-    def forward(self, kwargs: dict[str, Any], state: dict[str, Any], hidden: torch.Tensor | None) -> dict[str, Any]:
-        return self._call("forward", kwargs, state, hidden)
 
     def finish(self, state: dict[str, Any], final_output: Any) -> dict[str, Any]:
         return self._call("finish", state, final_output)

@@ -32,7 +32,6 @@ import contextlib
 import copy
 import functools
 import itertools
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -158,7 +157,6 @@ def _after_modules(model: torch.nn.Module, layers: str) -> frozenset[str]:
     """Modules with weights that come after the layers (registered after them: final norm, head).
     Weightless ones registered after the layers (rotary embeddings) run before them, on stage 0."""
     names = [name for name, _ in model.named_modules()]
-    position = names.index(layers)
     inside_end = max(i for i, name in enumerate(names) if name == layers or name.startswith(f"{layers}."))
     found: set[str] = set()
     for name in names[inside_end + 1 :]:
@@ -167,7 +165,6 @@ def _after_modules(model: torch.nn.Module, layers: str) -> frozenset[str]:
             continue
         if any(True for _ in module.parameters()):
             found.add(name)
-    del position
     return frozenset(found)
 
 
@@ -268,10 +265,9 @@ def load_stage(source: str, plan: StagePlan, index: int, dtype: torch.dtype = to
         with safe_open(str(where[key]), framework="pt", device="cpu") as handle:
             value = handle.get_tensor(key)
         set_module_tensor_to_device(model, name, device, value=value, dtype=dtype if value.is_floating_point() else None)
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.device.type != "meta":
-            param.requires_grad_(True)
-        del name
+            param.requires_grad_(True)  # as the one-stage loader: gradients reach every weight's input
     return model
 
 
@@ -749,7 +745,6 @@ class StageLink(Protocol):
     """A stage as the replica calls it: in this process, or a Ray actor."""
 
     def begin(self, spec: RunSpec) -> Any: ...  # pending: `result` gives the reply (stages start at once)
-    def forward(self, kwargs: dict[str, Any], state: dict[str, Any], hidden: torch.Tensor | None) -> dict[str, Any]: ...
     def forward_after(self, kwargs: dict[str, Any], previous: Any) -> Any: ...
     def finish(self, state: dict[str, Any], final_output: Any) -> dict[str, Any]: ...
     def backward(self, state: dict[str, Any], backward: int, grad: Any) -> dict[str, Any]: ...
@@ -766,9 +761,6 @@ class LocalLink:
     def begin(self, spec: RunSpec) -> dict[str, Any]:
         return self.stage.begin(copy.deepcopy(spec))
 
-    def forward(self, kwargs: dict[str, Any], state: dict[str, Any], hidden: torch.Tensor | None) -> dict[str, Any]:
-        return copy.deepcopy(self.stage.forward(copy.deepcopy(kwargs), copy.deepcopy(state), _copy(hidden)))
-
     def forward_after(self, kwargs: dict[str, Any], previous: Any) -> Any:
         return copy.deepcopy(self.stage.forward_after(copy.deepcopy(kwargs), copy.deepcopy(previous)))
 
@@ -783,10 +775,6 @@ class LocalLink:
 
     def end(self) -> dict[str, Any]:
         return self.stage.end()
-
-
-def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach().clone()
 
 
 def local_pipeline(source: str, tokenizer: Any, count: int, dtype: torch.dtype = torch.float32,
@@ -927,6 +915,3 @@ class StagedRun:
             output["past_key_values"] = cache
         return output
 
-
-def describe_plan(plan: StagePlan) -> str:
-    return json.dumps(plan.to_json())
