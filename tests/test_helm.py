@@ -227,16 +227,16 @@ def test_a_staged_model_gets_pods_of_its_stage_shape_and_a_placement_group_per_r
     from services.worker.deployment import replica_placement
 
     models = [
-        {"name": "huge", "source": "/models/huge", "dtype": "bfloat16", "gpus": 4, "stages": 3, "replicas": 2,
+        {"name": "huge", "source": "/models/huge", "dtype": "bfloat16", "gpus": 1, "stages": 3, "replicas": 2,
          "placement_strategy": "STRICT_SPREAD"},
         {"name": "cpu-staged", "source": "/models/small", "stages": 2, "cpus": 2, "replicas": 1},
-        {"name": "small", "source": "/models/small", "gpus": 4, "replicas": 1},
+        {"name": "small", "source": "/models/small", "gpus": 1, "replicas": 1},
     ]
     docs = render({"models": models, "secrets": {"password": "pw"}})
     ray = find(docs, "RayService")[0]
     groups = {g["groupName"]: g for g in ray["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    # 3 stages x 2 replicas of 4-GPU pods, plus the one-stage model's pod; 2 CPU pods for 2 stages.
-    assert groups["gpu4"]["replicas"] == 3 * 2 + 1 and groups["cpu"]["replicas"] == 2
+    # 3 stages x 2 replicas of 1-GPU pods, plus the one-stage model's pod; 2 CPU pods for 2 stages.
+    assert groups["gpu1"]["replicas"] == 3 * 2 + 1 and groups["cpu"]["replicas"] == 2
     serve = yaml.safe_load(ray["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve)  # Ray Serve's own schema for the config KubeRay applies
     apps = {a["name"]: a for a in serve["applications"]}

@@ -78,6 +78,8 @@ def test_the_plan_balances_parameters_and_each_stage_loads_only_its_layers(kind:
             StagePlan.of(shell, bad)
     with pytest.raises(ValueError, match="ranges"):
         ModelSpec(name="m", source="x", stages=2, stage_layers=[(0, 4)])
+    with pytest.raises(ValueError, match="1 GPU per stage"):
+        ModelSpec(name="m", source="x", stages=2, gpus=4)
 
 
 def lens_patch_and_grads(model: Any, kind: Kind) -> list[torch.Tensor]:

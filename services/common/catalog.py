@@ -14,7 +14,7 @@ YAML:
       - name: huge
         source: /models/huge                # a model larger than one node: pipeline stages
         stages: 4                           # each replica: a placement group of 4 bundles
-        gpus: 8                             # per stage
+        gpus: 1                             # per stage (at most 1)
         placement_strategy: STRICT_SPREAD   # one stage per node
 """
 
@@ -86,6 +86,14 @@ class ModelSpec(BaseModel):
                 if start != expected or stop <= start:
                     raise ValueError(f"stage_layers must be contiguous, non-empty ranges from 0: {self.stage_layers}")
                 expected = stop
+        return self
+
+    @model_validator(mode="after")
+    def _one_gpu_per_stage(self) -> ModelSpec:
+        if self.stages > 1 and self.gpus > 1:
+            # A stage's layers would all sit on its first GPU (accelerate across one stage's GPUs
+            # is not wired): refused rather than reserving GPUs it would not use.
+            raise ValueError(f"a staged model takes at most 1 GPU per stage; use more stages (got gpus: {self.gpus})")
         return self
 
     @property
