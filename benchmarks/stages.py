@@ -43,7 +43,7 @@ def build(directory: Path, layers: int, width: int) -> None:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=layers, n_embd=width, n_head=8, vocab_size=300, n_positions=512,
                         pad_token_id=1, eos_token_id=2, bos_token_id=2)  # fmt: skip
-    GPT2LMHeadModel(config).eval().save_pretrained(directory)
+    GPT2LMHeadModel(config).train(False).save_pretrained(directory)
     train_tokenizer(directory)
 
 

@@ -314,50 +314,44 @@ class _Array:
         return found if found.device == device else found.to(device)
 
 
+def _rebuilt(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """`value` with `leaf` applied to everything but its containers (a model output keeps its type)."""
+    if isinstance(value, list):
+        return [_rebuilt(v, leaf) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_rebuilt(v, leaf) for v in value)
+    if isinstance(value, dict):
+        mapped = {k: _rebuilt(v, leaf) for k, v in value.items()}
+        if type(value) is not dict:
+            with contextlib.suppress(TypeError):
+                return type(value)(**mapped)
+        return mapped
+    return leaf(value)
+
+
 def _portable(value: Any) -> Any:
     """A value as it travels: tensors detached (an autograd graph never leaves its stage), on the CPU."""
-    if isinstance(value, torch.Tensor):
-        found = value.detach()
-        return _Array.of(found if found.device.type == "cpu" else found.cpu())
-    if value is _MISSING:
-        return _Mark("missing")
-    if value is _SKIPPED:
-        return _Mark("skipped")
-    if isinstance(value, list):
-        return [_portable(v) for v in value]
-    if isinstance(value, tuple):
-        return type(value)(_portable(v) for v in value) if type(value) is tuple else tuple(_portable(v) for v in value)
-    if isinstance(value, dict):
-        mapped = {k: _portable(v) for k, v in value.items()}
-        if type(value) is dict:
-            return mapped
-        try:
-            return type(value)(**mapped)  # e.g. a model output: keep its type
-        except TypeError:
-            return mapped
-    return value
+
+    def leaf(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            found = item.detach()
+            return _Array.of(found if found.device.type == "cpu" else found.cpu())
+        if item is _MISSING:
+            return _Mark("missing")
+        return _Mark("skipped") if item is _SKIPPED else item
+
+    return _rebuilt(value, leaf)
 
 
 def _arrived(value: Any, device: torch.device) -> Any:
-    if isinstance(value, _Array):
-        return value.tensor(device)
-    if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device)
-    if isinstance(value, _Mark):
-        return _MARKS.get(value.name, value)
-    if isinstance(value, list):
-        return [_arrived(v, device) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_arrived(v, device) for v in value)
-    if isinstance(value, dict):
-        mapped = {k: _arrived(v, device) for k, v in value.items()}
-        if type(value) is dict:
-            return mapped
-        try:
-            return type(value)(**mapped)
-        except TypeError:
-            return mapped
-    return value
+    def leaf(item: Any) -> Any:
+        if isinstance(item, _Array):
+            return item.tensor(device)
+        if isinstance(item, torch.Tensor):
+            return item if item.device == device else item.to(device)
+        return _MARKS.get(item.name, item) if isinstance(item, _Mark) else item
+
+    return _rebuilt(value, leaf)
 
 
 class StagedInterleaver(Interleaver):
@@ -545,6 +539,9 @@ def raise_failure(reply: dict[str, Any]) -> None:
         raise InterventionError(reply["error"], None if line is None else SourceLine(**line), reply.get("node"))
 
 
+_NO_RUN = {"error": "this stage has no run in progress (the replica restarted it)"}
+
+
 class Stage:
     """One stage's model and its share of the run in progress. Every method returns a reply
     dict (the state, and "error" when the run failed here) rather than raising, so a failure
@@ -587,7 +584,7 @@ class Stage:
     def forward(self, kwargs: dict[str, Any], state: dict[str, Any], hidden: torch.Tensor | None) -> dict[str, Any]:
         run, spec = self.run, self.spec
         if run is None or spec is None:
-            return {"error": "this stage has no run in progress (the replica restarted it)"}
+            return dict(_NO_RUN)
         handles = []
         try:
             with torch.enable_grad() if run.needs_grad else torch.no_grad():
@@ -639,7 +636,7 @@ class Stage:
         """The end of the run (on the last stage): what waited for it runs; the saved values."""
         run = self.run
         if run is None:
-            return {"error": "this stage has no run in progress (the replica restarted it)"}
+            return dict(_NO_RUN)
         try:
             run.adopt(state)
             run.final_output = self.output if final_output is None else _arrived(final_output, self.device)
@@ -652,7 +649,7 @@ class Stage:
     def backward(self, state: dict[str, Any], backward: int, grad: Any) -> dict[str, Any]:
         run = self.run
         if run is None:
-            return {"error": "this stage has no run in progress (the replica restarted it)"}
+            return dict(_NO_RUN)
         try:
             run.adopt(state)
             with torch.enable_grad():
