@@ -199,8 +199,9 @@ def _serve_api(settings: Settings, port: int) -> tuple[Any, threading.Thread]:
     from .api.app import create_app
 
     # No per-message deflate: results are tensors, which barely compress, and it costs CPU per frame.
+    # No proxy headers: the api decides whom to believe (NNFABRIC_TRUSTED_PROXIES), not uvicorn.
     config = uvicorn.Config(create_app(settings), host=settings.api_host, port=port, log_level="warning",
-                            ws_per_message_deflate=False)  # fmt: skip
+                            ws_per_message_deflate=False, proxy_headers=False)  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -58,3 +58,21 @@ def test_every_recipe_runs_in_order_and_the_checkable_ones_are_right(gpt2_dir):
     assert torch.equal(names["ablated_logits"].value, zeroed)
     with torch.no_grad():
         assert torch.equal(names["intact_logits"].value, gpt2._module(clean_ids).logits)
+    # Every edit shows in its recipe's output: the edited value differs from the plain one.
+    def moved(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max())
+
+    assert moved(names["head_ablated"].value, names["plain_last"].value) > 1e-4  # head 0
+    assert moved(names["ablated"].value, names["intact"].value) > 1e-4  # the .source neuron
+    assert moved(names["pushed"].value, names["unpushed"].value) > 1e-4  # W_U[" Paris"]
+    assert moved(names["after"].value, names["before"].value) > 1e-2  # the scanned width's direction
+    assert moved(names["ablated_logits"].value, names["intact_logits"].value) > 1e-2
+    assert names["steered"] != gpt2.tokenizer.decode(names["plain_tokens"].value[0])
+    # The attention weights of one module equal the eager model's, read by a hand-written hook.
+    eager = nnfabric.LanguageModel(str(gpt2_dir), attn_implementation="eager")._module
+    seen = {}
+    handle = eager.transformer.h[0].attn.register_forward_hook(lambda m, a, o: seen.update(w=o[1]))
+    with torch.no_grad():
+        eager(clean_ids)
+    handle.remove()
+    assert torch.allclose(names["layer0"].value, seen["w"], atol=1e-6)

@@ -147,3 +147,30 @@ def test_a_prompt_over_the_string_limit_is_refused_before_tokenizing(gpt2):
     ex = executor(gpt2)
     outcome = ex.run([("a", _graph_of(Node("output", ["", 0, 0]), prompt="word " * 700_000))])["a"]
     assert "invalid graph" in outcome.error and "characters" in outcome.error
+
+
+def attention_weights_job(prompt):
+    g = Graph()
+    g.invokes.append(Invoke(args=[prompt]))
+    out = g.add(Node("output", ["transformer.h.0.attn", 0, 0]))
+    g.saves.append(g.add(Node("getitem", [Ref(out.id), 1])).id)
+    return pack_request(g, {})
+
+
+def test_a_job_reading_attention_weights_runs_eager_without_changing_its_batch_mates(gpt2, gpt2_dir):
+    from test_methods import eager_module_outputs
+
+    ex = executor(gpt2)
+    alone = {p: logits_of(ex.run([("solo", job(p))])["solo"]) for p in SAME_WIDTH[:2]}
+    calls = []
+    handle = gpt2._module.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        outcomes = ex.run([("a", job(SAME_WIDTH[0])), ("w", attention_weights_job(SAME_WIDTH[2])),
+                           ("b", job(SAME_WIDTH[1]))])  # fmt: skip
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # the plain jobs share a (fused) pass; the weights job has an eager one
+    assert torch.equal(logits_of(outcomes["a"]), alone[SAME_WIDTH[0]])
+    assert torch.equal(logits_of(outcomes["b"]), alone[SAME_WIDTH[1]])
+    expected = eager_module_outputs(gpt2_dir, SAME_WIDTH[2], ["transformer.h.0.attn"])["transformer.h.0.attn"][1]
+    assert torch.allclose(logits_of(outcomes["w"]), expected, atol=1e-6)

@@ -288,12 +288,11 @@ def test_tensor_blobs_the_worker_could_not_load_are_refused(gateway, meta):
 
 def test_a_header_of_huge_integers_is_refused_fast_and_health_stays_answered(gateway):
     head, _ = split(seeds()[0])
-    blob = struct.pack("<Q", 1_200_000) + b"[" + b",".join([b"9" * 4000] * 299) + b"]"
+    blob = struct.pack("<Q", 1_200_000) + b'{"t0": [' + b",".join([b"9" * 4000] * 299) + b"]}"
     blob = blob[:8] + blob[8:].ljust(1_200_000, b" ")
-    start = time.perf_counter()
     response = gateway.submit(join(head, blob))
-    took = time.perf_counter() - start
-    assert response.status_code == 422 and took < 2.0, took
+    # Refused at the first long integer, as the parser meets it (not after converting 299 of them).
+    assert response.status_code == 422 and "digits is too long" in response.json()["detail"], response.text
     assert gateway.http.get("/healthz").status_code == 200
 
 

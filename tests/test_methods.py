@@ -256,3 +256,92 @@ def test_setting_the_gradient_of_an_indexed_activation_edits_only_those_entries(
         last1.grad = torch.zeros(1, 64)
         g0 = h0.grad.save()
     assert torch.allclose(g0.value, expected, atol=1e-6)
+
+
+def eager_module_outputs(model_dir, prompt, paths):
+    """Each module's output on a model loaded with eager attention, by hand-written hooks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(str(model_dir))(prompt)["input_ids"]])
+    seen = {}
+    handles = [module.get_submodule(p).register_forward_hook(lambda m, a, o, p=p: seen.update({p: o})) for p in paths]
+    try:
+        with torch.no_grad():
+            module(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attention_weights_read_any_way_equal_an_eager_models_locally(family, gpt2_dir, llama_dir):
+    import nnfabric
+
+    directory = gpt2_dir if family == "gpt2" else llama_dir
+    model = nnfabric.LanguageModel(str(directory))  # loaded as served: fused (sdpa) attention
+    assert model._module.config._attn_implementation == "sdpa"
+    layers = model.transformer.h if family == "gpt2" else model.model.layers
+    attn = [layer.attn if family == "gpt2" else layer.self_attn for layer in layers]
+    paths = [a._path for a in attn]
+    expected = eager_module_outputs(directory, PROMPT, paths)
+    with model.trace(PROMPT) as tracer:
+        kernel = attn[0].source.attention_interface_0.output[1].save()  # the kernel call runs first
+        weights = attn[0].output[1].save()
+        whole = attn[1].output.save()
+    for got in (weights.value, kernel.value, whole.value[1]):
+        assert got is not None and got.shape[-2:] == (expected[paths[0]][1].shape[-1],) * 2
+    assert torch.allclose(weights.value, expected[paths[0]][1], atol=1e-6)
+    assert torch.allclose(kernel.value, expected[paths[0]][1], atol=1e-6)
+    assert torch.allclose(whole.value[1], expected[paths[1]][1], atol=1e-6)
+    with model.trace(PROMPT) as tracer:
+        cached = tracer.cache("attn" if family == "gpt2" else "self_attn")
+    for path in paths:
+        assert torch.allclose(cached[path].value[1], expected[path][1], atol=1e-6)
+    with model.scan(PROMPT):
+        scanned_kernel = attn[0].source.attention_interface_0.output.save()
+        scanned = attn[0].output.save()
+    assert scanned.value[1].shape == expected[paths[0]][1].shape == scanned_kernel.value[1].shape
+    assert model._module.config._attn_implementation == "sdpa"  # put back after each run
+    # Reading only the attention output keeps the fused kernel, and its value is the plain model's.
+    with model.trace(PROMPT):
+        out = attn[0].output[0].save()
+    assert torch.allclose(out.value, expected[paths[0]][0], atol=1e-5)
+
+
+def test_attention_weights_read_remotely_equal_an_eager_models(gpt2_dir, alice):
+    expected = eager_module_outputs(gpt2_dir, PROMPT, ["transformer.h.0.attn", "transformer.h.1.attn"])
+    with alice.trace(PROMPT, remote=True) as tracer:
+        kernel = alice.transformer.h[0].attn.source.attention_interface_0.output[1].save()
+        weights = alice.transformer.h[1].attn.output[1].save()
+        cached = tracer.cache(".attn")
+    assert torch.allclose(kernel.value, expected["transformer.h.0.attn"][1], atol=1e-6)
+    assert torch.allclose(weights.value, expected["transformer.h.1.attn"][1], atol=1e-6)
+    assert torch.allclose(cached["transformer.h.0.attn"].value[1], expected["transformer.h.0.attn"][1], atol=1e-6)
+    with alice.scan(PROMPT, remote=True):
+        shapes = alice.transformer.h[0].attn.output.save()
+    assert shapes.value[1].shape == expected["transformer.h.0.attn"][1].shape
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_dict_input_passes_its_other_entries_to_the_forward(gpt2_dir, alice, remote):
+    import nnfabric
+
+    gpt2 = nnfabric.LanguageModel(str(gpt2_dir))  # its own: transformers leaves capture hooks
+    model = alice if remote else gpt2
+    expected = eager_attentions(model, PROMPT)
+    ids = torch.tensor([model.tokenizer(PROMPT)["input_ids"]])
+    with model.trace({"input_ids": ids, "output_attentions": True}, remote=remote):
+        out = model.output.attentions.save()
+    assert len(out.value) == len(expected)
+    for got, want in zip(out.value, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_a_language_model_refuses_unknown_input_entries_by_name(gpt2):
+    from nnfabric.runtime.adapters import CausalLMAdapter
+
+    adapter = CausalLMAdapter(gpt2._module, gpt2.tokenizer)
+    with pytest.raises(ValueError, match="'output_attentions'"):
+        adapter.rows_for([], {"input_ids": [[5, 6]], "output_attentions": True})

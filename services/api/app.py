@@ -23,6 +23,7 @@ from . import (
     routes_status,
 )
 from .metrics import Metrics
+from .proxies import TrustedProxies
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="nnfabric", version=nnfabric.__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.catalog = Catalog.load(settings.catalog)
+    app.state.proxies = TrustedProxies.parse(settings.trusted_proxies)
     app.state.metrics = Metrics()
     app.middleware("http")(app.state.metrics.middleware)
     errors.install(app)

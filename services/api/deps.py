@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Request, WebSocket
 from ..common.catalog import Catalog
 from ..common.settings import Settings
 from ..common.store import ApiKey, Store
+from .proxies import TrustedProxies
 
 
 async def get_store(request: Request) -> Store:
@@ -33,7 +34,11 @@ def _bearer(header: str | None) -> str:
 
 
 def client_address(connection: Request | WebSocket) -> str:
-    return connection.client.host if connection.client else "unknown"
+    """The address failed authentications count against: the peer, or behind a trusted proxy
+    the client it forwards for (NNFABRIC_TRUSTED_PROXIES)."""
+    peer = connection.client.host if connection.client else "unknown"
+    proxies: TrustedProxies = connection.app.state.proxies
+    return proxies.client(peer, connection.headers.getlist("x-forwarded-for"))
 
 
 async def require_key(request: Request, store: Annotated[Store, Depends(get_store)]) -> ApiKey:
@@ -52,16 +57,3 @@ CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 KeyDep = Annotated[ApiKey, Depends(require_key)]
 
-
-async def websocket_key(websocket: WebSocket) -> ApiKey | None:
-    """The key of a websocket (header, or ?key= for clients that cannot set headers); failed
-    attempts count against the client address as on HTTP."""
-    store: Store = websocket.app.state.store
-    header = websocket.headers.get("authorization")
-    token = websocket.query_params.get("key")
-    try:
-        raw = _bearer(header) if header else (token or "")
-    except HTTPException:
-        raw = ""
-    key, wait = await store.authorize(raw, client_address(websocket))
-    return None if wait else key

@@ -26,8 +26,9 @@ from ..common.catalog import Catalog, limits_for
 from ..common.result_store import ResultStore
 from ..common.settings import Settings
 from ..common.store import ApiKey, Store
-from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep, websocket_key
+from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep
 from .errors import ApiError, InvalidJob, responses
+from .sockets import StreamSocket
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -315,40 +316,39 @@ async def events(websocket: WebSocket, job_id: str, after: str = "0-0", result: 
     `result=inline`, a `completed` event says `"inline": true` when the result (up to
     NNFABRIC_INLINE_RESULT_BYTES) follows it as one binary frame; with `result=json`, it follows
     as one JSON text frame `{"type": "result", "values": ...}`."""
-    key = await websocket_key(websocket)
-    store: Store = websocket.app.state.store
-    if key is None:
-        await websocket.close(code=4401, reason="unknown or missing API key")
+    opened = await StreamSocket.open(websocket)
+    if opened is None:
         return
+    store = opened.store
     if not _EVENT_ID.match(after):
-        await websocket.close(code=4400, reason="after= must be an event id such as 0-0")
+        await opened.refuse(4400, "after= must be an event id such as 0-0")
         return
     job = await store.job(job_id) if len(job_id) <= 64 else None
-    if job is None or job["user"] != key.user:
-        await websocket.close(code=4404, reason="no such job")
+    if job is None or job["user"] != opened.key.user:
+        await opened.refuse(4404, "no such job")
         return
-    if not await store.open_stream(key):
-        await websocket.close(code=4429, reason=f"this key already has {key.max_streams} event streams open")
+    if not await opened.take_slot():
         return
     try:
-        await _stream(websocket, store, job_id, after, result)
+        await _stream(opened, job_id, after, result)
     finally:
-        # Given back even when the server cancels this handler (the slot must not leak).
-        await asyncio.shield(store.close_stream(key))
+        await opened.release()  # also when the server cancels this handler: the slot must not leak
 
 
-async def _stream(websocket: WebSocket, store: Store, job_id: str, after: str, inline: str) -> None:
+async def _stream(opened: StreamSocket, job_id: str, after: str, inline: str) -> None:
     """Send events until a final one; stop as soon as the client goes away (its stream slot is
     then free again, even while the job waits in the queue)."""
-    await websocket.accept()
-    sender = asyncio.create_task(_send_events(websocket, store, job_id, after, inline))
-    watcher = asyncio.create_task(_until_disconnected(websocket))
+    await opened.accept()
+    sender = asyncio.create_task(_send_events(opened, job_id, after, inline))
+    watcher = asyncio.create_task(_until_disconnected(opened.websocket))
     try:
         await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in (sender, watcher):
             task.cancel()
-        await asyncio.gather(sender, watcher, return_exceptions=True)
+        # (wait, not gather: if this handler is cancelled meanwhile, the CancelledError it raises
+        # is the handler's own, which the server's cancel scope recognises and absorbs)
+        await asyncio.wait({sender, watcher})
 
 
 async def _until_disconnected(websocket: WebSocket) -> None:
@@ -357,7 +357,8 @@ async def _until_disconnected(websocket: WebSocket) -> None:
             pass
 
 
-async def _send_events(websocket: WebSocket, store: Store, job_id: str, cursor: str, inline: str) -> None:
+async def _send_events(opened: StreamSocket, job_id: str, cursor: str, inline: str) -> None:
+    websocket, store = opened.websocket, opened.store
     limit = websocket.app.state.settings.inline_result_bytes if inline in ("inline", "json") else 0
     as_json = inline == "json"
     try:
@@ -372,7 +373,7 @@ async def _send_events(websocket: WebSocket, store: Store, job_id: str, cursor: 
                     await websocket.send_json({"type": "result", **values})
                 elif data:
                     await websocket.send_bytes(data)
-                await websocket.close()
+                await opened.close()
                 return
     except (WebSocketDisconnect, RuntimeError):
         return

@@ -3,26 +3,26 @@ job record, with the op table; the same definitions are the OpenAPI document's c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from nnfabric.graph.schema import schema_defs, schema_document
-from nnfabric.protocol import JobEvent, JobRecord
+from nnfabric.protocol import JobEvent, JobRecord, SchemaDocument
 from pydantic import TypeAdapter
 
 router = APIRouter(tags=["schema"])
 
 
-def published_schema() -> dict[str, Any]:
-    document = schema_document()
+def published_schema() -> SchemaDocument:
+    document = cast(SchemaDocument, schema_document())
     for name, kind in (("JobRecord", JobRecord), ("JobEvent", JobEvent)):
         document["$defs"][name] = TypeAdapter(kind).json_schema(ref_template="#/$defs/{model}")
     return document
 
 
 @router.get("/v1/schema")
-async def schema() -> dict[str, Any]:
+async def schema() -> SchemaDocument:
     """The JSON Schema of graphs (`Graph`), jobs in JSON (`JobJSON`), results in JSON
     (`ResultJSON`), job records and events, and the op table (`ops`: arity and allowed names)."""
     return published_schema()

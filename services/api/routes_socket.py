@@ -29,9 +29,9 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from ..common.catalog import Catalog
 from ..common.settings import Settings
 from ..common.store import ApiKey, Store
-from .deps import websocket_key
 from .errors import ApiError
 from .routes_jobs import accept, parse_envelope
+from .sockets import StreamSocket
 
 router = APIRouter(tags=["jobs"])
 log = logging.getLogger("nnfabric.api")
@@ -40,19 +40,14 @@ _FOLLOW_BLOCK_MS = 15_000
 
 @router.websocket("/v1/socket")
 async def socket(websocket: WebSocket) -> None:
-    key = await websocket_key(websocket)
-    store: Store = websocket.app.state.store
-    if key is None:
-        await websocket.close(code=4401, reason="unknown or missing API key")
-        return
-    if not await store.open_stream(key):
-        await websocket.close(code=4429, reason=f"this key already has {key.max_streams} event streams open")
+    opened = await StreamSocket.open(websocket)
+    if opened is None or not await opened.take_slot():
         return
     try:
-        await websocket.accept()
-        await _serve(websocket, key, store)
+        await opened.accept()
+        await _serve(websocket, opened.key, opened.store)
     finally:
-        await asyncio.shield(store.close_stream(key))
+        await opened.release()
 
 
 async def _serve(websocket: WebSocket, key: ApiKey, store: Store) -> None:

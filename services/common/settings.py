@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     # Ray: "auto" joins a running cluster; "local" starts one in-process.
     ray_address: str = "local"
     ray_namespace: str = "nnfabric"
+    # Peers whose X-Forwarded-For the api believes (comma-separated addresses or networks, e.g.
+    # the ingress controller's pod range): behind them, the client address that failed
+    # authentications are counted against is the one the proxy saw. Empty: trust no header.
+    trusted_proxies: str = ""
+    # An event websocket opened while its key's streams are all in use waits this long for one
+    # to be given back (a client that closes a stream and opens the next at once) before 4429.
+    stream_slot_wait_s: float = 5.0
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     scheduler_name: str = "scheduler-0"

@@ -246,6 +246,37 @@ redis.call('EXPIRE', events, ttl)
 return event
 """
 
+# A key's submissions in the last window, as a sorted set scored by the server's clock (one
+# clock for every api replica). Returns 0 when the jobs are counted, else seconds to wait.
+_RATE = """
+local window, limit, jobs, member = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local count = redis.call('ZCARD', KEYS[1])
+if count + jobs > limit then
+  if jobs > limit then return window end
+  local oldest = redis.call('ZRANGE', KEYS[1], count + jobs - limit - 1, count + jobs - limit - 1, 'WITHSCORES')
+  return math.max(1, math.ceil(tonumber(oldest[2]) + window - now))
+end
+for i = 1, jobs do redis.call('ZADD', KEYS[1], now, member .. ':' .. i) end
+redis.call('EXPIRE', KEYS[1], window + 1)
+return 0
+"""
+
+# A key's open event streams: taken only below its cap (no transient over-count that would
+# refuse a concurrent opener), given back never below zero.
+_TAKE_STREAM = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], 3600)  -- a crashed api's counts fade
+return 1
+"""
+_GIVE_STREAM = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end
+return 1
+"""
+
 
 @dataclass
 class Transition:
@@ -266,6 +297,9 @@ class Store:
         self._submit = redis.register_script(_SUBMIT)  # sent by digest (EVALSHA) after the first call
         self._transition = redis.register_script(_TRANSITION)
         self._requeue = redis.register_script(_REQUEUE)
+        self._rate = redis.register_script(_RATE)
+        self._take_stream = redis.register_script(_TAKE_STREAM)
+        self._give_stream = redis.register_script(_GIVE_STREAM)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 86400) -> Store:
@@ -320,8 +354,12 @@ class Store:
 
     async def authorize(self, key: str, client: str, window_s: int = 60) -> tuple[ApiKey | None, int]:
         """Look the key up, in one round trip with the client address's failed attempts.
-        Returns (the key's record or None, 0 if the client may go on, else seconds to wait):
-        a client that keeps presenting unknown keys is slowed down, whatever key it tries next."""
+        Returns (the key's record or None, 0 if the client may go on, else seconds to wait).
+        A valid key is always let through: behind an ingress or a NAT many users share one
+        address, and a stranger's guesses must not lock them out. Failing attempts are what is
+        throttled: past AUTH_FAILURES_PER_MINUTE from one address, an unknown key gets a wait
+        instead of an answer until the minute ends (keys carry 192 random bits, so the throttle
+        bounds the cost of guessing, not its odds)."""
         now = time.time()
         window = int(now // window_s)
         failures = f"nnf:authfail:{client[:64]}:{window}"
@@ -329,44 +367,49 @@ class Store:
             pipe.hgetall(_key(hash_key(key)))
             pipe.get(failures)
             raw, failed = await pipe.execute()
-        wait = max(1, int((window + 1) * window_s - now))
-        if int(failed or 0) >= AUTH_FAILURES_PER_MINUTE:
-            return None, wait
         record = _api_key(_decode_hash(raw))
-        if record is None:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.incr(failures)
-                pipe.expire(failures, window_s * 2)
-                await pipe.execute()
-        return record, 0
+        if record is not None:
+            return record, 0
+        if int(failed or 0) >= AUTH_FAILURES_PER_MINUTE:
+            return None, max(1, int((window + 1) * window_s - now))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(failures)
+            pipe.expire(failures, window_s * 2)
+            await pipe.execute()
+        return None, 0
 
-    async def count_submit(self, key: ApiKey, window_s: int = 60) -> int:
-        """Count a submission against the key's rate limit: 0 if allowed, else seconds to wait."""
+    async def count_submit(self, key: ApiKey, jobs: int = 1, window_s: int = 60) -> int:
+        """Count `jobs` submissions against the key's rate limit: 0 if allowed (and counted),
+        else seconds until enough of the last `window_s` seconds' submissions have aged out.
+        A sliding window over the server's clock: never more than `rate_limit` in any minute,
+        with no boundary at which the count resets early."""
         if key.rate_limit <= 0:
             return 0
-        now = time.time()
-        window = int(now // window_s)
-        counter = f"nnf:rate:{key.key_id}:{window}"
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.incr(counter)
-            pipe.expire(counter, window_s * 2)
-            count, _ = await pipe.execute()
-        return max(1, int((window + 1) * window_s - now)) if count > key.rate_limit else 0
+        member = secrets.token_hex(6)
+        return int(await self._rate(
+            [f"nnf:rate:{key.key_id}"], [window_s, key.rate_limit, jobs, member]
+        ))  # fmt: skip
 
-    async def open_stream(self, key: ApiKey) -> bool:
-        """Count an event websocket against the key's cap; False (and not counted) if full."""
-        counter = f"nnf:streams:{key.key_id}"
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.incr(counter)
-            pipe.expire(counter, 3600)  # a crashed api's counts fade
-            count, _ = await pipe.execute()
-        if count > key.max_streams:
-            await self.redis.decr(counter)
-            return False
+    async def open_stream(self, key: ApiKey, wait_s: float = 0.0) -> bool:
+        """Count an event websocket against the key's cap; False (and not counted) if the cap
+        stays full for `wait_s`. A client that closes a stream and opens the next at once learns
+        of its close before this server does, so its slot may still be held for a moment: the
+        new stream waits for it (polling with backoff) instead of being refused."""
+        deadline = time.monotonic() + wait_s
+        delay = 0.01
+        while not await self._take_stream([f"nnf:streams:{key.key_id}"], [key.max_streams]):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.25)
         return True
 
     async def close_stream(self, key: ApiKey) -> None:
-        await self.redis.decr(f"nnf:streams:{key.key_id}")
+        await self._give_stream([f"nnf:streams:{key.key_id}"])
+
+    async def streams_open(self, key: ApiKey) -> int:
+        return int(await self.redis.get(f"nnf:streams:{key.key_id}") or 0)
 
     # -- jobs ------------------------------------------------------------------------------
     async def submit(self, job_id: str, key: ApiKey, model: str, payload: bytes, meta: dict[str, Any]) -> int | None:

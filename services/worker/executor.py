@@ -29,7 +29,7 @@ from nnfabric.graph.tree import ModuleTree
 from nnfabric.graph.validate import GraphError
 from nnfabric.runtime.adapters import CausalLMAdapter
 from nnfabric.runtime.decoding import DECODING_OPTIONS
-from nnfabric.runtime.execute import run_graph, run_session
+from nnfabric.runtime.execute import reads_attention_weights, run_graph, run_session
 from nnfabric.runtime.guards import Budget
 from nnfabric.runtime.source import module_operations
 from nnfabric.runtime.stages import StageLost
@@ -120,6 +120,8 @@ class BatchExecutor:
         by_kind: dict[str, list[tuple[str, Graph, dict[str, torch.Tensor]]]] = {}
         for job_id, graphs, tensors in decoded:
             kind = _merge_kind(graphs[0]) if len(graphs) == 1 else None
+            if kind is not None and reads_attention_weights(graphs[0], self.model):
+                kind += "+eager"  # runs with eager attention: merged only with jobs that do too
             if kind is not None:
                 by_kind.setdefault(kind, []).append((job_id, graphs[0], tensors))
         groups: dict[tuple[str, int], list[tuple[str, Graph, dict[str, torch.Tensor]]]] = {}

@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,7 +80,7 @@ def staged(gpt2_4_dir: Path, llama_4_dir: Path) -> Iterator[Any]:
     processes = [_start(folder, "ray-head", head)]
     fabric = None
     try:
-        time.sleep(3)
+        wait_for(lambda: socket.create_connection(("127.0.0.1", gcs), timeout=1).close() is None, 120, "the head's GCS")
         processes.append(_start(folder, "ray-worker", [ray_bin, "start", f"--address=127.0.0.1:{gcs}",
                                                        "--node-ip-address=127.0.0.1", "--num-cpus=1", "--block"]))  # fmt: skip
         ray.init(address=f"127.0.0.1:{gcs}", namespace="nnfabric", log_to_driver=False, _node_ip_address="127.0.0.1")
@@ -253,7 +254,6 @@ def test_a_stage_killed_mid_job_fails_over_and_later_jobs_succeed(staged: Any, g
     job = tracer.job
     wait_for(lambda: job.status()["state"] != "queued", 60, "the long job to start")
     assert job.status()["state"] == "running", job.status()
-    time.sleep(1.0)
     os.kill(before[1]["pid"], signal.SIGKILL)
     lost_at = time.monotonic()
     # Health says so while the replica (every stage with it) is replaced.

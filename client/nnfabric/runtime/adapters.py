@@ -110,6 +110,12 @@ class CausalLMAdapter:
             ids = kwargs.get("input_ids")
             if ids is None:
                 raise ValueError("dict inputs need 'input_ids'")
+            other = sorted(set(kwargs) - {"input_ids", "attention_mask"})
+            if other:
+                raise ValueError(
+                    f"a language model's inputs are input_ids and attention_mask, not {', '.join(map(repr, other))}: "
+                    "pass other keywords to the model's forward as trace(..., name=value)"
+                )
             mask = kwargs.get("attention_mask")
             ids_t = torch.as_tensor(ids).reshape(-1, torch.as_tensor(ids).shape[-1])
             mask_t = torch.ones_like(ids_t) if mask is None else torch.as_tensor(mask).reshape(ids_t.shape)

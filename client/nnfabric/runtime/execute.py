@@ -18,12 +18,16 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import InterventionError
-from ..graph.ir import Graph, Ref, TensorRef
+from ..graph.ir import Graph, Node, Ref, TensorRef
 from ..graph.leaves import map_leaves
+from ..graph.tree import split_source
 from .adapters import Batch
 from .decoding import Decoding
 from .guards import Budget
 from .interleaver import Interleaver
+from .source import module_operations
+
+_ATTENTION_CALL = "attention_interface"  # how transformers' attention modules name their kernel call
 
 
 class Adapter(Protocol):
@@ -112,7 +116,7 @@ def run_graph(
     if scan and "input_ids" in batch.kwargs and batch.kwargs.get("attention_mask") is None:
         # Without a mask, transformers looks into the ids for padding: data a scan does not have.
         batch.kwargs["attention_mask"] = torch.ones_like(batch.kwargs["input_ids"])
-    attention = bool(forward.get("output_attentions"))
+    attention = bool(batch.kwargs.get("output_attentions")) or reads_attention_weights(graph, adapter.root)
     staged = getattr(adapter, "interleaver", None)  # a model split into pipeline stages runs there
     if staged is not None:
         if scan:
@@ -172,6 +176,41 @@ def _as_meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return torch.empty(value.shape, dtype=value.dtype, device="meta")
     return value
+
+
+def _attention_call(root: torch.nn.Module, path: str) -> bool:
+    """Whether `path` is a module that calls an attention interface (its output is
+    `(attention output, weights)`), or that call itself in its `.source`."""
+    split = split_source(path)
+    module_path, operation = split if split else (path, None)
+    if operation is not None and not operation.startswith(_ATTENTION_CALL):
+        return False
+    try:
+        module = root.get_submodule(module_path)
+    except AttributeError:
+        return False
+    return any(op.name.startswith(_ATTENTION_CALL) for op in module_operations(module))
+
+
+def reads_attention_weights(graph: Graph, root: torch.nn.Module) -> bool:
+    """Whether the graph may read attention weights: it uses an attention module's output (or
+    its attention call's) any other way than `[0]`, the attention output itself (`[1]`, the
+    whole tuple, a save, `tracer.cache`). Fused kernels (sdpa, flash) give None there, so such a
+    run switches to eager attention, as `output_attentions=True` does."""
+    users: dict[int, list[Node]] = {}
+    for node in graph.nodes:
+        for ref in node.refs():
+            users.setdefault(ref, []).append(node)
+    saved = set(graph.saves)
+    for node in graph.nodes:
+        if node.op != "output" or not isinstance(node.args[0], str):
+            continue
+        whole = node.id in saved or any(
+            user.op != "getitem" or user.args[1] != 0 or user.args[0] != Ref(node.id) for user in users.get(node.id, [])
+        )
+        if whole and _attention_call(root, node.args[0]):
+            return True
+    return False
 
 
 @contextlib.contextmanager

@@ -293,18 +293,23 @@ class Tracer:
 
     def _make_invoke(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Invoke:
         kwargs, forward = self._model._forward_kwargs(kwargs)
-        if forward:
-            current = self._graph.options.setdefault("forward", {})
-            for name, value in forward.items():
-                if name in current and current[name] != self._encode(value):
-                    raise ValueError(f"{name}={value!r} differs between invokes; one forward pass takes one value")
-                current[name] = self._encode(value)
+        self._add_forward_kwargs(forward)
         if len(inputs) == 0 and not kwargs:
             return Invoke(args=None)
-        prepared = self._model._prepare_invoke_inputs(inputs, kwargs)
-        return Invoke(
-            args=[self._encode(a) for a in prepared[0]], kwargs={k: self._encode(v) for k, v in prepared[1].items()}
-        )
+        args, own = self._model._prepare_invoke_inputs(inputs, kwargs)
+        # A dict input may carry forward keywords too ({"input_ids": ..., "output_attentions": True}).
+        own, forward = self._model._forward_kwargs(own)
+        self._add_forward_kwargs(forward)
+        return Invoke(args=[self._encode(a) for a in args], kwargs={k: self._encode(v) for k, v in own.items()})
+
+    def _add_forward_kwargs(self, forward: dict[str, Any]) -> None:
+        if not forward:
+            return
+        current = self._graph.options.setdefault("forward", {})
+        for name, value in forward.items():
+            if name in current and current[name] != self._encode(value):
+                raise ValueError(f"{name}={value!r} differs between invokes; one forward pass takes one value")
+            current[name] = self._encode(value)
 
     def _save(self, proxy: Proxy) -> None:
         if any(steps > 1 for steps in self._steps_blocks):
