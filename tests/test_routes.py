@@ -234,3 +234,12 @@ def test_openapi_declares_the_records_and_error_shapes(api):
     assert "application/octet-stream" in submit["requestBody"]["content"]
     job = spec["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert job["$ref"].endswith("JobRecord")
+    schema = spec["paths"]["/v1/schema"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema["$ref"].endswith("SchemaDocument") and "ops" in schemas["SchemaDocument"]["properties"]
+    # Every JSON answer of every route declares its shape.
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for code, answer in operation["responses"].items():
+                declared = answer.get("content", {}).get("application/json", {"schema": {"$ref": "n/a"}})["schema"]
+                assert declared, (method, path, code)
+    assert api.get("/v1/schema").json()["ops"]["call_method"]["names"]
