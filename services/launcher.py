@@ -148,8 +148,10 @@ class EmbeddedFabric:
         port = int(self.url.rsplit(":", 1)[1])
         self._server, self._thread = _serve_api(self.settings, port)
 
-    def start_scheduler(self, name: str | None = None) -> None:
-        env = {**self.env, "NNFABRIC_SCHEDULER_NAME": name or self.settings.scheduler_name, "PYTHONPATH": str(ROOT)}
+    def start_scheduler(self, name: str | None = None, **settings: Any) -> None:
+        """Start the scheduler process (again); `settings` override the fabric's for it."""
+        env = {**self.env, "NNFABRIC_SCHEDULER_NAME": name or self.settings.scheduler_name, "PYTHONPATH": str(ROOT),
+               **{f"NNFABRIC_{k.upper()}": str(v) for k, v in settings.items()}}  # fmt: skip
         self.scheduler = subprocess.Popen([sys.executable, "-m", "services.scheduler"], cwd=ROOT, env=env)
 
     def kill_scheduler(self) -> None:

@@ -71,8 +71,17 @@ class RedisServer:
 
     def restart(self) -> None:
         """Kill it (no chance to flush anything) and start it again on the same port and data."""
+        self.kill()
+        self.revive()
+
+    def kill(self) -> None:
+        """SIGKILL, as a node or an OOM killer would: no chance to flush anything."""
         self.process.kill()
         self.process.wait(10)
+
+    def revive(self) -> None:
+        """Start it again after `kill`, on the same port and data directory (as Kubernetes
+        restarts a StatefulSet's pod on its volume)."""
         self.process = RedisServer.start(self.data_dir, self.port).process
 
     def stop(self) -> None:

@@ -52,7 +52,17 @@ class Settings(BaseSettings):
     # volume the replicas and the api share) instead of Redis; the api streams them with Range.
     result_store_dir: str = "~/.cache/nnfabric/results"
     result_store_min_bytes: int = 4 << 20
+    # While Redis cannot be reached, a replica keeps the outcomes of the jobs it finished (they
+    # are recorded the moment Redis answers, exactly once). Past this many bytes of results held
+    # in memory it writes further ones to the result store; where there is none (result_store_min_bytes
+    # at its maximum: no shared volume), it gives those jobs back to run again, as if it had died.
+    outcome_buffer_bytes: int = 512 << 20
     # A dispatch counts as lost this long after the replica's own watchdog should have answered.
     dispatch_grace_s: float = 15.0
     # Where converted models (GGUF -> safetensors) are kept; a shared volume in a cluster.
     cache_dir: str = "~/.cache/nnfabric"
+
+    @property
+    def has_result_store(self) -> bool:
+        """Whether large results go to a result store the api can read (a shared volume)."""
+        return self.result_store_min_bytes < 2**63 - 1

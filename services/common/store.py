@@ -165,6 +165,7 @@ def _job_record(raw: dict[str, str]) -> JobRecord | None:
         if name in job:
             job[name] = int(job[name])
     job.pop("result_file", None)  # where the api finds a large result: not the caller's business
+    job.pop("runner", None)  # which dispatch ran it: the fabric's bookkeeping
     job["bytes"] = int(job.get("bytes", 0))
     job["meta"] = cast(JobMeta, json.loads(job.get("meta", "{}")))
     return cast(JobRecord, job)
@@ -206,14 +207,17 @@ return position
 _TRANSITION = """
 local job, events, payload, result = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, state, terminal, data, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local runner = ARGV[9]
 local current = redis.call('HGET', job, 'state')
+-- The same change by the same runner, already made (a retry after a reply lost to an outage).
+if runner ~= '' and current == state and redis.call('HGET', job, 'runner') == runner then return 'again' end
 if not current or current == 'completed' or current == 'failed' or current == 'cancelled' then
   return false
 end
 -- A job starts once: a second dispatch of it (a scheduler took over) finds it started.
 if state == 'running' and current ~= 'queued' then return false end
 if ARGV[6] == '1' then redis.call('SET', result, ARGV[7], 'EX', ttl) end
-redis.call('HSET', job, unpack(ARGV, 9))
+redis.call('HSET', job, unpack(ARGV, 10))
 if state == 'running' then redis.call('HINCRBY', job, 'attempts', 1) end
 if terminal == '1' then
   local model = redis.call('HGET', job, 'model')
@@ -287,6 +291,12 @@ class Transition:
     data: dict[str, Any] | None = None
     result: bytes | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    # Who makes the change (a replica's dispatch): a retry of a change whose first try went
+    # through but whose reply was lost (Redis died meanwhile) is recognised and reports success
+    # without writing or announcing anything twice.
+    runner: str = ""
+    # When it happened (a change recorded late, after an outage, keeps the time it was made).
+    at: float = field(default_factory=time.time)
 
 
 class Store:
@@ -303,7 +313,9 @@ class Store:
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 86400) -> Store:
-        return cls(Redis.from_url(url), ttl_s)
+        # A Redis that cannot be reached (a pod being rescheduled, a partition) fails a call
+        # within seconds instead of hanging it: callers wait and retry on their own terms.
+        return cls(Redis.from_url(url, socket_connect_timeout=5), ttl_s)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -469,7 +481,9 @@ class Store:
         stamp = {"running": "started"}.get(state, "finished" if state in TERMINAL else "")
         mapping: dict[str, Any] = {"state": state, **{k: v for k, v in change.fields.items() if v is not None}}
         if stamp:
-            mapping[stamp] = time.time()
+            mapping[stamp] = change.at
+        if change.runner:
+            mapping["runner"] = change.runner
         flat = [_text(item) for pair in mapping.items() for item in pair]
         job_id = change.job_id
         keys = [_job(job_id), _events(job_id), _payload(job_id), _result(job_id), _OUTCOMES, _active("")]
@@ -480,7 +494,7 @@ class Store:
             json.dumps(change.data or {}),
             self.ttl_s,
         ]
-        return keys, [*args, int(result is not None), result or b"", _queued(""), *flat]
+        return keys, [*args, int(result is not None), result or b"", _queued(""), change.runner, *flat]
 
     async def requeue(self, job_id: str, model: str, reason: str) -> bool:
         """Put a job that has not ended back in its queue (in its original place) to run again;

@@ -15,6 +15,10 @@ No job waits forever: every dispatch has a timeout derived from the job's limits
 own watchdog fires first); while a model has no live replica its jobs stay queued, their
 positions shown, and the queue deadline is enforced on every job at all times.
 
+A Redis outage stalls nothing for longer than it lasts: what was waiting for Redis (acks,
+requeues) is done the moment it answers, and a dispatch's deadline does not run meanwhile (the
+replica waits for Redis to start or record its jobs; giving up on it would run them twice).
+
 Fair share: waiting jobs are queued per user, and a batch takes one job from each user in
 turn, starting after the user served first last time; a user with 100 jobs waits behind a
 user with 1 only for that one job.
@@ -81,6 +85,30 @@ class _ModelQueue:
         self.known.discard(entry.stream_id)
 
 
+class _Outages:
+    """How long Redis has been unreachable, all told, as this scheduler saw it: a dispatch's
+    deadline does not run while Redis is away (the replica waits for Redis to start or record
+    its jobs, and a dispatch given up then would run its jobs twice)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.before = 0.0
+
+    def down(self, exc: BaseException) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("Redis unreachable (%s); waiting for it, nothing is lost meanwhile", type(exc).__name__)
+
+    def up(self) -> None:
+        if self.since is not None:
+            log.warning("Redis answers again after %.1f s", time.monotonic() - self.since)
+            self.before += time.monotonic() - self.since
+            self.since = None
+
+    def total(self) -> float:
+        return self.before + (time.monotonic() - self.since if self.since is not None else 0.0)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -104,6 +132,7 @@ class Scheduler:
         self._stopping = asyncio.Event()
         self._freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.outages = _Outages()
 
     async def run(self) -> None:
         await self._until_redis_answers(self._start)
@@ -125,9 +154,10 @@ class Scheduler:
                     task.result()
                 for name in self.queues:
                     await self._dispatch_ready(name)
+                self.outages.up()
             except _REDIS_DOWN as exc:
                 # Redis restarting: nothing is lost (entries stay pending in its streams); wait and go on.
-                log.warning("Redis unreachable (%s); retrying", type(exc).__name__)
+                self.outages.down(exc)
                 await asyncio.sleep(_REDIS_RETRY_S)
             except Exception:
                 # A bug or a malformed record must not stop every queue: say so and go on (the
@@ -213,13 +243,18 @@ class Scheduler:
         self._add(await self.store.read_queues(list(self.queues), self.name, pending=True, count=10_000))
 
     async def _until_redis_answers(self, action: Callable[[], Awaitable[None]]) -> None:
+        """`action`, tried again until Redis answers (or the scheduler stops): the moment Redis
+        is back, what was waiting for it is done, without waiting for any idle reclaim."""
+        delay = 0.05
         while not self._stopping.is_set():
             try:
                 await action()
+                self.outages.up()
                 return
             except _REDIS_DOWN as exc:
-                log.warning("Redis unreachable (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(_REDIS_RETRY_S)
+                self.outages.down(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _REDIS_RETRY_S)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -241,7 +276,15 @@ class Scheduler:
         # with autoscaling, batches beyond the live replicas wait in Serve's router, which is the
         # backlog Serve scales up on.
         while queue.in_flight < queue.spec.most_in_flight and queue.users:
-            batch = await self._live(name, queue.take_batch(queue.spec.limits.max_batch))
+            taken = queue.take_batch(queue.spec.limits.max_batch)
+            try:
+                batch = await self._live(name, taken)
+            except _REDIS_DOWN:
+                for entry in reversed(taken):  # back at the front of their users' lines, in order
+                    if entry.stream_id in queue.known:
+                        queue.users.setdefault(entry.user, deque()).appendleft(entry)
+                        queue.users.move_to_end(entry.user, last=False)
+                raise
             if not batch:
                 continue
             ahead = queue.in_flight  # batches that may run before this one on the same replica
@@ -265,14 +308,12 @@ class Scheduler:
 
     async def _run_batch(self, name: str, batch: list[_Entry], ahead: int = 0) -> None:
         queue = self.queues[name]
+        job_ids = [e.job_id for e in batch]
         try:
-            await self.store.dequeued(name, [e.job_id for e in batch])
-            job_ids = [e.job_id for e in batch]
+            await self._until_redis_answers(lambda: self.store.dequeued(name, job_ids))
             try:
                 waiting = ahead * queue.spec.limits.timeout_s * (queue.spec.limits.max_batch + 1)
-                states = await asyncio.wait_for(
-                    self.dispatch(queue.spec, job_ids), self._dispatch_timeout(queue.spec, len(batch)) + waiting
-                )
+                states = await self._dispatched(queue.spec, job_ids, self._dispatch_timeout(queue.spec, len(batch)) + waiting)
             except Exception as exc:  # the replica failed as a whole (its process or node died, or it hangs)
                 # The operator's log gets Ray's details with the job ids; the users get a plain reason.
                 log.error("dispatch of jobs %s to %s failed: %s: %s", job_ids, name, type(exc).__name__, exc)
@@ -285,10 +326,11 @@ class Scheduler:
             for entry in elsewhere:
                 queue.watching[entry.stream_id] = (entry, time.time())
             await self._replica_lost(queue, retry)
-            await self._ack(*[e for e in batch if e not in retry and e not in elsewhere])
+            done = [e for e in batch if e not in retry and e not in elsewhere]
+            await self._until_redis_answers(lambda: self._ack(*done))
         except Exception:
-            # Redis unreachable: the entries stay pending in the stream; forgetting them here lets
-            # the reclaim loop hand them out again once they have been idle long enough.
+            # A bug: the entries stay pending in the stream; forgetting them here lets the
+            # reclaim loop hand them out again once they have been idle long enough.
             log.exception("batch on %s could not be settled; its jobs will be reclaimed", name)
             for entry in batch:
                 queue.done(entry)
@@ -296,22 +338,40 @@ class Scheduler:
             queue.in_flight -= 1
             self._freed.set()
 
+    async def _dispatched(self, spec: ModelSpec, job_ids: list[str], timeout_s: float) -> dict[str, str]:
+        """The replica's answer for a batch, given up after `timeout_s`, not counting time Redis
+        was unreachable (the replica waits for Redis then, and its jobs must not run twice)."""
+        call = asyncio.ensure_future(self.dispatch(spec, job_ids))
+        started, outage = time.monotonic(), self.outages.total()
+        while True:
+            deadline = started + timeout_s + (self.outages.total() - outage)
+            done, _ = await asyncio.wait({call}, timeout=max(0.0, deadline - time.monotonic()))
+            if done:
+                return call.result()
+            if time.monotonic() >= started + timeout_s + (self.outages.total() - outage):
+                call.cancel()
+                raise TimeoutError(f"no answer in {timeout_s:.0f} s")
+
     async def _replica_lost(self, queue: _ModelQueue, batch: list[_Entry]) -> None:
         """Each job of a batch whose replica was lost runs once more (first in its user's line);
-        a job that had already been started twice fails with a message that says why."""
+        a job that had already been started twice fails with a message that says why. Each
+        entry is settled as soon as Redis answers."""
         for entry in batch:
-            job = await self.store.job(entry.job_id)
-            if job is None or job["state"] in TERMINAL:
-                await self._ack(entry)
-            elif job.get("attempts", 0) >= MAX_ATTEMPTS:
-                message = f"the model replica was lost while running this job ({MAX_ATTEMPTS} times); not retried"
-                await self.store.transition(entry.job_id, "failed", {"message": message}, error=message)
-                await self._ack(entry)
-            elif await self.store.requeue(entry.job_id, queue.spec.name, "the model replica was lost"):
-                queue.users.setdefault(entry.user, deque()).appendleft(entry)
-                queue.users.move_to_end(entry.user, last=False)
-            else:
-                await self._ack(entry)
+            await self._until_redis_answers(lambda e=entry: self._lost_one(queue, e))  # type: ignore[misc]
+
+    async def _lost_one(self, queue: _ModelQueue, entry: _Entry) -> None:
+        job = await self.store.job(entry.job_id)
+        if job is None or job["state"] in TERMINAL:
+            await self._ack(entry)
+        elif job.get("attempts", 0) >= MAX_ATTEMPTS:
+            message = f"the model replica was lost while running this job ({MAX_ATTEMPTS} times); not retried"
+            await self.store.transition(entry.job_id, "failed", {"message": message}, error=message)
+            await self._ack(entry)
+        elif await self.store.requeue(entry.job_id, queue.spec.name, "the model replica was lost"):
+            queue.users.setdefault(entry.user, deque()).appendleft(entry)
+            queue.users.move_to_end(entry.user, last=False)
+        else:
+            await self._ack(entry)
 
     async def _ack(self, *entries: _Entry) -> None:
         await self.store.ack(list(entries))

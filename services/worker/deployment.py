@@ -16,10 +16,13 @@ import logging
 import os
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from nnfabric.runtime.stages import StageLost
 from ray import serve
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..common.catalog import SLOTS_PER_REPLICA, Catalog, ModelSpec
 from ..common.result_store import ResultStore
@@ -29,6 +32,9 @@ from .executor import BatchExecutor, Decoded, Outcome
 from .stages import Stages
 
 log = logging.getLogger("nnfabric.worker")
+T = TypeVar("T")
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+_REDIS_RETRY_MAX_S = 0.5  # the longest pause between tries while Redis is away: back within a second
 
 # Serve asks each replica for its health this often; each answer also renews the replica's
 # liveness in Redis for LIVENESS_S, so /v1/models counts only replicas that answered lately.
@@ -51,6 +57,8 @@ class ModelReplica:
         self.replica = uuid.uuid4().hex[:12]
         self.stuck = ""  # why this replica must be replaced, once it must
         self._turn = asyncio.Lock()  # one batch on the model at a time; the next one waits here, decoded
+        self._recordings: set[asyncio.Task[list[bool]]] = set()  # outcomes waiting for Redis (owned here)
+        self._held = 0  # bytes of results kept in memory until Redis records them
         self.stages: Stages | None = None
         await self.store.set_model(self.spec.name, state="loading")
         try:
@@ -124,26 +132,29 @@ class ModelReplica:
         while one runs, the next one's payloads are fetched and decoded, and it starts the moment
         the model is free. A job is marked running only when its batch starts, so one cancelled
         while it waited here never runs; one that another dispatch already started is reported
-        as "elsewhere" and left alone (a scheduler that took over dispatched it again)."""
+        as "elsewhere" and left alone (a scheduler that took over dispatched it again).
+
+        Redis may be away (restarting): every step that needs it waits for it, and the outcomes
+        of jobs that ran are kept until Redis records them, exactly once, even if the caller gives
+        up meanwhile. Only this process dying loses them (the jobs then run again)."""
         if self.stuck:
             raise RuntimeError(f"this replica is being replaced: {self.stuck}")
         store = self.store
+        runner = f"{self.replica}-{uuid.uuid4().hex[:8]}"  # this dispatch, in the jobs' records
         states: dict[str, str] = {}
         fetched: list[tuple[str, bytes]] = []
-        for job_id, payload in zip(job_ids, await store.payloads(job_ids), strict=True):
+        for job_id, payload in zip(job_ids, await self._patiently(lambda: store.payloads(job_ids), "fetching payloads"),
+                                   strict=True):  # fmt: skip
             if payload is None:
-                expired = await store.transition(
-                    job_id, "failed", {"message": "the job's payload has expired"}, error="payload expired"
-                )
-                states[job_id] = "failed" if expired else await self._not_started(job_id)
+                states.update(await self._settle({job_id: Outcome(error="the job's payload has expired")}, runner))
             else:
                 fetched.append((job_id, payload))
         decoded, invalid = await asyncio.to_thread(self.executor.prepare, fetched) if fetched else ([], {})
-        states.update(await self._settle(invalid))  # refused jobs fail now: they need no turn on the model
+        states.update(await self._settle(invalid, runner))  # refused jobs fail now: they need no turn on the model
         # The caller may give up (its timeout, or it died): a batch still waiting for its turn then
         # never starts; one that started runs to the end and records every outcome.
         abandoned = asyncio.Event()
-        turn = asyncio.ensure_future(self._when_free(decoded, len(job_ids), abandoned))
+        turn = asyncio.ensure_future(self._when_free(decoded, len(job_ids), abandoned, runner))
         turn.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
             states.update(await asyncio.shield(turn))
@@ -152,7 +163,9 @@ class ModelReplica:
             raise
         return states
 
-    async def _when_free(self, decoded: list[Decoded], size: int, abandoned: asyncio.Event) -> dict[str, str]:
+    async def _when_free(
+        self, decoded: list[Decoded], size: int, abandoned: asyncio.Event, runner: str
+    ) -> dict[str, str]:
         store = self.store
         states: dict[str, str] = {}
         async with self._turn:
@@ -161,7 +174,8 @@ class ModelReplica:
             if self.stuck:  # the batch ahead of this one could not be stopped: this one never started
                 raise RuntimeError(f"this replica is being replaced: {self.stuck}")
             jobs = []
-            started = await store.transition_many([Transition(job[0], "running", {"batch": size}) for job in decoded])
+            starts = [Transition(job[0], "running", {"batch": size}, runner=runner) for job in decoded]
+            started = await self._patiently(lambda: store.transition_many(starts), "starting a batch")
             for job, ok in zip(decoded, started, strict=True):
                 if ok:
                     jobs.append(job)
@@ -170,20 +184,36 @@ class ModelReplica:
             outcomes = await self._run_watched(jobs) if jobs else {}
         for job_id in [job_id for job_id, _, _ in jobs if job_id not in outcomes]:
             states[job_id] = "retry"  # never started here: the scheduler queues it again
-        states.update(await self._settle(outcomes))
+        states.update(await self._settle(outcomes, runner))
         return states
+
+    async def _patiently(self, action: Callable[[], Awaitable[T]], what: str) -> T:
+        """`action` (calls to Redis), tried again until Redis answers: an outage delays the
+        replica's bookkeeping, never loses it."""
+        delay, warned = 0.05, False
+        while True:
+            try:
+                return await action()
+            except _REDIS_DOWN as exc:
+                if not warned:
+                    log.warning("replica of %s: Redis unreachable while %s (%s); waiting for it",
+                                self.spec.name, what, type(exc).__name__)  # fmt: skip
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _REDIS_RETRY_MAX_S)
 
     async def _not_started(self, job_id: str) -> str:
         """Why a job of this batch was not started here: it ended meanwhile (cancelled), or another
         dispatch of it is running it ("elsewhere")."""
-        found = (await self.store.states([job_id]))[0]
+        found = (await self._patiently(lambda: self.store.states([job_id]), "reading a job's state"))[0]
         if found is None:
             return "cancelled"
         return "elsewhere" if found[0] == "running" else found[0]
 
-    async def _settle(self, outcomes: dict[str, Outcome]) -> dict[str, str]:
+    async def _settle(self, outcomes: dict[str, Outcome], runner: str) -> dict[str, str]:
         """Record every outcome of a batch (one round trip to Redis): "completed" with the result,
-        "failed" with the reason, or "cancelled" where a cancel got there first."""
+        "failed" with the reason, or "cancelled" where a cancel got there first. While Redis is
+        away the outcomes wait here (see `_recorded`)."""
         changes: list[Transition] = []
         files: dict[str, str] = {}
         for job_id, outcome in outcomes.items():
@@ -193,26 +223,74 @@ class ModelReplica:
                 if len(outcome.result) >= self.settings.result_store_min_bytes:
                     # Large: on the shared result store, so Redis's memory stays flat; Redis keeps its name.
                     files[job_id] = await asyncio.to_thread(self.results.write, job_id, outcome.result)
-                    changes.append(Transition(job_id, "completed", done, fields={"result_file": files[job_id]}))
+                    changes.append(Transition(job_id, "completed", done, fields={"result_file": files[job_id]},
+                                              runner=runner))  # fmt: skip
                 else:
                     # Stored by the same script that marks the job completed, unless it was cancelled.
-                    changes.append(Transition(job_id, "completed", done, outcome.result))
+                    changes.append(Transition(job_id, "completed", done, outcome.result, runner=runner))
             else:
                 data = {"message": outcome.error, "node": outcome.node, "trace": outcome.trace}
                 fields = {"error": outcome.error, "error_node": outcome.node, "error_trace": outcome.trace}
-                changes.append(Transition(job_id, "failed", data, fields=fields))
-        states = {}
-        for change, stored in zip(changes, await self.store.transition_many(changes), strict=True):
-            if change.state == "failed":
-                states[change.job_id] = "failed"
-                continue
+                changes.append(Transition(job_id, "failed", data, fields=fields, runner=runner))
+        recorded, given_back = await self._recorded(changes, files)
+        states = dict.fromkeys(given_back, "retry")
+        for change, stored in zip([c for c in changes if c.job_id not in given_back], recorded, strict=True):
             if not stored and change.job_id in files:
                 self.results.delete(files[change.job_id])
-            states[change.job_id] = "completed" if stored else "cancelled"
+            states[change.job_id] = change.state if stored else "cancelled"  # a cancel got there first
         return states
 
+    async def _recorded(self, changes: list[Transition], files: dict[str, str]) -> tuple[list[bool], set[str]]:
+        """Write the changes to Redis, trying until it answers, in a task this replica owns: a
+        caller that gives up (the scheduler's timeout, or its death) does not take the outcomes
+        with it. While Redis is away, results held in memory count against
+        NNFABRIC_OUTCOME_BUFFER_BYTES; past it they go to the result store, or, without one, the
+        jobs are given back (their state "retry") to run again. Returns (stored or not, for the
+        changes kept; the ids given back)."""
+        if not changes:
+            return [], set()
+        try:
+            return await self.store.transition_many(changes), set()
+        except _REDIS_DOWN:
+            pass  # Redis is away: keep the outcomes until it answers
+        given_back: set[str] = set()
+        kept: list[Transition] = []
+        for change in changes:
+            size = len(change.result or b"")
+            if size and self._held + size > self.settings.outcome_buffer_bytes:
+                if not self.settings.has_result_store:
+                    log.error("replica of %s: Redis unreachable and %d bytes of results already held; job %s "
+                              "will run again", self.spec.name, self._held, change.job_id)  # fmt: skip
+                    given_back.add(change.job_id)
+                    continue
+                try:
+                    name = await asyncio.to_thread(self.results.write, change.job_id, change.result or b"")
+                except OSError as exc:  # the store is full or gone: the job is given back
+                    log.error("replica of %s: cannot keep job %s's result (%s); it will run again",
+                              self.spec.name, change.job_id, exc)  # fmt: skip
+                    given_back.add(change.job_id)
+                    continue
+                files[change.job_id] = name
+                change.result, change.fields = None, {**change.fields, "result_file": name}
+                size = 0
+            self._held += size
+            kept.append(change)
+        held = sum(len(c.result or b"") for c in kept)
+        recording = asyncio.ensure_future(
+            self._patiently(lambda: self.store.transition_many(kept), "recording outcomes")
+        )
+        self._recordings.add(recording)
+
+        def forget(done: asyncio.Task[list[bool]]) -> None:
+            self._recordings.discard(done)
+            self._held -= held
+
+        recording.add_done_callback(forget)
+        return await asyncio.shield(recording), given_back
+
     async def check_health(self) -> None:
-        """Healthy when Redis answers and the model is loaded; renews this replica's liveness."""
+        """Healthy when the model is loaded (every stage answers); renews this replica's liveness
+        in Redis when Redis answers."""
         if self.stuck:
             raise RuntimeError(self.stuck)
         if self.executor.model is None:
@@ -223,7 +301,12 @@ class ModelReplica:
             except StageLost as exc:
                 await self._lost(str(exc))
                 raise RuntimeError(self.stuck) from exc
-        await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S, os.getpid())
+        try:
+            await self.store.replica_alive(self.spec.name, self.replica, LIVENESS_S, os.getpid())
+        except _REDIS_DOWN as exc:
+            # Redis being away is not this replica's fault, and replacing it would lose the
+            # outcomes it keeps until Redis answers: healthy, though not counted live meanwhile.
+            log.warning("replica of %s: cannot renew its liveness (%s)", self.spec.name, type(exc).__name__)
 
     async def __del__(self) -> None:
         await self.store.replica_gone(self.spec.name, self.replica)
