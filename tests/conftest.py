@@ -69,6 +69,12 @@ def mlp() -> nnfabric.Model:
     return nnfabric.Model(build_mlp())
 
 
+def hooks_of(model: torch.nn.Module) -> list[tuple[int, ...]]:
+    """Every module's forward hooks (ids): transformers keeps hooks of its own on a model once it
+    was asked for hidden states or attentions, so "no hooks of ours left" compares with before."""
+    return [tuple(m._forward_hooks) + tuple(m._forward_pre_hooks) for m in model.modules()]
+
+
 def ids(model: nnfabric.LanguageModel, text: str) -> torch.Tensor:
     return torch.tensor([model.tokenizer(text)["input_ids"]])
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import nnfabric
 import pytest
 import torch
+from conftest import hooks_of
 
 PROMPT = "The Eiffel Tower is in the city of"
 
@@ -77,11 +78,12 @@ def test_bad_index_is_reported_with_its_line(gpt2):
 
 
 def test_model_is_clean_after_a_failed_trace(gpt2):
+    before = hooks_of(gpt2._module)
     with pytest.raises(nnfabric.InterventionError):
         with gpt2.trace(PROMPT):
             gpt2.transformer.h[0].output[:] = 0
             gpt2.transformer.h[1].output.view(3, 3, 3).save()
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in gpt2._module.modules())
+    assert hooks_of(gpt2._module) == before
     with gpt2.trace(PROMPT):
         logits = gpt2.output.logits.save()
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """The worker's batch executor, without Ray: merging, failure isolation, limits, clean state."""
 
 import torch
-from conftest import plain_logits
+from conftest import hooks_of, plain_logits
 from nnfabric.graph import Graph, Invoke, Node, Ref
 from nnfabric.runtime.wire import pack_request, unpack_result
 
@@ -82,6 +82,7 @@ def test_a_position_index_means_the_same_token_whatever_the_batch_mates_prompts(
 
 def test_one_failing_job_leaves_its_batch_mates_correct_and_the_model_clean(gpt2):
     ex = executor(gpt2)
+    hooks_before = hooks_of(gpt2._module)
     outcomes = ex.run(
         [("good", job(PROMPTS[0], edit_layer=0)), ("bad", job(PROMPTS[1], bad=True)), ("other", job(PROMPTS[2]))]
     )
@@ -93,7 +94,7 @@ def test_one_failing_job_leaves_its_batch_mates_correct_and_the_model_clean(gpt2
         handle.remove()
     assert torch.equal(logits_of(outcomes["good"]), edited)
     assert torch.equal(logits_of(outcomes["other"]), plain_logits(gpt2, PROMPTS[2]))
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in gpt2._module.modules())
+    assert hooks_of(gpt2._module) == hooks_before
     assert all(p.grad is None for p in gpt2._module.parameters())
     again = ex.run([("after", job(PROMPTS[1]))])
     assert torch.equal(logits_of(again["after"]), plain_logits(gpt2, PROMPTS[1]))
@@ -174,3 +175,29 @@ def test_a_job_reading_attention_weights_runs_eager_without_changing_its_batch_m
     assert torch.equal(logits_of(outcomes["b"]), alone[SAME_WIDTH[1]])
     expected = eager_module_outputs(gpt2_dir, SAME_WIDTH[2], ["transformer.h.0.attn"])["transformer.h.0.attn"][1]
     assert torch.allclose(logits_of(outcomes["w"]), expected, atol=1e-6)
+
+
+def exact(envelope_job: bytes) -> bytes:
+    """The same job, asking to run alone."""
+    from nnfabric.graph.codec import decode_request
+    from nnfabric.graph.validate import Limits
+
+    (graph,), _ = decode_request(envelope_job, Limits())
+    graph.options["exact"] = True
+    return pack_request(graph, {})
+
+
+def test_an_exact_job_runs_alone_and_equals_its_solo_run_while_others_merge(gpt2):
+    ex = executor(gpt2)
+    solo = logits_of(ex.run([("solo", job(SAME_WIDTH[2], edit_layer=1))])["solo"])
+    calls = []
+    handle = gpt2._module.register_forward_hook(lambda m, a, o: calls.append(o.logits.shape[0]))
+    try:
+        outcomes = ex.run([("a", job(SAME_WIDTH[0])), ("exact", exact(job(SAME_WIDTH[2], edit_layer=1))),
+                           ("b", job(SAME_WIDTH[1]))])  # fmt: skip
+    finally:
+        handle.remove()
+    assert sorted(calls) == [1, 2]  # the two others shared a pass; the exact job had one of its own
+    assert torch.equal(logits_of(outcomes["exact"]), solo)
+    for name, prompt in (("a", SAME_WIDTH[0]), ("b", SAME_WIDTH[1])):
+        assert torch.allclose(logits_of(outcomes[name]), plain_logits(gpt2, prompt), atol=1e-5)

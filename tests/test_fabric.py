@@ -310,3 +310,23 @@ def test_login_config_file_env_override_and_jobs_cli(fabric, alice, tmp_path, mo
     assert again.exit_code == 1 and "already completed" in again.output
     monkeypatch.setenv("NNFABRIC_API_KEY", fabric.keys["bob"])  # bob sees none of alice's jobs
     assert tracer.job.id not in runner.invoke(app, ["jobs", "list"]).output
+
+
+def test_an_exact_job_runs_alone_while_its_batch_mates_share_a_pass(fabric, alice):
+    # With the scheduler away, three jobs of one prompt width queue up and are read as one batch.
+    fabric.kill_scheduler()
+    try:
+        jobs = []
+        for exact in (False, True, False):
+            with alice.trace(CLEAN, remote=True, blocking=False, exact=exact) as tracer:
+                logits = alice.output.logits.save()
+            jobs.append((tracer.job, logits))
+    finally:
+        fabric.start_scheduler()
+    with alice.trace(CLEAN):
+        expected = alice.output.logits.save()
+    for job, logits in jobs:
+        job.wait(timeout=120)
+        assert torch.equal(logits.value, expected.value)
+    shared = [read_events(fabric, job.id)[-1]["shared"] for job, _ in jobs]
+    assert shared == [2, 1, 2], shared  # the exact job had a forward pass of its own

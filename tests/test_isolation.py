@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import plain_logits
+from conftest import hooks_of, plain_logits
 from nnfabric.graph import DType, Graph, Invoke, Node, Ref, TensorRef
 from nnfabric.runtime.wire import pack_request, unpack_result
 
@@ -140,6 +140,7 @@ def test_a_hostile_batch_mate_cannot_change_or_read_the_honest_job(gpt2, make):
     ex = executor(gpt2)
     weights = {k: v.clone() for k, v in gpt2._module.state_dict().items()}
     rng = torch.get_rng_state()
+    hooks = hooks_of(gpt2._module)
     hostile, tensors = make()
     outcomes = ex.run([("hostile", pack_request(hostile, tensors)), ("honest", pack_request(honest_job(), {}))])
     honest = outcomes["honest"]
@@ -148,7 +149,7 @@ def test_a_hostile_batch_mate_cannot_change_or_read_the_honest_job(gpt2, make):
     assert torch.allclose(logits, plain_logits(gpt2, HONEST), atol=1e-5), "the honest job's logits changed"
     assert all(torch.equal(v, gpt2._module.state_dict()[k]) for k, v in weights.items()), "weights changed"
     assert torch.equal(torch.get_rng_state(), rng), "the replica's random state changed"
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in gpt2._module.modules())
+    assert hooks_of(gpt2._module) == hooks, "hooks were left on the model"
     hostile_outcome = outcomes["hostile"]
     if make is hostile_reads_every_input:
         assert hostile_outcome.ok, hostile_outcome.error

@@ -44,6 +44,15 @@ def test_a_steered_completion_equals_the_same_steering_as_a_trace(client, alice)
     assert expected != local_continuation(alice, CLEAN, 6)  # the steering changed something
 
 
+def test_an_exact_completion_runs_alone_and_equals_local_generation(client, alice, fabric):
+    reply = client.completions.create(model="tiny-gpt2", prompt=CLEAN, max_tokens=6, temperature=0,
+                                      extra_body={"nnfabric": {"exact": True}})  # fmt: skip
+    assert reply.choices[0].text == local_continuation(alice, CLEAN, 6)
+    job_id = reply.id.removeprefix("cmpl-")
+    events = httpx.get(f"{fabric.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {fabric.keys['alice']}"})
+    assert events.json()["state"] == "completed"
+
+
 def test_streaming_gives_the_same_text(client):
     whole = client.completions.create(model="tiny-gpt2", prompt=CLEAN, max_tokens=6, temperature=0)
     pieces = client.completions.create(model="tiny-gpt2", prompt=CLEAN, max_tokens=6, temperature=0, stream=True)

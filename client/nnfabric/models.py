@@ -95,9 +95,14 @@ class Model:
         return self._module.get_submodule(path)
 
     # -- tracing ---------------------------------------------------------------------------
-    def trace(self, *inputs: Any, remote: Remote = False, blocking: bool = True, **kwargs: Any) -> Tracer:
-        """Open a trace: `with model.trace(inputs) as tracer:`; several prompts via tracer.invoke."""
-        return Tracer(self, inputs, kwargs, kind="trace", remote=remote, blocking=blocking)
+    def trace(
+        self, *inputs: Any, remote: Remote = False, blocking: bool = True, exact: bool = False, **kwargs: Any
+    ) -> Tracer:
+        """Open a trace: `with model.trace(inputs) as tracer:`; several prompts via tracer.invoke.
+        `exact=True` runs the job alone on the fabric (never in a forward pass shared with other
+        jobs), so its numbers are bit-identical to a solo run whoever else is queued."""
+        options = {"exact": True} if exact else None
+        return Tracer(self, inputs, kwargs, kind="trace", options=options, remote=remote, blocking=blocking)
 
     def scan(self, *inputs: Any, remote: Remote = False, **kwargs: Any) -> Tracer:
         """Like trace(), but the model runs on fake tensors: saved values are meta tensors with
@@ -214,12 +219,15 @@ class LanguageModel(Model):
         self, *inputs: Any, max_new_tokens: int = 20, remote: Remote = False, blocking: bool = True, **options: Any
     ) -> Tracer:
         """Open a generation trace; `tracer.iter[...]`/`tracer.all()` address its steps. Sampling
-        options (do_sample, temperature, top_k, top_p, seed) are the fabric's; any other keyword
-        goes to the model's `generate` (e.g. repetition_penalty, output_attentions)."""
+        options (do_sample, temperature, top_k, top_p, seed) and `exact=True` (run alone, as for
+        a trace) are the fabric's; any other keyword goes to the model's `generate` (e.g.
+        repetition_penalty, output_attentions)."""
         from .graph.validate import OPTIONS
 
         forward = {k: v for k, v in options.items() if k not in OPTIONS}
         options = {"max_new_tokens": max_new_tokens, **{k: v for k, v in options.items() if k in OPTIONS}}
+        if not options.get("exact", True):
+            del options["exact"]
         if forward:
             options["forward"] = forward
         return Tracer(self, inputs, {}, kind="generate", options=options, remote=remote, blocking=blocking)

@@ -90,6 +90,7 @@ class JobEvent(TypedDict):
     result: NotRequired[str]  # completed: where the result is
     bytes: NotRequired[int]
     seconds: NotRequired[float]
+    shared: NotRequired[int]  # completed: jobs that shared its forward pass or generate (1: it ran alone)
     inline: NotRequired[bool]  # completed: the result follows as one binary frame
     message: NotRequired[str | None]  # failed, log
     node: NotRequired[int | None]

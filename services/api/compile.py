@@ -56,6 +56,7 @@ class Intervention(BaseModel):
 
 class Extension(BaseModel):
     interventions: list[Intervention] = Field(default_factory=list, max_length=32)
+    exact: bool = Field(False, description="run alone: bit-identical to a solo run, whoever else is queued")
 
 
 def _job(model: str, graph: Graph, tensors: dict[str, list[float]], limits: Limits) -> tuple[dict[str, Any], bytes]:

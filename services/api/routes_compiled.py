@@ -177,6 +177,8 @@ async def _generate(
     tokenizer = await _tokenizer(spec, store)
     if extension is not None:
         await _resolve_saved(extension, key, store)
+        if extension.exact:
+            sampling = {**sampling, "exact": True}
     limits: Limits = limits_for(spec, settings)
     if max_tokens > limits.max_new_tokens:
         raise ApiError(422, f"max_tokens must be at most {limits.max_new_tokens} for model {spec.name!r}")

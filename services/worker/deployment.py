@@ -220,6 +220,7 @@ class ModelReplica:
             if outcome.ok and outcome.result is not None:
                 done: dict[str, Any] = {"result": f"/v1/jobs/{job_id}/result", "bytes": len(outcome.result)}
                 done["seconds"] = round(outcome.seconds, 4)
+                done["shared"] = outcome.shared
                 if len(outcome.result) >= self.settings.result_store_min_bytes:
                     # Large: on the shared result store, so Redis's memory stays flat; Redis keeps its name.
                     files[job_id] = await asyncio.to_thread(self.results.write, job_id, outcome.result)

@@ -29,6 +29,7 @@ from nnfabric.graph.tree import ModuleTree
 from nnfabric.graph.validate import GraphError
 from nnfabric.runtime.adapters import CausalLMAdapter
 from nnfabric.runtime.decoding import DECODING_OPTIONS
+from nnfabric.runtime.devices import to_host
 from nnfabric.runtime.execute import reads_attention_weights, run_graph, run_session
 from nnfabric.runtime.guards import Budget
 from nnfabric.runtime.source import module_operations
@@ -50,6 +51,7 @@ class Outcome:
     node: int | None = None
     seconds: float = 0.0
     trace: int | None = None
+    shared: int = 1  # jobs in the forward pass (or generate) it ran in
 
     @property
     def ok(self) -> bool:
@@ -192,7 +194,8 @@ class BatchExecutor:
         start = time.monotonic()
         try:
             with private_rng(None):
-                saved = run_graph(merged, tensors, self.adapter, self._budget(start), isolated=True, spans=spans)
+                # Every job's saved values reach the host together: one copy per device and dtype.
+                saved = to_host(run_graph(merged, tensors, self.adapter, self._budget(start), isolated=True, spans=spans))
         except StageLost:
             self._clean()
             raise
@@ -211,6 +214,7 @@ class BatchExecutor:
             own = {nid: saved[nid + offset] for nid in graph.saves if nid + offset in saved}
             try:
                 outcomes[job_id] = self._finish([own], False, start)
+                outcomes[job_id].shared = len(jobs)
             except Exception as exc:  # e.g. a saved value that cannot be encoded: its owner's failure
                 outcomes[job_id] = Outcome(error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - start)
         return outcomes
@@ -222,9 +226,12 @@ class BatchExecutor:
 
 def _merge_kind(graph: Graph) -> str | None:
     """Whether a job may share a run, and which kind: a plain trace ("trace", no options), or a
-    generation whose only options are decoding settings ("generate"). Every invoke must name its
+    generation whose only options are decoding settings ("generate"); never one that asked to be
+    exact. Every invoke must name its
     own rows (an invoke without inputs is the whole batch); no gradients or early stop; a seeded
     generation whose graph draws random numbers runs alone (its seed seeds those draws too)."""
+    if graph.options.get("exact"):
+        return None  # asked to run alone: bit-identical to its solo run, whoever else is queued
     if any(inv.args is None for inv in graph.invokes) or any(node.op in _UNMERGEABLE for node in graph.nodes):
         return None
     if graph.kind == "trace":

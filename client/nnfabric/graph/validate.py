@@ -241,4 +241,7 @@ OPTIONS: dict[str, type | tuple[type, ...]] = {
     "model": str,
     "forward": dict,  # keyword arguments for the model's forward / generate
     "scan": bool,  # shapes and dtypes only: the model runs on fake tensors (no data, no FLOPs)
+    # Run alone, never merged with other jobs: bit-identical to a solo run of the same job and
+    # reproducible whoever else is queued (on a GPU a kernel's sums depend on the batch).
+    "exact": bool,
 }

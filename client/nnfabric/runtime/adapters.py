@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .decoding import Decoding, PerJobDecoding
+from .devices import input_device, to_device
 
 
 @dataclass
@@ -69,7 +70,8 @@ class ModuleAdapter:
         return Batch(args, kwargs, rows, total)
 
     def forward(self, batch: Batch) -> Any:
-        return self.root(*batch.args, **batch.kwargs)
+        device = input_device(self.root)
+        return self.root(*to_device(batch.args, device), **to_device(batch.kwargs, device))
 
     def generate(
         self, batch: Batch, decodings: list[Decoding], on_end: Callable[[int, int], None] | None = None
@@ -95,9 +97,10 @@ def _concat(values: list[Any]) -> Any:
 class CausalLMAdapter:
     """A Hugging Face causal LM and its tokenizer."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device | None = None) -> None:
         self.root = model
         self.tokenizer = tokenizer
+        self.device = device  # where inputs go; None: where the model's input embedding is, at each run
         self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         pad = tokenizer.pad_token_id if tokenizer is not None else None
         if pad is None:
@@ -171,7 +174,10 @@ class CausalLMAdapter:
         return Batch((), kwargs, rows, total, lengths=[len(ids) for ids, _ in all_rows])
 
     def forward(self, batch: Batch) -> Any:
-        return self.root(*batch.args, **batch.kwargs)
+        # Token ids, masks and positions are made here on the CPU; the model reads them where its
+        # input embedding is (a GPU, or the first of several).
+        device = self.device or input_device(self.root)
+        return self.root(*to_device(batch.args, device), **to_device(batch.kwargs, device))
 
     def generate(
         self, batch: Batch, decodings: list[Decoding], on_end: Callable[[int, int], None] | None = None
@@ -183,6 +189,7 @@ class CausalLMAdapter:
 
         kwargs = {k: v for k, v in batch.kwargs.items() if k != "position_ids"}
         kwargs.setdefault("attention_mask", torch.ones_like(kwargs["input_ids"]))
+        kwargs = to_device(kwargs, self.device or input_device(self.root))
         processor = PerJobDecoding(
             decodings, kwargs["input_ids"].shape[1], self.pad_id, getattr(self.root, "generation_config", None), on_end
         )

@@ -23,6 +23,7 @@ from ..graph.leaves import map_leaves
 from ..graph.tree import split_source
 from .adapters import Batch
 from .decoding import Decoding
+from .devices import to_host
 from .guards import Budget
 from .interleaver import Interleaver
 from .source import module_operations
@@ -55,7 +56,7 @@ def run_session(
     graphs: list[Graph], tensors: dict[str, torch.Tensor], adapter: Adapter, budget: Budget | None = None
 ) -> list[dict[int, Any]]:
     """Run a session's traces in order; a later trace's `from_trace` nodes receive earlier values
-    without them leaving the machine. Returns each trace's saved values."""
+    without them leaving the machine (or its GPU). Returns each trace's saved values, on the CPU."""
     needed: list[set[int]] = [set() for _ in graphs]
     for graph in graphs:
         for node in graph.nodes:
@@ -71,8 +72,8 @@ def run_session(
         except InterventionError as exc:
             exc.trace = index if len(graphs) > 1 else None
             raise
-        kept.append({k: _detached(v) for k, v in values.items() if k in needed[index]})
-        saved.append({k: v for k, v in values.items() if k in graph.saves})
+        kept.append({k: _detached(v) for k, v in values.items() if k in needed[index]})  # stay where they are
+        saved.append(to_host({k: v for k, v in values.items() if k in graph.saves}))
     return saved
 
 

@@ -28,6 +28,7 @@ from ..errors import InterventionError
 from ..graph.ir import DType, Graph, Node, Ref, TensorRef
 from ..graph.leaves import map_leaves
 from ..graph.tree import SOURCE, split_source
+from .devices import aligned, first_device, input_device, module_device, to_device
 from .guards import Budget, NeedsSolo
 from .source import instrumented
 from .torch_ops import apply_simple, dtype_of
@@ -66,6 +67,7 @@ _END = EndEvent()
 _READS: dict[str, Side] = {"output": "out", "input": "in", "inputs": "in"}
 _WRITES: dict[str, Side] = {"set_output": "out", "set_input": "in", "set_inputs": "in"}
 _GRAD_OPS = {"grad", "set_grad"}
+_ALIGNED = {"binary", "unary", "call_method", "call_function", "getitem", "setitem", "set_grad", "backward"}
 
 
 def _storage(tensor: torch.Tensor) -> int:
@@ -119,6 +121,7 @@ class Interleaver:
         self.nodes = graph.nodes
         self.tensors = tensors
         self.root = root
+        self.device = input_device(root)  # where a job's own tensors go (a stage: its own device)
         self.rows = rows
         self.batch_size = batch_size
         count = len(self.nodes)
@@ -438,7 +441,11 @@ class Interleaver:
         if isinstance(leaf, Ref):
             return self.values[leaf.id]
         if isinstance(leaf, TensorRef):
-            return self.tensors[leaf.name]
+            tensor = self.tensors[leaf.name]
+            if tensor.device != self.device:
+                # A job's tensors arrive on the CPU: moved once to where the model computes.
+                tensor = self.tensors[leaf.name] = tensor.to(self.device)
+            return tensor
         if isinstance(leaf, DType):
             return dtype_of(leaf.name)
         return leaf
@@ -450,6 +457,7 @@ class Interleaver:
             if self.budget is not None:
                 self.budget.check_time()
                 self.budget.check_op(node.op, args, kwargs)
+            args, kwargs = self._placed(node.op, args, kwargs)
             value = self._dispatch(node, args, kwargs)
             if self.budget is not None:
                 self.budget.check_value(value)
@@ -458,6 +466,23 @@ class Interleaver:
             raise
         except Exception as exc:
             raise self._error(node, f"{type(exc).__name__}: {exc}") from exc
+
+    def _placed(self, op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """The op's values on the device that consumes them: a written value where the module's
+        value is, a module's arguments where the module computes, otherwise one device per op."""
+        if op in _WRITES:
+            target = first_device(self._event_value)
+            if target is not None:
+                args = [*args[:3], to_device(args[3], target)]
+            return args, kwargs
+        if op == "call_module":
+            target = module_device(self.root.get_submodule(args[0]))
+            if target is None:
+                return args, kwargs
+            return [args[0], *to_device(args[1:], target)], to_device(kwargs, target)
+        if op in _ALIGNED:
+            return aligned(op, args, kwargs)
+        return args, kwargs
 
     def _dispatch(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
         op = node.op

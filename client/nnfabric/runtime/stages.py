@@ -792,7 +792,8 @@ class Pipeline:
         self.root = shell
         self.plan = plan
         self.links = links
-        self.lm = CausalLMAdapter(shell, tokenizer)
+        # The shell has no weights: inputs stay on the host, and each stage moves them to its device.
+        self.lm = CausalLMAdapter(shell, tokenizer, device=torch.device("cpu"))
 
     def batch(self, invokes: list[tuple[list[Any] | None, dict[str, Any]]]) -> Batch:
         return self.lm.batch(invokes)
