@@ -77,6 +77,7 @@ def find(docs: list[dict[str, Any]], kind: str, suffix: str = "") -> list[dict[s
 VARIANTS = {
     "defaults": ({"secrets": {"password": "pw"}}, []),
     "dev": ({}, ["values-dev.yaml"]),
+    "gpu-bf16-2gpus": ({"secrets": {"password": "pw"}}, ["values-gpu.yaml"]),
     "gpu-catalog+ingress+external-redis": (
         {
             "models": CATALOG,
@@ -102,6 +103,27 @@ def test_chart_lints_and_every_manifest_is_valid(variant):
                 kubernetes_validate.validate(doc, version, strict=True)
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "ConfigMap", "Secret", "RayService", "NetworkPolicy"} <= kinds
+
+
+def test_the_gpu_example_shards_a_bfloat16_model_over_two_gpus():
+    docs = render({"secrets": {"password": "pw"}}, ["values-gpu.yaml"])
+    ray = find(docs, "RayService")[0]
+    groups = {g["groupName"]: g for g in ray["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == {"gpu2", "gpu1"}
+    pod = groups["gpu2"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    from services.common.catalog import Catalog
+
+    catalog = Catalog.model_validate(yaml.safe_load(find(docs, "ConfigMap", "-catalog")[0]["data"]["catalog.yaml"]))
+    big = catalog.get("llama-8b")
+    assert big is not None and (big.dtype, big.gpus, big.gpu_memory_fraction) == ("bfloat16", 2, 0.85)
+    serve = yaml.safe_load(ray["spec"]["serveConfigV2"])
+    (app,) = [a for a in serve["applications"] if a["name"] == "model-llama-8b"]
+    assert app["args"] == {"model": "llama-8b"}  # built from the catalog: each replica asks Ray for 2 GPUs
+    from services.worker.deployment import replica_placement
+
+    assert replica_placement(big)["ray_actor_options"] == {"num_gpus": 2, "num_cpus": 0}
 
 
 def test_gpu_requests_follow_the_catalog():

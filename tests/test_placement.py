@@ -191,3 +191,20 @@ def test_a_persistent_edits_tensors_meet_the_models_value(split):
     with shifted.trace(X):
         out = shifted.output.save()
     assert out.value.device.type == "meta"
+
+
+def test_a_gpu_replica_shards_its_model_within_each_gpus_memory_share(monkeypatch):
+    from services.worker.loader import placement
+
+    class Properties:
+        total_memory = 80 << 30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    spec = ModelSpec(name="big", source="x", dtype="bfloat16", gpus=2)
+    plan = placement(spec)
+    assert plan["device_map"] == "auto" and plan["max_memory"] == {0: int(0.85 * (80 << 30)), 1: int(0.85 * (80 << 30))}
+    offloaded = placement(spec.model_copy(update={"offload": True}))
+    assert offloaded["max_memory"]["cpu"] > 0  # layers that do not fit the GPUs go to the CPU
+    assert placement(spec.model_copy(update={"gpus": 0})) == {}  # a CPU replica: no device map

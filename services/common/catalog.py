@@ -65,6 +65,11 @@ class ModelSpec(BaseModel):
     placement_strategy: Literal["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"] = Field(
         "SPREAD", description="how a staged replica's bundles spread over nodes (Ray placement group strategy)"
     )
+    # On GPUs: the weights are sharded over the replica's `gpus` by accelerate, each GPU taking at
+    # most this share of its memory (the rest holds activations, caches and batch-mates' values);
+    # with `offload`, layers that do not fit go to the CPU's memory (slower, but it runs).
+    gpu_memory_fraction: float = Field(0.85, gt=0, le=1)
+    offload: bool = False
     limits: ModelLimits = ModelLimits()  # type: ignore[call-arg]
 
     @model_validator(mode="after")

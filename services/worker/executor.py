@@ -295,5 +295,13 @@ def merge_graphs(
     return merged, tensors, offsets
 
 
+_LITERALS = frozenset({str, int, float, bool, type(None)})
+
+
 def _shift(value: Any, offset: int, prefix: str) -> Any:
+    kind = type(value)
+    if kind in _LITERALS:
+        return value  # most arguments: a name, a number
+    if kind is list and all(type(item) in _LITERALS for item in value):
+        return value  # token ids
     return relabel(value, lambda node: node + offset, prefix)

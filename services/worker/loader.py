@@ -77,15 +77,29 @@ def prepare(spec: ModelSpec, cache_dir: str | None = None) -> str:
     return str(path) if path.is_dir() else spec.source
 
 
+def placement(spec: ModelSpec) -> dict[str, Any]:
+    """How accelerate places a replica's model: nothing on a CPU replica; on GPUs, a device map
+    over the GPUs Ray gave the replica (CUDA_VISIBLE_DEVICES), each GPU filled up to
+    `gpu_memory_fraction` of its memory, and the CPU's memory for the rest when `offload`."""
+    if spec.gpus == 0 or not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return {}
+    max_memory: dict[int | str, int] = {
+        index: int(torch.cuda.get_device_properties(index).total_memory * spec.gpu_memory_fraction)
+        for index in range(torch.cuda.device_count())
+    }
+    if spec.offload:
+        import psutil
+
+        max_memory["cpu"] = int(psutil.virtual_memory().available * 0.8)
+    return {"device_map": "auto", "max_memory": max_memory}
+
+
 def load_model(spec: ModelSpec) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = _dtype(spec.dtype)
     source = prepare(spec)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        kwargs["device_map"] = "auto"  # accelerate shards over the GPUs Ray gave this replica
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement(spec))
     model.train(False)
     for parameter in model.parameters():
         parameter.requires_grad_(True)

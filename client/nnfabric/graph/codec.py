@@ -71,6 +71,7 @@ def encode_value(value: Any) -> Any:
 
 
 _TAGS = {"$ref", "$tensor", "$dtype", "$slice", "$ellipsis", "$tuple", "$dict", "$float"}
+_PLAIN = frozenset({int, str, float})
 
 
 def decode_value(data: Any, depth: int = 0, max_depth: int = 32, results: bool = False) -> Any:
@@ -83,6 +84,8 @@ def decode_value(data: Any, depth: int = 0, max_depth: int = 32, results: bool =
     if isinstance(data, float):
         return data
     if isinstance(data, list):
+        if all(type(v) in _PLAIN for v in data):
+            return data  # token ids, numbers, texts: already the values they stand for
         return [decode_value(v, depth + 1, max_depth, results) for v in data]
     if not isinstance(data, dict) or len(data) != 1:
         raise GraphError(f"malformed value: {_short(data)}")
@@ -226,25 +229,33 @@ def graph_from_json(data: Any, limits: Limits) -> Graph:
         raise LimitExceeded(f"graph has {len(nodes_data)} nodes, over the limit of {limits.max_nodes}")
     depth = limits.max_depth
     graph = Graph(kind=kind)
+    lines: dict[tuple[str, int, str], SourceLine] = {}  # a step's nodes repeat their lines
     for index, nd in enumerate(nodes_data):
-        _expect(isinstance(nd, dict), f"node {index} must be an object")
+        # (each message is formatted only when its check fails: this runs for every node of every job)
+        if not isinstance(nd, dict):
+            raise GraphError(f"node {index} must be an object")
         op, args, kwargs = nd.get("op"), nd.get("args", []), nd.get("kwargs", {})
-        _expect(isinstance(op, str), f"node {index}: op must be a string")
-        _expect(isinstance(args, list), f"node {index}: args must be a list")
-        _expect(isinstance(kwargs, dict), f"node {index}: kwargs must be an object")
+        if not isinstance(op, str):
+            raise GraphError(f"node {index}: op must be a string")
+        if not isinstance(args, list):
+            raise GraphError(f"node {index}: args must be a list")
+        if not isinstance(kwargs, dict):
+            raise GraphError(f"node {index}: kwargs must be an object")
         invoke = nd.get("invoke", 0)
-        _expect(isinstance(invoke, int) and not isinstance(invoke, bool), f"node {index}: invoke must be an integer")
+        if type(invoke) is not int:
+            raise GraphError(f"node {index}: invoke must be an integer")
         line = nd.get("line")
         source = None
         if line is not None:
-            _expect(
+            if not (
                 isinstance(line, dict)
                 and isinstance(line.get("file"), str)
-                and isinstance(line.get("line"), int)
-                and isinstance(line.get("code", ""), str),
-                f"node {index}: malformed source line",
-            )
-            source = SourceLine(line["file"][:500], line["line"], line.get("code", "")[:500])
+                and type(line.get("line")) is int
+                and isinstance(line.get("code", ""), str)
+            ):
+                raise GraphError(f"node {index}: malformed source line")
+            where = (line["file"][:500], line["line"], line.get("code", "")[:500])
+            source = lines.get(where) or lines.setdefault(where, SourceLine(*where))
         try:
             node = Node(
                 op=op,

@@ -82,7 +82,31 @@ class Node:
     id: int = -1
 
     def refs(self) -> list[int]:
-        return [leaf.id for leaf in iter_leaves((self.args, self.kwargs)) if isinstance(leaf, Ref)]
+        found: list[int] = []
+        _collect_refs(self.args, found)
+        _collect_refs(self.kwargs, found)
+        return found
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _collect_refs(value: Any, found: list[int]) -> None:
+    """The node ids `value` refers to, in order (a node's arguments are mostly flat: this is
+    the executor's hot path, so scalars are skipped before anything else is asked)."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return
+    if kind is Ref:
+        found.append(value.id)
+    elif kind is list or kind is tuple:
+        for item in value:
+            _collect_refs(item, found)
+    elif kind is dict:
+        for item in value.values():
+            _collect_refs(item, found)
+    elif kind is slice:
+        _collect_refs((value.start, value.stop, value.step), found)
 
 
 @dataclass

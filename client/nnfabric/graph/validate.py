@@ -66,7 +66,12 @@ def _where(node: Node) -> str:
     return where
 
 
+_PLAIN = frozenset({int, str, float, bool, type(None)})
+
+
 def _check_value(value: Any, node: Node, tensor_names: set[str] | None) -> None:
+    if type(value) in _PLAIN or (type(value) is list and all(type(v) in _PLAIN for v in value)):
+        return  # literals, token ids: nothing to check
     for leaf in iter_leaves(value):
         if isinstance(leaf, Ref):
             if leaf.id >= node.id:

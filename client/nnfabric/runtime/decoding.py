@@ -77,6 +77,8 @@ class PerJobDecoding:
         # reached, or every one of its rows at an end-of-sequence token.
         self.on_end = on_end
         self.ended: set[int] = set()
+        self._eos: torch.Tensor | None = None  # the end-of-sequence ids, on the scores' device
+        self._ended_rows = torch.zeros(0, dtype=torch.bool)  # rows that have met one so far
         eos = getattr(config, "eos_token_id", None) if config is not None else None
         self.eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
         self.warpers: list[list[Any]] = []
@@ -127,19 +129,24 @@ class PerJobDecoding:
         return out
 
     def _report_ends(self, input_ids: torch.Tensor, scores: torch.Tensor, step: int) -> None:
-        chosen = scores.argmax(dim=-1)  # what generate picks from these scores (greedy)
-        for index, span in enumerate(self.spans):
-            if index in self.ended:
-                continue
-            rows = slice(span.start, span.stop)
-            done = step + 1 >= span.max_new_tokens
-            if not done and self.eos.numel():
-                eos = self.eos.to(input_ids.device)
-                earlier = torch.isin(input_ids[rows, self.width :], eos).any(dim=1)
-                done = bool((earlier | torch.isin(chosen[rows], eos)).all())
-            if done:
-                self.ended.add(index)
-                self.on_end(index, step)  # type: ignore[misc]
+        """Tell `on_end` of every job whose own generate stops at this step. One read of the
+        device per step for the whole batch (which rows have met an end-of-sequence token), not
+        one per job: on a GPU each read waits for the queued work."""
+        pending = [index for index in range(len(self.spans)) if index not in self.ended]
+        if not pending:
+            return
+        done = {index for index in pending if step + 1 >= self.spans[index].max_new_tokens}
+        if self.eos.numel() and len(done) < len(pending):
+            if self._eos is None or self._eos.device != scores.device:
+                self._eos = self.eos.to(scores.device)
+                self._ended_rows = torch.isin(input_ids[:, self.width :], self._eos).any(dim=1)
+            # What generate picks from these scores (greedy), added to what the rows picked before.
+            self._ended_rows = self._ended_rows | torch.isin(scores.argmax(dim=-1), self._eos)
+            ended = self._ended_rows.tolist()
+            done |= {i for i in pending if all(ended[self.spans[i].start : self.spans[i].stop])}
+        for index in sorted(done):
+            self.ended.add(index)
+            self.on_end(index, step)  # type: ignore[misc]
 
 
 def _setting(value: Any, config: Any, name: str, default: Any) -> Any:

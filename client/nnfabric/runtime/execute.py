@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
 
 from ..errors import InterventionError
-from ..graph.ir import Graph, Node, Ref, TensorRef
+from ..graph.ir import Graph, Ref, TensorRef
 from ..graph.leaves import map_leaves
 from ..graph.tree import split_source
 from .adapters import Batch
@@ -41,7 +42,15 @@ class Adapter(Protocol):
     ) -> Any: ...
 
 
+def _plain(value: Any) -> bool:
+    kind = type(value)
+    return kind is int or kind is str or (kind is list and all(_plain(item) for item in value))
+
+
 def _inputs(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if _plain(value):
+        return value  # token ids or texts: nothing to resolve (a merged batch has many)
+
     def leaf(item: Any) -> Any:
         if isinstance(item, TensorRef):
             return tensors[item.name]
@@ -179,18 +188,26 @@ def _as_meta(value: Any) -> Any:
     return value
 
 
+_ATTENTION_PATHS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
 def _attention_call(root: torch.nn.Module, path: str) -> bool:
     """Whether `path` is a module that calls an attention interface (its output is
-    `(attention output, weights)`), or that call itself in its `.source`."""
-    split = split_source(path)
-    module_path, operation = split if split else (path, None)
-    if operation is not None and not operation.startswith(_ATTENTION_CALL):
-        return False
-    try:
-        module = root.get_submodule(module_path)
-    except AttributeError:
-        return False
-    return any(op.name.startswith(_ATTENTION_CALL) for op in module_operations(module))
+    `(attention output, weights)`), or that call itself in its `.source` (cached per model)."""
+    known = _ATTENTION_PATHS.setdefault(root, {})
+    if path not in known:
+        split = split_source(path)
+        module_path, operation = split if split else (path, None)
+        try:
+            module = root.get_submodule(module_path)
+        except AttributeError:
+            module = None
+        known[path] = (
+            module is not None
+            and (operation is None or operation.startswith(_ATTENTION_CALL))
+            and any(op.name.startswith(_ATTENTION_CALL) for op in module_operations(module))
+        )
+    return known[path]
 
 
 def reads_attention_weights(graph: Graph, root: torch.nn.Module) -> bool:
@@ -198,19 +215,15 @@ def reads_attention_weights(graph: Graph, root: torch.nn.Module) -> bool:
     its attention call's) any other way than `[0]`, the attention output itself (`[1]`, the
     whole tuple, a save, `tracer.cache`). Fused kernels (sdpa, flash) give None there, so such a
     run switches to eager attention, as `output_attentions=True` does."""
-    users: dict[int, list[Node]] = {}
+    reads = {n.id for n in graph.nodes if n.op == "output" and isinstance(n.args[0], str) and _attention_call(root, n.args[0])}
+    if not reads:
+        return False
+    if reads & set(graph.saves):
+        return True
     for node in graph.nodes:
         for ref in node.refs():
-            users.setdefault(ref, []).append(node)
-    saved = set(graph.saves)
-    for node in graph.nodes:
-        if node.op != "output" or not isinstance(node.args[0], str):
-            continue
-        whole = node.id in saved or any(
-            user.op != "getitem" or user.args[1] != 0 or user.args[0] != Ref(node.id) for user in users.get(node.id, [])
-        )
-        if whole and _attention_call(root, node.args[0]):
-            return True
+            if ref in reads and not (node.op == "getitem" and node.args[0] == Ref(ref) and node.args[1] == 0):
+                return True
     return False
 
 

@@ -67,6 +67,7 @@ _END = EndEvent()
 _READS: dict[str, Side] = {"output": "out", "input": "in", "inputs": "in"}
 _WRITES: dict[str, Side] = {"set_output": "out", "set_input": "in", "set_inputs": "in"}
 _GRAD_OPS = {"grad", "set_grad"}
+_LITERALS = frozenset({str, int, float, bool, type(None)})
 _ALIGNED = {"binary", "unary", "call_method", "call_function", "getitem", "setitem", "set_grad", "backward"}
 
 
@@ -74,6 +75,15 @@ def _storage(tensor: torch.Tensor) -> int:
     """The storage a tensor's data lives in (its views share it), to recognise shared or
     read-only values; for the data-less fake tensors of a scan too."""
     return int(tensor.untyped_storage()._cdata)
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether a value of `shape` can be written into a slot of shape `target`."""
+    if len(shape) > len(target):
+        return all(size == 1 for size in shape[: len(shape) - len(target)]) and _broadcasts(
+            shape[len(shape) - len(target) :], target
+        )
+    return all(size in (1, want) for size, want in zip(shape, target[len(target) - len(shape) :], strict=True))
 
 
 class EarlyStop(Exception):
@@ -140,6 +150,9 @@ class Interleaver:
         self.columns: dict[int, int] = {}  # invoke -> columns of the generated ids that are its job's
         self.last_step: dict[int, int] = {}  # invoke -> its job's last generation step (merged runs)
         self._event_value: Any = None
+        # A merged run's writes to the live module output, by invoke: applied together when the
+        # event ends (one copy of the output for the whole batch, not one per job).
+        self._written: dict[int, Any] = {}
         self._grads: dict[tuple[int, int], Any] = {}  # (source node, backward node) -> its gradient (rows)
         self._backward_of: dict[int, int] = {}  # .grad node -> the backward call it belongs to
         self._backward_now = -1
@@ -324,9 +337,10 @@ class Interleaver:
     def _event(self, key: ModuleEvent, value: Any) -> Any:
         if self.budget is not None:
             self.budget.check_time()
-        outer_live, outer_value = self.live, self._event_value
+        outer_live, outer_value, outer_written = self.live, self._event_value, self._written
         self.live = {key}
         self._event_value = value
+        self._written = {}
         self.fired.add(key)
         try:
             self._advance(self.threads)
@@ -334,9 +348,11 @@ class Interleaver:
                 waiting = thread.nodes[thread.pc] if thread.pc < len(thread.nodes) else None
                 if waiting is not None and self.pin[waiting] == key and not self._past_end(self.nodes[waiting], key):
                     self._stuck(waiting, key)
+            if self._written:
+                return self._write_rows(self._event_value, [(self.rows[i], new) for i, new in self._written.items()])
             return self._event_value
         finally:
-            self.live, self._event_value = outer_live, outer_value
+            self.live, self._event_value, self._written = outer_live, outer_value, outer_written
 
     def _stuck(self, nid: int, key: EventKey) -> None:
         missing = [d for d in self.deps[nid] if self.values[d] is _MISSING]
@@ -435,6 +451,11 @@ class Interleaver:
 
     # -- executing one node -------------------------------------------------------------------
     def _resolve(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is Ref:
+            return self.values[value.id]
+        if kind in _LITERALS:
+            return value
         return map_leaves(value, self._resolve_leaf)
 
     def _resolve_leaf(self, leaf: Any) -> Any:
@@ -488,7 +509,14 @@ class Interleaver:
         op = node.op
         rows = self.rows[node.invoke]
         if op == "output":
+            if node.invoke in self._written:
+                return self._written[node.invoke]  # read after its own write, as alone: the value it wrote
             return self._slice_rows(self._event_value, rows)
+        if op == "set_output" and self.isolated and rows is not None:
+            # Checked now, at the job's own line; written into one copy with the others' at the end.
+            self._check_fits(self._event_value, args[3], rows)
+            self._written[node.invoke] = args[3]
+            return None
         if op == "input":
             call_args, call_kwargs = self._event_value
             first = call_args[0] if call_args else next(iter(call_kwargs.values()))
@@ -582,6 +610,46 @@ class Interleaver:
         if self.isolated and not (value is None or isinstance(value, (bool, int, float, str, torch.dtype))):
             raise NeedsSolo(f"a {type(value).__name__} is not split by rows")
         return value
+
+    def _check_fits(self, current: Any, new: Any, rows: tuple[int, int]) -> None:
+        """Raise as `_merge_rows` would if `new` cannot be written into these rows of `current`."""
+        if isinstance(current, torch.Tensor):
+            if current.dim() == 0 or current.shape[0] != self.batch_size:
+                raise NeedsSolo("a write to a value every row shares")
+            target = current[rows[0] : rows[1]]
+            if isinstance(new, torch.Tensor) and not _broadcasts(tuple(new.shape), tuple(target.shape)):
+                raise RuntimeError(f"the value of shape {tuple(new.shape)} cannot be written into rows of shape "
+                                   f"{tuple(target.shape)}")  # fmt: skip
+            return
+        if isinstance(current, (tuple, list)) and isinstance(new, (tuple, list)) and len(current) == len(new):
+            for c, n in zip(current, new, strict=True):
+                self._check_fits(c, n, rows)
+            return
+        if isinstance(current, dict) and isinstance(new, dict):
+            for name, item in new.items():
+                self._check_fits(current.get(name), item, rows)
+            return
+        raise TypeError(f"cannot write a {type(new).__name__} into one invoke's rows of a {type(current).__name__}")
+
+    def _write_rows(self, current: Any, writes: list[tuple[tuple[int, int] | None, Any]]) -> Any:
+        """`current` with each write's rows replaced: one copy of each tensor for all of them."""
+        if isinstance(current, torch.Tensor):
+            merged = current.clone()
+            for rows, new in writes:
+                assert rows is not None
+                merged[rows[0] : rows[1]] = new
+            return merged
+        if isinstance(current, (tuple, list)):
+            return type(current)(
+                self._write_rows(c, [(rows, new[i]) for rows, new in writes]) for i, c in enumerate(current)
+            )
+        if isinstance(current, dict):
+            merged_dict = dict(current)
+            for name in {name for _, new in writes for name in new}:
+                found = [(rows, new[name]) for rows, new in writes if name in new]
+                merged_dict[name] = self._write_rows(current.get(name), found)
+            return merged_dict
+        raise TypeError(f"cannot write into one invoke's rows of a {type(current).__name__}")
 
     def _merge_rows(self, current: Any, new: Any, rows: tuple[int, int] | None) -> Any:
         if rows is None:
