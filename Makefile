@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install -q --no-compile -c constraints.txt
 # PYTHONDONTWRITEBYTECODE may forbid caching at import: compile what the stack imports, on all cores.
 NOT_IMPORTED := /tests?/|/torch/testing/|/ray/(rllib|data|train|tune|llm|air)/|/transformers/models/(?!(auto|gpt2|llama)/|__init__)
 
-.PHONY: install system-deps demo test lint typecheck pytest bench clean
+.PHONY: install system-deps demo test test-unit lint typecheck pytest bench clean
 
 install: $(VENV)/.installed
 
@@ -35,8 +35,13 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-# The cluster topology test (tests/topology) starts Ray nodes of its own, so it runs after the
-# main suite has stopped its Ray: never two Ray clusters at once.
+# The inner loop: tests/unit needs no Redis, Ray or network (under a minute).
+test-unit: install
+	$(VENV)/bin/pytest -q tests/unit
+
+# Everything: tests/unit, then tests/integration (real Redis, Ray Serve, uvicorn, Chromium). The
+# cluster topology test (tests/topology) starts Ray nodes of its own, so it runs after the main
+# suite has stopped its Ray: never two Ray clusters at once.
 pytest: install
 	$(VENV)/bin/pytest -q
 	NNFABRIC_TOPOLOGY=1 $(VENV)/bin/pytest -q -s tests/topology

@@ -33,16 +33,15 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "client"))
 sys.path.insert(0, str(ROOT))
 
 import nnfabric  # noqa: E402
-from models import train_tokenizer  # noqa: E402
 from nnfabric.runtime import wire  # noqa: E402
 
 from services.common.catalog import ModelLimits, ModelSpec  # noqa: E402
 from services.worker.executor import BatchExecutor  # noqa: E402
+from tests.support.models import train_tokenizer  # noqa: E402
 
 SHAPES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.support
 
 import nnfabric
-from models import build_gpt2, train_tokenizer
+
+from tests.support.models import build_gpt2, train_tokenizer
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 

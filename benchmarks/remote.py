@@ -30,14 +30,14 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the repository: tests.support
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import nnfabric  # noqa: E402
-from models import build_gpt2  # noqa: E402
 from overhead import small_model  # noqa: E402
 
 from services.launcher import EmbeddedFabric  # noqa: E402
+from tests.support.models import build_gpt2  # noqa: E402
 
 PROMPT = "The Eiffel Tower is in the city of"
 

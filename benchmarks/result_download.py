@@ -21,15 +21,15 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the repository: tests.support
 
-from models import build_gpt2  # noqa: E402
 from nnfabric.graph import Graph, Invoke, Node  # noqa: E402
 from nnfabric.runtime.wire import pack_request  # noqa: E402
 
 from services.common.result_store import ResultStore  # noqa: E402
 from services.common.store import Store  # noqa: E402
 from services.launcher import EmbeddedFabric  # noqa: E402
+from tests.support.models import build_gpt2  # noqa: E402
 
 
 async def key_and_memory(url: str, make_key: bool) -> tuple[str, int]:

@@ -18,11 +18,10 @@ from pathlib import Path
 import typer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from models import build_gpt2  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 from services.launcher import EmbeddedFabric  # noqa: E402
+from tests.support.models import build_gpt2  # noqa: E402
 
 PROMPT = "The Eiffel Tower is in the city of"
 

@@ -30,15 +30,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 PROMPT = "The Eiffel Tower is in the city of Paris and the Colosseum is in the city of Rome."
 
 
 def build(directory: Path, layers: int, width: int) -> None:
     import torch
-    from models import train_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.support.models import train_tokenizer
 
     torch.manual_seed(0)
     config = GPT2Config(n_layer=layers, n_embd=width, n_head=8, vocab_size=300, n_positions=512,

@@ -1,17 +1,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-
-import pytest
-import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 import nnfabric
 import nnfabric.backends
-from models import build_gpt2, build_llama, build_mlp
+import pytest
+
+from tests.support.models import build_gpt2, build_llama, build_mlp
 
 # The cluster topology test starts a Ray cluster of its own: it runs in a pytest run of its own
 # (`make test` runs it after this one), never beside the session fabric's Ray.
@@ -69,40 +65,6 @@ def mlp() -> nnfabric.Model:
     return nnfabric.Model(build_mlp())
 
 
-def hooks_of(model: torch.nn.Module) -> list[tuple[int, ...]]:
-    """Every module's forward hooks (ids): transformers keeps hooks of its own on a model once it
-    was asked for hidden states or attentions, so "no hooks of ours left" compares with before."""
-    return [tuple(m._forward_hooks) + tuple(m._forward_pre_hooks) for m in model.modules()]
-
-
-def ids(model: nnfabric.LanguageModel, text: str) -> torch.Tensor:
-    return torch.tensor([model.tokenizer(text)["input_ids"]])
-
-
-def plain_logits(model: nnfabric.LanguageModel, text: str) -> torch.Tensor:
-    with torch.no_grad():
-        return model._module(ids(model, text)).logits
-
-
-class Hook:
-    """A hand-written forward hook: the independent oracle for reads and edits."""
-
-    def __init__(self, module: torch.nn.Module, edit=None) -> None:  # type: ignore[no-untyped-def]
-        self.seen: list = []
-        self.edit = edit
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):  # type: ignore[no-untyped-def]
-        self.seen.append(output)
-        return self.edit(output) if self.edit else None
-
-    def __enter__(self) -> Hook:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
-
-
 @pytest.fixture(scope="module")
 def redis_url():
     """A real Redis of the module's own (nothing kept)."""
@@ -113,16 +75,9 @@ def redis_url():
     server.stop()
 
 
-def key_of(user: str):  # type: ignore[no-untyped-def]
-    """An API key record for `user` (the store's submit takes one), without creating a key."""
-    from services.common.store import ApiKey
-
-    return ApiKey(f"key-{user}", user, ["*"], 0, 0.0)
-
-
 @pytest.fixture(scope="session")
 def fabric(tmp_path_factory: pytest.TempPathFactory, gpt2_dir: Path):
-    from fabric import start_fabric, stop_fabric
+    from tests.support.fabric import start_fabric, stop_fabric
 
     running = start_fabric(tmp_path_factory.mktemp("fabric"), gpt2_dir)
     yield running

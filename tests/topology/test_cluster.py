@@ -252,9 +252,8 @@ def test_a_scheduler_replaced_under_a_new_name_is_taken_over_within_seconds(clus
     time), nothing is lost, and nothing that ran is run again."""
     import asyncio
 
-    from test_faults import slow_job
-
     from services.common.store import GROUP, Store
+    from tests.support.jobs import slow_job
 
     async def alive() -> list[str]:
         store = Store.from_url(cluster.env["NNFABRIC_REDIS_URL"])

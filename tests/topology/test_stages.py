@@ -102,7 +102,7 @@ def staged(gpt2_4_dir: Path, llama_4_dir: Path) -> Iterator[Any]:
             redis_data_dir=str(folder / "redis"),
             result_store_dir=str(folder / "results"),
         )
-        from fabric import _make_keys
+        from tests.support.fabric import _make_keys
 
         fabric.keys = asyncio.run(_make_keys(fabric.settings.redis_url))  # type: ignore[attr-defined]
         fabric.wait_ready()
