@@ -136,12 +136,12 @@ class _Capture:
 
 def envelope(model: nnfabric.LanguageModel, record: Callable[[], None]) -> bytes:
     capture = _Capture()
-    original = model._backend
-    model._backend = lambda remote: capture  # type: ignore[method-assign]
+    original = model.backend
+    model.backend = lambda remote: capture  # type: ignore[method-assign]
     try:
         record()
     finally:
-        model._backend = original  # type: ignore[method-assign]
+        model.backend = original  # type: ignore[method-assign]
     return capture.body
 
 

@@ -60,9 +60,11 @@ def p50(run: Callable[[], Any], runs: int) -> float:
 def staged_model(directory: Path, count: int) -> tuple[Any, list[Any]]:
     import nnfabric
     import ray
-    from nnfabric.runtime.stages import Pipeline, StagePlan, shell_model
 
-    from services.worker.stages import RayLink, StageActor
+    from services.worker.pipeline.actors import RayLink, StageActor
+    from services.worker.pipeline.links import Pipeline
+    from services.worker.pipeline.plan import StagePlan
+    from services.worker.pipeline.weights import shell_model
 
     model = nnfabric.LanguageModel(str(directory))
     shell = shell_model(str(directory))

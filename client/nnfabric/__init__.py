@@ -26,14 +26,14 @@ _EXPORTS = {
     "Fabric": ".fabric",
     "connect": ".fabric",
     "job": ".fabric",
-    "Job": ".remote.client",
+    "Job": ".remote.job",
 }
 
 if TYPE_CHECKING:
     from .errors import GraphError, InterventionError, RemoteError
     from .fabric import Fabric, connect, job
     from .models import LanguageModel, Model
-    from .remote.client import Job
+    from .remote.job import Job
 
 
 def __getattr__(name: str) -> Any:

@@ -46,7 +46,8 @@ def login(
 ) -> None:
     """Check the key against the fabric and save url and key to the config file."""
     from .errors import RemoteError
-    from .remote.client import FabricClient, write_config
+    from .remote.config import write_config
+    from .remote.http import FabricClient
 
     try:
         FabricClient(url, api_key, progress=False).models()

@@ -19,7 +19,9 @@ from typing import Any
 
 from .graph.tree import ModuleTree
 from .models import LanguageModel
-from .remote.client import FabricClient, Job, connection_settings, default_fabric, set_default
+from .remote.config import connection_settings, default_fabric, set_default
+from .remote.http import FabricClient
+from .remote.job import Job
 
 
 class Fabric(FabricClient):

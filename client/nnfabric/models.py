@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import backends
 from .backends import Backend, Edit, Remote
-from .errors import InterventionError
 from .graph.tree import ModuleTree
 from .tracing.envoy import Envoy
+from .tracing.recording import Recording
 from .tracing.session import TraceSession
 from .tracing.tracer import Tracer
 
 if TYPE_CHECKING:
-    from .remote.client import FabricClient as Fabric
+    from .remote.http import FabricClient as Fabric
     from .tracing.edit import EditBlock
 
 
@@ -44,8 +44,9 @@ class Model:
 
             tree = ModuleTree.from_module(module, operations=module_operations)
         self._tree = tree
-        self._tracer: Tracer | None = None
-        self._open_session: TraceSession | None = None
+        # Tracing's seam (nnfabric.tracing.recording.TracedModel): the block and session open on it.
+        self.open_recording: Recording | None = None
+        self.open_session: TraceSession | None = None
         self._envoy = Envoy(self, self._tree)
         self._adapter: Any = None
         self._fabric = fabric
@@ -78,6 +79,16 @@ class Model:
             object.__setattr__(self, name, value)
 
     @property
+    def tree(self) -> ModuleTree:
+        """The module tree (and each module's operations): what `print(model)` shows."""
+        return self._tree
+
+    @property
+    def paths(self) -> frozenset[str]:
+        """Every module and operation path a graph may name."""
+        return self._paths
+
+    @property
     def output(self) -> Any:
         return self._envoy.output
 
@@ -89,7 +100,8 @@ class Model:
     def inputs(self) -> Any:
         return self._envoy.inputs
 
-    def _module_at(self, path: str) -> Any:
+    def module_at(self, path: str) -> Any:
+        """The torch module at `path`, or None for a model hosted on the fabric."""
         if self._module is None:
             return None
         return self._module.get_submodule(path)
@@ -125,7 +137,7 @@ class Model:
 
     def clear_edits(self) -> None:
         """Drop this model object's edits, and their registrations on the fabric."""
-        from .remote.client import default_fabric
+        from .remote.config import default_fabric
 
         for edit in self._edits:
             for (url, name), edit_id in list(edit.registered.items()):
@@ -140,22 +152,27 @@ class Model:
         """This model object's persistent edits, in the order they apply."""
         return list(self._edits)
 
-    def _with_edits(self) -> Model:
+    def add_edit(self, edit: Edit) -> None:
+        """Apply `edit` first in every later trace of this model object (model.edit() calls it)."""
+        self._edits.append(edit)
+
+    def with_edits(self) -> Model:
         """A new model object on the same module and tree, with this one's edits so far."""
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
-        clone._tracer = None
-        clone._open_session = None
+        clone.open_recording = None
+        clone.open_session = None
         clone._envoy = Envoy(clone, self._tree)
         clone._edits = list(self._edits)
         return clone
 
-    def _prepare_invoke_inputs(
+    def invoke_inputs(
         self, inputs: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[list[Any], dict[str, Any]]:
+        """One invoke's inputs as (positional, keyword) inputs of the adapter."""
         return list(inputs), dict(kwargs)
 
-    def _forward_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def forward_keywords(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the invoke's own inputs, keyword arguments for the model's forward): a plain module
         takes every keyword as an input."""
         return dict(kwargs), {}
@@ -167,22 +184,10 @@ class Model:
             self._adapter = ModuleAdapter(self._module)
         return self._adapter
 
-    def _backend(self, remote: Remote) -> Backend:
-        """Where a trace opened with `remote=` runs."""
-        if remote is True:
-            from .remote.client import RemoteBackend, default_fabric
-
-            if not self._remote_name:
-                raise InterventionError(
-                    "this model has no name on the fabric: use fabric.model(name) or LanguageModel(..., remote_name=)"
-                )
-            return RemoteBackend(self._fabric or default_fabric(), self._remote_name)
-        if remote not in (False, "local"):
-            raise ValueError(f"remote must be True, False or 'local', not {remote!r}")
-        if self._module is None:
-            raise InterventionError("this model is hosted on the fabric: trace it with remote=True")
-        loopback = remote == "local" or backends.DEFAULT_LOCAL == "loopback"
-        return backends.local_backend(self._get_adapter(), self._paths, loopback)
+    def backend(self, remote: Remote) -> Backend:
+        """Where a trace opened with `remote=` runs (nnfabric.backends.select)."""
+        adapter = None if self._module is None else self._get_adapter
+        return backends.select(remote, adapter=adapter, paths=self._paths, fabric=self._fabric, name=self._remote_name)
 
 
 class LanguageModel(Model):
@@ -232,15 +237,16 @@ class LanguageModel(Model):
             options["forward"] = forward
         return Tracer(self, inputs, {}, kind="generate", options=options, remote=remote, blocking=blocking)
 
-    def _forward_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def forward_keywords(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """A language model's inputs are input_ids/attention_mask; any other keyword is for its
         forward (output_attentions=True, ...)."""
         inputs = {k: v for k, v in kwargs.items() if k in ("input_ids", "attention_mask")}
         return inputs, {k: v for k, v in kwargs.items() if k not in inputs}
 
-    def _prepare_invoke_inputs(
+    def invoke_inputs(
         self, inputs: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[list[Any], dict[str, Any]]:
+        """One invoke's inputs as (positional, keyword) inputs of the adapter."""
         if len(inputs) == 1 and isinstance(inputs[0], dict) and not kwargs:
             return [], dict(inputs[0])
         if kwargs and not inputs:

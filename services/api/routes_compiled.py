@@ -33,7 +33,7 @@ from ..common.store import ApiKey, Store
 from .compile import Detokenizer, Extension, activations_job, generation_job, vector_of
 from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep
 from .errors import ApiError, InvalidJob, responses
-from .routes_jobs import accept
+from .intake import accept
 
 router = APIRouter(tags=["compiled"])
 _WAITING: dict[int | str, dict[str, Any]] = {

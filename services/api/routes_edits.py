@@ -21,7 +21,7 @@ from nnfabric.protocol import EditRecord
 from ..common.catalog import ModelSpec, limits_for
 from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep
 from .errors import ApiError, InvalidJob, responses
-from .routes_jobs import _ENVELOPE_BODY, module_paths, read_envelope
+from .intake import ENVELOPE_BODY, module_paths, read_envelope
 
 router = APIRouter(prefix="/v1/models", tags=["edits"])
 MAX_EDITS_PER_MODEL = 32  # per user
@@ -39,7 +39,7 @@ def _model(name: str, key: KeyDep, catalog: CatalogDep) -> ModelSpec:
 @router.post(
     "/{name}/edits",
     status_code=201,
-    openapi_extra=_ENVELOPE_BODY,
+    openapi_extra=ENVELOPE_BODY,
     responses=responses(401, 403, 404, 409, 413, 422, 429, 503),
 )
 async def add_edit(

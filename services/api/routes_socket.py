@@ -2,7 +2,7 @@
 and results: one round trip per job, for clients that want it (POST /v1/jobs plus each job's
 events websocket stays the way for plain HTTP callers).
 
-Protocol (the Python client's `nnfabric.remote.socket.JobSocket` speaks it):
+Protocol (the test suite's `tests/support/job_socket.py` speaks it):
 
 - client -> server, binary frame: a job envelope, exactly as the body of POST /v1/jobs.
 - server -> client, per submission in order: `{"type": "accepted", "seq": n, "id", "position"}`
@@ -30,7 +30,7 @@ from ..common.catalog import Catalog
 from ..common.settings import Settings
 from ..common.store import ApiKey, Store
 from .errors import ApiError
-from .routes_jobs import accept, parse_envelope
+from .intake import accept, parse_envelope
 from .sockets import StreamSocket
 
 router = APIRouter(tags=["jobs"])

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from nnfabric.runtime.stages import StageLost
 from ray import serve
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -29,7 +28,8 @@ from ..common.result_store import ResultStore
 from ..common.settings import Settings
 from ..common.store import Store, Transition
 from .executor import BatchExecutor, Decoded, Outcome
-from .stages import Stages
+from .pipeline.actors import Stages
+from .pipeline.links import StageLost
 
 log = logging.getLogger("nnfabric.worker")
 T = TypeVar("T")
@@ -87,7 +87,7 @@ class ModelReplica:
         from transformers import AutoTokenizer
 
         from .loader import prepare
-        from .stages import start_stages
+        from .pipeline.actors import start_stages
 
         source = prepare(self.spec)
         return start_stages(self.spec, source, AutoTokenizer.from_pretrained(self.spec.tokenizer or source))

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from nnfabric.errors import InterventionError
 from nnfabric.graph.codec import decode_request
-from nnfabric.graph.ir import Graph, Invoke, Node, TensorRef, relabel
+from nnfabric.graph.ir import Graph, Node, TensorRef
 from nnfabric.graph.leaves import map_leaves
+from nnfabric.graph.merging import job_prefix, merge
 from nnfabric.graph.tree import ModuleTree
 from nnfabric.graph.validate import GraphError
 from nnfabric.runtime.adapters import CausalLMAdapter
@@ -33,11 +34,11 @@ from nnfabric.runtime.devices import to_host
 from nnfabric.runtime.execute import reads_attention_weights, run_graph, run_session
 from nnfabric.runtime.guards import Budget
 from nnfabric.runtime.source import module_operations
-from nnfabric.runtime.stages import StageLost
 from nnfabric.runtime.wire import load_blob, pack_saved, saved_nbytes
 
 from ..common.catalog import ModelSpec, limits_for
 from ..common.settings import Settings
+from .pipeline.links import StageLost
 
 _UNMERGEABLE = {"backward", "grad", "set_grad", "stop"}
 _RANDOM = ("rand", "multinomial", "bernoulli", "normal", "dropout", "poisson")
@@ -264,44 +265,8 @@ def private_rng(seed: int | None) -> Iterator[None]:
 def merge_graphs(
     parts: list[tuple[Graph, dict[str, torch.Tensor]]],
 ) -> tuple[Graph, dict[str, torch.Tensor], list[int]]:
-    """Concatenate graphs into one: node ids, invoke indices and tensor names are offset."""
-    merged = Graph(kind=parts[0][0].kind if parts else "trace")
-    tensors: dict[str, torch.Tensor] = {}
-    offsets = []
-    for index, (graph, own_tensors) in enumerate(parts):
-        node_offset, invoke_offset, prefix = len(merged.nodes), len(merged.invokes), f"j{index}_"
-        offsets.append(node_offset)
-        tensors.update({prefix + name: t for name, t in own_tensors.items()})
-        for inv in graph.invokes:
-            merged.invokes.append(
-                Invoke(
-                    args=None if inv.args is None else [_shift(a, node_offset, prefix) for a in inv.args],
-                    kwargs={k: _shift(v, node_offset, prefix) for k, v in inv.kwargs.items()},
-                )
-            )
-        for node in graph.nodes:
-            merged.add(
-                Node(
-                    op=node.op,
-                    args=[_shift(a, node_offset, prefix) for a in node.args],
-                    kwargs={k: _shift(v, node_offset, prefix) for k, v in node.kwargs.items()},
-                    invoke=node.invoke + invoke_offset,
-                    line=node.line,
-                    optional=node.optional,
-                    unordered=node.unordered,
-                )
-            )
-        merged.saves.extend(s + node_offset for s in graph.saves)
+    """Several jobs as one graph (nnfabric.graph.merging.merge) with their tensors, renamed as the
+    merged graph names them."""
+    merged, offsets = merge([graph for graph, _ in parts])
+    tensors = {job_prefix(index) + name: t for index, (_, own) in enumerate(parts) for name, t in own.items()}
     return merged, tensors, offsets
-
-
-_LITERALS = frozenset({str, int, float, bool, type(None)})
-
-
-def _shift(value: Any, offset: int, prefix: str) -> Any:
-    kind = type(value)
-    if kind in _LITERALS:
-        return value  # most arguments: a name, a number
-    if kind is list and all(type(item) in _LITERALS for item in value):
-        return value  # token ids
-    return relabel(value, lambda node: node + offset, prefix)

@@ -20,7 +20,7 @@ from ..common.catalog import ModelSpec
 from ..common.settings import Settings
 
 
-def _dtype(name: str) -> torch.dtype:
+def dtype_named(name: str) -> torch.dtype:
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in table:
         raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(table)}")
@@ -73,7 +73,7 @@ def prepare(spec: ModelSpec, cache_dir: str | None = None) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"model {spec.name!r}: no GGUF file at {path}")
-        return str(convert_gguf(path, _dtype(spec.dtype), cache_dir or Settings().cache_dir))
+        return str(convert_gguf(path, dtype_named(spec.dtype), cache_dir or Settings().cache_dir))
     return str(path) if path.is_dir() else spec.source
 
 
@@ -97,7 +97,7 @@ def placement(spec: ModelSpec) -> dict[str, Any]:
 def load_model(spec: ModelSpec) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = _dtype(spec.dtype)
+    dtype = dtype_named(spec.dtype)
     source = prepare(spec)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement(spec))
     model.train(False)

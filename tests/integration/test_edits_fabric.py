@@ -39,7 +39,7 @@ def test_a_remote_edit_is_its_users_own_and_equals_the_local_one(gpt2, fabric):
     assert bob.delete(f"/v1/models/tiny-gpt2/edits/{record['id']}").status_code == 404
     with gpt2.trace(PROMPT) as tracer:
         gpt2.output.logits.save()
-    body = pack_job([tracer._graph], {}, False, {"model": "tiny-gpt2", "edits": [record["id"]]})
+    body = pack_job([tracer.recording.graph], {}, False, {"model": "tiny-gpt2", "edits": [record["id"]]})
     refused = bob.post("/v1/jobs", content=body, headers={"Content-Type": "application/octet-stream"})
     assert refused.status_code == 422 and "no edit" in refused.json()["detail"]
     bob_fabric = nnfabric.Fabric(fabric.url, fabric.keys["bob"], progress=False)
@@ -55,7 +55,7 @@ def test_a_remote_edit_is_its_users_own_and_equals_the_local_one(gpt2, fabric):
     steered.clear_edits()
     assert edit_id not in [e["id"] for e in alice_fabric.edits("tiny-gpt2")]
     alice = httpx.Client(base_url=fabric.url, headers={"Authorization": f"Bearer {fabric.keys['alice']}"})
-    body = pack_job([tracer._graph], {}, False, {"model": "tiny-gpt2", "edits": [edit_id]})
+    body = pack_job([tracer.recording.graph], {}, False, {"model": "tiny-gpt2", "edits": [edit_id]})
     gone = alice.post("/v1/jobs", content=body, headers={"Content-Type": "application/octet-stream"})
     assert gone.status_code == 422 and "GET /v1/models/tiny-gpt2/edits" in gone.json()["detail"]
 
@@ -75,7 +75,7 @@ def test_the_api_refuses_edits_that_save_take_inputs_or_clash(fabric, gpt2):
     with gpt2.trace(PROMPT) as tracer:
         gpt2.transformer.h[0].mlp.output[:] = 0
     # An edit with inputs (a trace's invoke) is refused.
-    with_inputs = _post_edit(fabric, pack_job([tracer._graph], tracer._tensors, False, {"model": "tiny-gpt2"}))
+    with_inputs = _post_edit(fabric, pack_job([tracer.recording.graph], tracer.recording.tensors, False, {"model": "tiny-gpt2"}))
     assert with_inputs.status_code == 422 and "no inputs" in with_inputs.json()["detail"]
     with gpt2.edit() as edited:
         gpt2.transformer.h[0].mlp.output[:] = torch.ones(64)
@@ -89,11 +89,11 @@ def test_the_api_refuses_edits_that_save_take_inputs_or_clash(fabric, gpt2):
     # A job whose own tensor is named as the merged edit's would be: refused, not confused.
     with gpt2.trace(PROMPT) as job:
         gpt2.transformer.h[1].output[:] = torch.zeros(64)
-    tensors = {"edit0_" + name: t for name, t in job._tensors.items()}
-    for node in job._graph.nodes:
+    tensors = {"edit0_" + name: t for name, t in job.recording.tensors.items()}
+    for node in job.recording.graph.nodes:
         node.args = [type(a)("edit0_" + a.name) if type(a).__name__ == "TensorRef" else a for a in node.args]
     alice = httpx.Client(base_url=fabric.url, headers={"Authorization": f"Bearer {fabric.keys['alice']}"})
-    body = pack_job([job._graph], tensors, False, {"model": "tiny-gpt2", "edits": [ok.json()["id"]]})
+    body = pack_job([job.recording.graph], tensors, False, {"model": "tiny-gpt2", "edits": [ok.json()["id"]]})
     clash = alice.post("/v1/jobs", content=body, headers={"Content-Type": "application/octet-stream"})
     assert clash.status_code == 422 and "named twice" in clash.json()["detail"]
     assert alice.delete(f"/v1/models/tiny-gpt2/edits/{ok.json()['id']}").status_code == 204
@@ -157,7 +157,7 @@ def test_the_cli_lists_and_removes_your_edits(fabric):
 def test_hostile_edit_lists_in_a_job_are_refused_with_a_reason_never_a_500(fabric, gpt2, edits):
     with gpt2.trace(PROMPT) as tracer:
         gpt2.output.logits.save()
-    body = pack_job([tracer._graph], {}, False, {"model": "tiny-gpt2", "edits": edits})
+    body = pack_job([tracer.recording.graph], {}, False, {"model": "tiny-gpt2", "edits": edits})
     alice = httpx.Client(base_url=fabric.url, headers={"Authorization": f"Bearer {fabric.keys['alice']}"})
     reply = alice.post("/v1/jobs", content=body, headers={"Content-Type": "application/octet-stream"})
     assert reply.status_code == 422 and reply.json()["detail"], reply.text

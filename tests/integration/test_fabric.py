@@ -10,7 +10,7 @@ import nnfabric
 import pytest
 import torch
 from nnfabric.graph import Graph, Invoke, Node, Ref
-from nnfabric.remote.client import FabricClient
+from nnfabric.remote.http import FabricClient
 from nnfabric.runtime.wire import pack_request
 from websockets.sync.client import connect as ws_connect
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from nnfabric.graph.json_form import DTYPE_CODES, job_json_from_envelope
-from nnfabric.remote.client import FabricClient
+from nnfabric.remote.http import FabricClient
 from nnfabric.runtime.wire import unpack_values
 from websockets.sync.client import connect as ws_connect
 

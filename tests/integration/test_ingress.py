@@ -39,7 +39,7 @@ def setup(redis_url, gpt2, tmp_path_factory) -> dict:
 
     async def prepare() -> dict:
         store = Store.from_url(redis_url)
-        await store.set_model("tiny", state="ready", structure=json.dumps(gpt2._tree.to_json()))
+        await store.set_model("tiny", state="ready", structure=json.dumps(gpt2.tree.to_json()))
         await store.replica_alive("tiny", "r1", ttl_s=3600)
         keys = {"alice": (await store.create_key("alice", ["*"]))[0],
                 "one": (await store.create_key("olga", ["*"], max_streams=1))[0]}  # fmt: skip

@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import torch
 from nnfabric.graph import Graph, Invoke, Node
-from nnfabric.remote.client import FabricClient
+from nnfabric.remote.http import FabricClient
 from nnfabric.runtime.wire import pack_request, unpack_result
 
 from services.common.result_store import ResultStore

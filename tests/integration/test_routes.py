@@ -33,7 +33,7 @@ def api(redis_url, gpt2, tmp_path_factory):
     async def setup() -> dict[str, str]:
         store = Store.from_url(redis_url)
         await store.redis.flushdb()
-        await store.set_model("tiny", state="ready", structure=json.dumps(gpt2._tree.to_json()))
+        await store.set_model("tiny", state="ready", structure=json.dumps(gpt2.tree.to_json()))
         await store.replica_alive("tiny", "r1", ttl_s=3600)
         keys = {
             "alice": (await store.create_key("alice", ["*"]))[0],

@@ -7,10 +7,10 @@ import pytest
 import torch
 from nnfabric.errors import RemoteError
 from nnfabric.graph import Graph, Invoke, Node
-from nnfabric.remote.socket import JobSocket
 from nnfabric.runtime.wire import pack_request, unpack_result
 
 from tests.integration.test_result_store import big_job
+from tests.support.job_socket import JobSocket
 from tests.support.jobs import slow_job
 
 PROMPTS = ["The Eiffel Tower is in the city of", "Alice went to the market", "One two three"]

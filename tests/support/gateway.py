@@ -64,7 +64,7 @@ def start_gateway(folder: Path, model) -> Gateway:  # type: ignore[no-untyped-de
 
     async def publish() -> str:
         store = Store.from_url(redis.url)
-        await store.set_model("tiny", state="ready", structure=json.dumps(model._tree.to_json()))
+        await store.set_model("tiny", state="ready", structure=json.dumps(model.tree.to_json()))
         await store.replica_alive("tiny", "r1", ttl_s=3600)
         await store.heartbeat("scheduler:s1", ttl_s=3600)  # as if a scheduler held Ray
         key, _ = await store.create_key("mallory", ["*"], max_active=1_000_000)

@@ -209,7 +209,7 @@ def test_a_staged_model_runs_the_seed_scenarios_equal_to_one_device(
         for a, b in zip(found, expected, strict=True):
             assert torch.equal(a, b)
     # The thin client sees the whole model's modules, never the stages.
-    assert sorted(remote._tree.paths()) == sorted(local._tree.paths())
+    assert sorted(remote.tree.paths()) == sorted(local.tree.paths())
 
 
 def test_jobs_sent_together_share_a_staged_pass_and_keep_their_own_rows(

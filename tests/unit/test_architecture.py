@@ -124,8 +124,8 @@ def test_no_import_cycles_counting_imports_inside_functions():
 
 
 def test_the_import_scan_sees_function_level_imports():
-    # nnfabric.models imports the remote client only inside a method.
-    assert "nnfabric.remote.client" in GRAPH["nnfabric.models"]
+    # nnfabric.models imports the remote configuration only inside a method.
+    assert "nnfabric.remote.config" in GRAPH["nnfabric.models"]
     assert "nnfabric.tracing.tracer" in GRAPH["nnfabric.models"]
 
 
@@ -197,9 +197,13 @@ def test_the_client_distribution_ships_no_server(tmp_path):
         check=True,
     )  # fmt: skip
     (wheel,) = tmp_path.glob("nnfabric-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
     assert any(n.startswith("nnfabric/graph/") for n in names)
     assert not any(n.startswith("services/") for n in names)
+    # Nor the pipeline stages, which only a worker runs (services/worker/pipeline).
+    code = "".join(archive.read(n).decode() for n in names if n.endswith(".py"))
+    assert "StagedInterleaver" not in code and "load_stage" not in code
     import nnfabric
 
     assert f"nnfabric-{nnfabric.__version__}-" in wheel.name
@@ -226,8 +230,116 @@ def test_limit_defaults_have_one_source():
     from services.common.catalog import ModelLimits
     from services.common.settings import Settings
 
-    fabric, model = Limits(), ModelLimits()  # type: ignore[call-arg]
+    defaults, model = Limits(), ModelLimits()  # type: ignore[call-arg]
     assert (model.max_nodes, model.max_tensor_bytes, model.max_new_tokens, model.max_traces) == (
-        fabric.max_nodes, fabric.max_tensor_bytes, fabric.max_new_tokens, fabric.max_traces
+        defaults.max_nodes, defaults.max_tensor_bytes, defaults.max_new_tokens, defaults.max_traces
     )  # fmt: skip
-    assert Settings().max_envelope_bytes == fabric.max_envelope_bytes
+    assert Settings().max_envelope_bytes == defaults.max_envelope_bytes
+
+
+# -- seams ------------------------------------------------------------------------------------------
+# Private attributes of other libraries we read, and why.
+LIBRARY_PRIVATES = {
+    "_getframe": "sys._getframe: the user's frame, so errors point at their own line",
+    "_cdata": "torch's storage handle: which values share memory with the model's weights",
+    "_actor_id": "Ray's actor id, to name the pipeline stage that died",
+}
+
+
+def _defined(tree: ast.AST) -> set[str]:
+    """Every name a module defines: functions, classes, attributes it assigns, slots."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in node.targets):
+            names.update(e.value for e in getattr(node.value, "elts", []) if isinstance(e, ast.Constant))
+        elif isinstance(node, ast.Call) and _sets_attribute(node.func):
+            names.update(a.value for a in node.args[1:2] if isinstance(a, ast.Constant) and isinstance(a.value, str))
+    return names
+
+
+def _sets_attribute(func: ast.expr) -> bool:
+    """`setattr(obj, "_name", v)` or `object.__setattr__(obj, "_name", v)`."""
+    return (isinstance(func, ast.Name) and func.id == "setattr") or (
+        isinstance(func, ast.Attribute) and func.attr == "__setattr__"
+    )
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_private_access_across_modules():
+    """A module reads `obj._name` only where it defines `_name` itself (its own classes' state),
+    and imports no `_name` of another of our modules; a library's private needs a reason above."""
+    trees = {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
+    ours = set().union(*(_defined(tree) for tree in trees.values()))
+    found = []
+    for name, tree in trees.items():
+        here = _defined(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in here:
+                owner = node.value
+                if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                    continue
+                if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super":
+                    continue
+                if node.attr in ours or node.attr not in LIBRARY_PRIVATES:
+                    found.append(f"{name}:{node.lineno} .{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in PACKAGES):
+                found += [f"{name}:{node.lineno} import {a.name}" for a in node.names if _private(a.name)]
+    assert found == []
+
+
+# Functions that are declarative tables, not logic.
+LONG_TABLES = {"nnfabric.graph.schema.schema_defs"}
+
+
+def test_no_function_over_60_lines():
+    found = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and f"{name}.{node.name}" not in LONG_TABLES:
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > 60:
+                    found.append(f"{name}.{node.name}: {length} lines")
+    assert found == []
+
+
+def test_the_interleaver_runs_every_op_of_the_registry_through_its_tables():
+    from nnfabric.graph.ops import OPS
+    from nnfabric.runtime.interleaver import STATEFUL_OPS
+    from nnfabric.runtime.torch_ops import SIMPLE
+
+    assert set(OPS) == set(SIMPLE) | STATEFUL_OPS
+    tree = ast.parse((ROOT / "client" / "nnfabric" / "runtime" / "interleaver.py").read_text())
+    (dispatch,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_dispatch"]
+    compared = [c.value for n in ast.walk(dispatch) if isinstance(n, ast.Compare)
+                for c in [n.left, *n.comparators] if isinstance(c, ast.Constant) and isinstance(c.value, str)]  # fmt: skip
+    assert not compared  # a table lookup, not an if-chain over op names
+
+
+def test_tests_need_no_path_tricks_and_unit_tests_no_servers():
+    tests = ROOT / "tests"
+    for path in tests.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        attributes = {(n.value.id, n.attr) for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                      and isinstance(n.value, ast.Name)}  # fmt: skip
+        assert ("sys", "path") not in attributes, path
+    fixtures = {"fabric", "alice", "redis_url", "gateway", "live_api"}  # each starts Redis, Ray or a server
+    servers = {"RedisServer", "EmbeddedFabric", "start_fabric", "start_gateway"}  # what starts one
+    packages = {"ray", "uvicorn", "redis", "redis.asyncio"}  # (ray.serve.schema is Serve's config models: no Ray)
+    for path in (tests / "unit").glob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        tests_ = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+        asked = {a.arg for n in tests_ for a in n.args.args}
+        named = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        found = (asked & fixtures) | (named & servers) | (imported & packages)
+        assert not found, f"{path.name} uses {found}: it belongs in tests/integration"

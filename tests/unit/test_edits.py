@@ -110,7 +110,7 @@ def test_edits_that_are_not_edits_are_refused_at_the_users_line(gpt2, body, mess
     with pytest.raises((ValueError, InterventionError), match=message):
         with gpt2.edit():
             exec(body, {"model": gpt2})  # the test's own code, standing for a user's line
-    assert gpt2._tracer is None
+    assert gpt2.open_recording is None
 
 
 

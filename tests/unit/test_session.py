@@ -19,7 +19,7 @@ def test_a_value_crosses_into_a_later_generation(gpt2):
             with tracer.all():
                 gpt2.transformer.h[1].output[:, -1] += 3 * vector
             tokens = tracer.output.save()
-    assert len(session.tracers) == 2
+    assert len(session.recordings) == 2
 
     # Oracle: the vector from a plain forward pass, added by a hand-written hook at every step.
     with torch.no_grad():

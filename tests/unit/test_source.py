@@ -203,6 +203,6 @@ def test_unknown_operations_are_refused_with_the_nearest_name(gpt2):
     graph.invokes.append(Invoke(args=None))
     graph.add(Node(op="output", args=["transformer.h.0.mlp.source.os_system_0", 0, 0], invoke=0))
     with pytest.raises(GraphError, match="no module"):
-        validate_graph(graph, Limits(), module_paths=gpt2._paths)
+        validate_graph(graph, Limits(), module_paths=gpt2.paths)
 
 

@@ -14,10 +14,12 @@ import nnfabric
 import pytest
 import torch
 from nnfabric.errors import InterventionError
-from nnfabric.runtime.stages import StagePlan, load_stage, local_pipeline, shell_model
 
 from services.common.catalog import ModelLimits, ModelSpec
 from services.worker.executor import BatchExecutor
+from services.worker.pipeline.links import local_pipeline
+from services.worker.pipeline.plan import StagePlan
+from services.worker.pipeline.weights import load_stage, shell_model
 from tests.unit.test_batched_generate import gen_job, mixed_jobs, values
 
 PROMPT = "The Eiffel Tower is in the city of"

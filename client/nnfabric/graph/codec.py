@@ -219,6 +219,48 @@ def _expect(cond: bool, message: str) -> None:
         raise GraphError(message)
 
 
+def _node_from_json(index: int, nd: Any, depth: int, lines: dict[tuple[str, int, str], SourceLine]) -> Node:
+    """Node `index` of a graph, checked as it is decoded."""
+    # (each message is formatted only when its check fails: this runs for every node of every job)
+    if not isinstance(nd, dict):
+        raise GraphError(f"node {index} must be an object")
+    op, args, kwargs = nd.get("op"), nd.get("args", []), nd.get("kwargs", {})
+    if not isinstance(op, str):
+        raise GraphError(f"node {index}: op must be a string")
+    if not isinstance(args, list):
+        raise GraphError(f"node {index}: args must be a list")
+    if not isinstance(kwargs, dict):
+        raise GraphError(f"node {index}: kwargs must be an object")
+    invoke = nd.get("invoke", 0)
+    if type(invoke) is not int:
+        raise GraphError(f"node {index}: invoke must be an integer")
+    line = nd.get("line")
+    source = None
+    if line is not None:
+        if not (
+            isinstance(line, dict)
+            and isinstance(line.get("file"), str)
+            and type(line.get("line")) is int
+            and isinstance(line.get("code", ""), str)
+        ):
+            raise GraphError(f"node {index}: malformed source line")
+        where = (line["file"][:500], line["line"], line.get("code", "")[:500])
+        source = lines.get(where) or lines.setdefault(where, SourceLine(*where))
+    try:
+        node = Node(
+            op=op,
+            args=[decode_value(a, 1, depth) for a in args],
+            kwargs={str(k): decode_value(v, 1, depth) for k, v in kwargs.items()},
+            invoke=invoke,
+            line=source,
+            optional=bool(nd.get("optional", False)),
+            unordered=bool(nd.get("unordered", False)),
+        )
+    except GraphError as exc:
+        raise GraphError(f"node {index} ({op}): {exc}") from None
+    return node
+
+
 def graph_from_json(data: Any, limits: Limits) -> Graph:
     _expect(isinstance(data, dict), "graph must be an object")
     kind = data.get("kind")
@@ -231,44 +273,7 @@ def graph_from_json(data: Any, limits: Limits) -> Graph:
     graph = Graph(kind=kind)
     lines: dict[tuple[str, int, str], SourceLine] = {}  # a step's nodes repeat their lines
     for index, nd in enumerate(nodes_data):
-        # (each message is formatted only when its check fails: this runs for every node of every job)
-        if not isinstance(nd, dict):
-            raise GraphError(f"node {index} must be an object")
-        op, args, kwargs = nd.get("op"), nd.get("args", []), nd.get("kwargs", {})
-        if not isinstance(op, str):
-            raise GraphError(f"node {index}: op must be a string")
-        if not isinstance(args, list):
-            raise GraphError(f"node {index}: args must be a list")
-        if not isinstance(kwargs, dict):
-            raise GraphError(f"node {index}: kwargs must be an object")
-        invoke = nd.get("invoke", 0)
-        if type(invoke) is not int:
-            raise GraphError(f"node {index}: invoke must be an integer")
-        line = nd.get("line")
-        source = None
-        if line is not None:
-            if not (
-                isinstance(line, dict)
-                and isinstance(line.get("file"), str)
-                and type(line.get("line")) is int
-                and isinstance(line.get("code", ""), str)
-            ):
-                raise GraphError(f"node {index}: malformed source line")
-            where = (line["file"][:500], line["line"], line.get("code", "")[:500])
-            source = lines.get(where) or lines.setdefault(where, SourceLine(*where))
-        try:
-            node = Node(
-                op=op,
-                args=[decode_value(a, 1, depth) for a in args],
-                kwargs={str(k): decode_value(v, 1, depth) for k, v in kwargs.items()},
-                invoke=invoke,
-                line=source,
-                optional=bool(nd.get("optional", False)),
-                unordered=bool(nd.get("unordered", False)),
-            )
-        except GraphError as exc:
-            raise GraphError(f"node {index} ({op}): {exc}") from None
-        graph.add(node)
+        graph.add(_node_from_json(index, nd, depth, lines))
     invokes = data.get("invokes")
     _expect(isinstance(invokes, list) and len(invokes) >= 1, "graph.invokes must be a non-empty list")
     if len(invokes) > limits.max_invokes:

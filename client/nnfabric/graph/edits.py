@@ -3,7 +3,7 @@
 Usage::
 
     check_edit(edit_graph)                                   # GraphError unless it only edits
-    merged = apply_edits(trace_graph, [(edit_graph, "edit0_")])
+    merged = apply_edits(trace_graph, [(edit_graph, "edit0_")])   # nnfabric.graph.merging
 
 An edit is an ordinary graph whose invokes have no inputs (it acts on the whole batch of the
 trace it joins, which for a job on the fabric is that job's own rows only) and which keeps no
@@ -16,7 +16,7 @@ jobs with it.
 
 from __future__ import annotations
 
-from .ir import Graph, Invoke, Node, relabel
+from .ir import Graph, Node
 from .ops import OPS
 from .validate import GraphError
 
@@ -48,43 +48,3 @@ def _writes(node: Node) -> bool:
     if node.op in ("setitem", "set_output", "set_input", "set_inputs"):
         return True
     return node.op == "call_method" and isinstance(node.args[0], str) and node.args[0].endswith("_")
-
-
-def apply_edits(graph: Graph, edits: list[tuple[Graph, str]]) -> Graph:
-    """`graph` with each edit (its tensors renamed with the given prefix) applied first."""
-    if not edits:
-        return graph
-    steps = range(int(graph.options.get("max_new_tokens", 1))) if graph.kind == "generate" else range(1)
-    shift = sum(len(edit.invokes) for edit, _ in edits)
-    merged = Graph(kind=graph.kind, saves=list(graph.saves), options=dict(graph.options))
-    for edit, _prefix in edits:
-        merged.invokes += [Invoke(args=None) for _ in edit.invokes]
-    merged.invokes += graph.invokes
-    for node in graph.nodes:
-        merged.add(
-            Node(node.op, node.args, node.kwargs, node.invoke + shift, node.line, node.optional, node.unordered)
-        )
-    first_invoke = 0
-    for edit, prefix in edits:
-        for step in steps:
-            mapping: dict[int, int] = {}
-            for node in edit.nodes:
-                args = [relabel(a, mapping.__getitem__, prefix) for a in node.args]
-                if OPS[node.op].module_event:
-                    args[1] = step
-                copy = merged.add(
-                    Node(
-                        op=node.op,
-                        args=args,
-                        kwargs={k: relabel(v, mapping.__getitem__, prefix) for k, v in node.kwargs.items()},
-                        invoke=first_invoke + node.invoke,
-                        line=node.line,
-                        # A module the run never reaches (a step generation skipped) is simply not edited.
-                        optional=True,
-                        unordered=node.unordered,
-                    )
-                )
-                mapping[node.id] = copy.id
-        first_invoke += len(edit.invokes)
-    return merged
-

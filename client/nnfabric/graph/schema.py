@@ -6,7 +6,7 @@ Usage::
     document = schema_document()                       # {"$defs": {...}, "ops": {...}}: GET /v1/schema
     defs = schema_defs("#/components/schemas/")        # the same definitions, for OpenAPI
 
-`tests/test_http_api.py` validates real encoded graphs against it and checks docs/schema.json.
+`tests/integration/test_http_api.py` validates real encoded graphs against it and checks docs/schema.json.
 """
 
 from __future__ import annotations

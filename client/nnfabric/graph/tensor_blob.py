@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 from .bounded_json import parse_json
 from .validate import GraphError, LimitExceeded, Limits
@@ -56,33 +57,7 @@ def check_safetensors(blob: bytes, limits: Limits) -> dict[str, tuple[str, list[
     found: dict[str, tuple[str, list[int]]] = {}
     ranges: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        if not name or len(name) > _MAX_NAME:
-            raise GraphError(f"tensor names must have 1..{_MAX_NAME} characters")
-        dtype = info.get("dtype") if isinstance(info, dict) else None
-        shape = info.get("shape") if isinstance(info, dict) else None
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        ok = (
-            isinstance(dtype, str)
-            and dtype in DTYPE_BYTES
-            and isinstance(shape, list)
-            and len(shape) <= 64
-            and all(_int(d) and 0 <= d < _MAX_DIM for d in shape)
-            and isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(_int(o) for o in offsets)
-        )
-        if not ok:
-            raise GraphError(f"tensor {name[:40]!r}: malformed entry in the tensor blob")
-        assert isinstance(dtype, str) and isinstance(shape, list) and isinstance(offsets, list)
-        count, nonzero = 1, 1
-        for d in shape:
-            count *= d
-            nonzero *= max(d, 1)
-        if nonzero >= _MAX_DIM:  # the loader's element count would overflow
-            raise GraphError(f"tensor {name[:40]!r}: its shape is too large")
-        start, end = offsets
-        if not 0 <= start <= end <= data_len or end - start != count * DTYPE_BYTES[dtype]:
-            raise GraphError(f"tensor {name[:40]!r}: data offsets do not match its shape and dtype")
+        dtype, shape, start, end = _entry(name, info, data_len)
         ranges.append((start, end, name))
         found[name] = (dtype, shape)
     position = 0
@@ -95,6 +70,39 @@ def check_safetensors(blob: bytes, limits: Limits) -> dict[str, tuple[str, list[
     if data_len > limits.max_tensor_bytes:
         raise LimitExceeded(f"tensors of {data_len} bytes exceed the limit of {limits.max_tensor_bytes}")
     return found
+
+
+def _entry(name: str, info: Any, data_len: int) -> tuple[str, list[int], int, int]:
+    """One tensor's (dtype, shape, start, end), checked: a known dtype, a bounded shape, and
+    offsets inside the data that hold exactly its bytes."""
+    if not name or len(name) > _MAX_NAME:
+        raise GraphError(f"tensor names must have 1..{_MAX_NAME} characters")
+    dtype = info.get("dtype") if isinstance(info, dict) else None
+    shape = info.get("shape") if isinstance(info, dict) else None
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    ok = (
+        isinstance(dtype, str)
+        and dtype in DTYPE_BYTES
+        and isinstance(shape, list)
+        and len(shape) <= 64
+        and all(_int(d) and 0 <= d < _MAX_DIM for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_int(o) for o in offsets)
+    )
+    if not ok:
+        raise GraphError(f"tensor {name[:40]!r}: malformed entry in the tensor blob")
+    assert isinstance(dtype, str) and isinstance(shape, list) and isinstance(offsets, list)
+    count, nonzero = 1, 1
+    for d in shape:
+        count *= d
+        nonzero *= max(d, 1)
+    if nonzero >= _MAX_DIM:  # the loader's element count would overflow
+        raise GraphError(f"tensor {name[:40]!r}: its shape is too large")
+    start, end = offsets
+    if not 0 <= start <= end <= data_len or end - start != count * DTYPE_BYTES[dtype]:
+        raise GraphError(f"tensor {name[:40]!r}: data offsets do not match its shape and dtype")
+    return dtype, shape, start, end
 
 
 def merge_blobs(parts: list[tuple[bytes, str]]) -> bytes:

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -40,6 +40,36 @@ class Adapter(Protocol):
     def generate(
         self, batch: Batch, decodings: list[Decoding], on_end: Callable[[int, int], None] | None = None
     ) -> Any: ...
+
+
+class Run(Protocol):
+    """One run of a graph alongside the model (an `Interleaver`, or a pipeline's run over stages)."""
+
+    last_step: dict[int, int]
+    columns: dict[int, int]
+
+    def __enter__(self) -> Any: ...
+    def __exit__(self, *exc: Any) -> Any: ...
+    def call(self, run_model: Callable[[], Any]) -> Any: ...
+    def saved(self) -> dict[int, Any]: ...
+
+
+@runtime_checkable
+class StagedAdapter(Adapter, Protocol):
+    """A model split into pipeline stages (the worker's `Pipeline`): its runs go through the
+    stages, which each hook their own modules, instead of an interleaver here."""
+
+    def interleaver(
+        self,
+        graph: Graph,
+        tensors: dict[str, torch.Tensor],
+        rows: list[tuple[int, int] | None],
+        size: int,
+        budget: Budget | None,
+        imports: dict[int, Any] | None,
+        isolated: bool,
+        attention_weights: bool = False,
+    ) -> Run: ...
 
 
 def _plain(value: Any) -> bool:
@@ -104,6 +134,29 @@ def run_graph(
     `imports` are the values of its `from_trace` nodes, when it is part of a session; a
     `budget` bounds time and sizes (the fabric's); `isolated` is a merged run of several jobs,
     whose generate options `spans` gives per job: (first invoke, invoke after its last, options)."""
+    batch = _batch(graph, tensors, adapter, budget)
+    scan = bool(graph.options.get("scan"))
+    attention = bool(batch.kwargs.get("output_attentions")) or reads_attention_weights(graph, adapter.root)
+    staged = isinstance(adapter, StagedAdapter)
+    run: Run
+    if isinstance(adapter, StagedAdapter):
+        if scan:
+            raise InterventionError("a model split into pipeline stages cannot be scanned; run a trace instead")
+        run = adapter.interleaver(graph, tensors, batch.rows, batch.size, budget, imports, isolated, attention)
+    else:
+        run = Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated)
+    with eager_attention(adapter.root, attention and not staged), _fake(scan):
+        with run:
+            if graph.kind == "generate":
+                _generate(run, adapter, batch, spans or [(0, len(graph.invokes), graph.options)])
+            else:
+                run.call(lambda: adapter.forward(batch))
+        saved = run.saved()
+    return map_leaves(saved, _as_meta) if scan else saved
+
+
+def _batch(graph: Graph, tensors: dict[str, torch.Tensor], adapter: Adapter, budget: Budget | None) -> Batch:
+    """The invokes' inputs as one batch, with the graph's forward keywords."""
     invokes = [
         (None if inv.args is None else _inputs(inv.args, tensors), _inputs(inv.kwargs, tensors))
         for inv in graph.invokes
@@ -118,40 +171,28 @@ def run_graph(
         # A single forward pass needs no key/value cache: it only costs memory, and its object
         # spans every row (merged runs) and cannot be saved.
         batch.kwargs["use_cache"] = False
-    forward = _inputs(graph.options.get("forward", {}), tensors)
-    batch.kwargs.update(forward)
-    scan = bool(graph.options.get("scan"))
-    if scan and graph.kind == "generate":
-        raise InterventionError("a scan covers one forward pass: scan the prompt with model.scan(prompt)")
-    if scan and "input_ids" in batch.kwargs and batch.kwargs.get("attention_mask") is None:
-        # Without a mask, transformers looks into the ids for padding: data a scan does not have.
-        batch.kwargs["attention_mask"] = torch.ones_like(batch.kwargs["input_ids"])
-    attention = bool(batch.kwargs.get("output_attentions")) or reads_attention_weights(graph, adapter.root)
-    staged = getattr(adapter, "interleaver", None)  # a model split into pipeline stages runs there
-    if staged is not None:
-        if scan:
-            raise InterventionError("a model split into pipeline stages cannot be scanned; run a trace instead")
-        run: Any = staged(graph, tensors, batch.rows, batch.size, budget, imports, isolated, attention)
-    else:
-        run = Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated)
-    with _attention_weights(adapter.root, attention and staged is None), _fake(scan):
-        with run:
-            if graph.kind == "generate":
-                jobs = spans or [(0, len(graph.invokes), graph.options)]
-                width = int(batch.kwargs["input_ids"].shape[1])
+    batch.kwargs.update(_inputs(graph.options.get("forward", {}), tensors))
+    if graph.options.get("scan"):
+        if graph.kind == "generate":
+            raise InterventionError("a scan covers one forward pass: scan the prompt with model.scan(prompt)")
+        if "input_ids" in batch.kwargs and batch.kwargs.get("attention_mask") is None:
+            # Without a mask, transformers looks into the ids for padding: data a scan does not have.
+            batch.kwargs["attention_mask"] = torch.ones_like(batch.kwargs["input_ids"])
+    return batch
 
-                def ended(job: int, step: int) -> None:
-                    # As when the job runs alone: no later steps for its invokes, and its ids end here.
-                    first, stop, _ = jobs[job]
-                    run.last_step.update(dict.fromkeys(range(first, stop), step))
-                    run.columns.update(dict.fromkeys(range(first, stop), width + step + 1))
 
-                decodings = _decodings(jobs, batch)
-                run.call(lambda: adapter.generate(batch, decodings, ended))
-            else:
-                run.call(lambda: adapter.forward(batch))
-        saved = run.saved()
-    return map_leaves(saved, _as_meta) if scan else saved
+def _generate(run: Run, adapter: Adapter, batch: Batch, jobs: list[tuple[int, int, dict[str, Any]]]) -> None:
+    """One `generate` for every job of the batch, each told where its own generation ends."""
+    width = int(batch.kwargs["input_ids"].shape[1])
+
+    def ended(job: int, step: int) -> None:
+        # As when the job runs alone: no later steps for its invokes, and its ids end here.
+        first, stop, _ = jobs[job]
+        run.last_step.update(dict.fromkeys(range(first, stop), step))
+        run.columns.update(dict.fromkeys(range(first, stop), width + step + 1))
+
+    decodings = _decodings(jobs, batch)
+    run.call(lambda: adapter.generate(batch, decodings, ended))
 
 
 def _decodings(spans: list[tuple[int, int, dict[str, Any]]], batch: Batch) -> list[Decoding]:
@@ -228,7 +269,7 @@ def reads_attention_weights(graph: Graph, root: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _attention_weights(model: torch.nn.Module, wanted: bool) -> Iterator[None]:
+def eager_attention(model: torch.nn.Module, wanted: bool) -> Iterator[None]:
     """Fused attention kernels (sdpa, flash) return no weights: for a run that asks for them,
     eager attention (slower, and more memory: batch x heads x seq x seq per layer), then back."""
     config = getattr(model, "config", None)

@@ -31,10 +31,11 @@ from ..graph.tree import SOURCE, split_source
 from .devices import aligned, first_device, input_device, module_device, to_device
 from .guards import Budget, NeedsSolo
 from .source import instrumented
-from .torch_ops import apply_simple, dtype_of
+from .torch_ops import SIMPLE, dtype_of
 
-_MISSING: Any = object()
-_SKIPPED: Any = object()
+# A node's value before it runs, and that of a node whose generation step never happened.
+MISSING: Any = object()
+SKIPPED: Any = object()
 
 Side = Literal["in", "out"]
 
@@ -135,7 +136,7 @@ class Interleaver:
         self.rows = rows
         self.batch_size = batch_size
         count = len(self.nodes)
-        self.values: list[Any] = [_MISSING] * count
+        self.values: list[Any] = [MISSING] * count
         self.pin: list[EventKey | None] = [None] * count
         self.deps: list[list[int]] = [n.refs() for n in self.nodes]
         self.threads: list[_Thread] = [_Thread() for _ in graph.invokes]
@@ -221,7 +222,7 @@ class Interleaver:
         if self.graph.kind == "generate" and self.counts_steps:
             self._handles.append(root.register_forward_pre_hook(self._step_hook, prepend=True))
         sides: dict[str, set[str]] = {}
-        for event in self._hooked():
+        for event in self.hooked():
             sides.setdefault(event.path, set()).add(event.side)
         operations: dict[str, dict[str, set[str]]] = {}  # module path -> operation -> sides
         for path, which in sides.items():
@@ -243,7 +244,7 @@ class Interleaver:
 
     counts_steps = True  # a pipeline stage after the first leaves the step count to the first
 
-    def _hooked(self) -> set[ModuleEvent]:
+    def hooked(self) -> set[ModuleEvent]:
         """The events to hook here (a pipeline stage hooks only the modules it holds)."""
         return self.wanted
 
@@ -261,18 +262,18 @@ class Interleaver:
             with contextlib.suppress(EarlyStop):
                 output = run_model()
             self.final_output = output
-            self._finish()
+            self.finish()
         return output
 
     def saved(self) -> dict[int, Any]:
         found = {}
         for nid in self.graph.saves:
             value = self.values[nid]
-            if value is not _MISSING and value is not _SKIPPED:
+            if value is not MISSING and value is not SKIPPED:
                 found[nid] = value
         return found
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
         self.ending = True
         self.live = {_END}
         self.fired.add(_END)
@@ -355,7 +356,7 @@ class Interleaver:
             self.live, self._event_value, self._written = outer_live, outer_value, outer_written
 
     def _stuck(self, nid: int, key: EventKey) -> None:
-        missing = [d for d in self.deps[nid] if self.values[d] is _MISSING]
+        missing = [d for d in self.deps[nid] if self.values[d] is MISSING]
         node = self.nodes[nid]
         if missing:
             src = self.nodes[missing[0]]
@@ -392,7 +393,7 @@ class Interleaver:
                 thread.nodes = waiting
 
     def _try(self, nid: int) -> bool:
-        if self.values[nid] is not _MISSING:
+        if self.values[nid] is not MISSING:
             return True  # a stop node that already ended the forward pass
         node = self.nodes[nid]
         key = self.pin[nid]
@@ -401,30 +402,30 @@ class Interleaver:
             if not self.ending:
                 return False
             if node.optional:
-                self.values[nid] = _SKIPPED
+                self.values[nid] = SKIPPED
                 return True
             raise self._error(node, f"{_describe(key)} never happened: the model did not reach it in this run")  # type: ignore[arg-type]
         if key is not None and key not in self.live:
             if not self.ending and key not in self.fired:
                 return False
             if node.optional and key not in self.fired:
-                self.values[nid] = _SKIPPED
+                self.values[nid] = SKIPPED
                 return True
             raise self._error(node, self._why_not_live(node, key))
         for dep in self.deps[nid]:
             value = self.values[dep]
-            if value is _MISSING:
+            if value is MISSING:
                 if not self.ending:
                     return False
                 src = self.nodes[dep]
                 where = f" from line {src.line.line}" if src.line else ""
                 raise self._error(node, f"this line needs a value{where} that was never computed")
-            if value is _SKIPPED:
+            if value is SKIPPED:
                 if node.optional:
-                    self.values[nid] = _SKIPPED
+                    self.values[nid] = SKIPPED
                     return True
                 raise self._error(node, "this line uses a value from a generation step that did not happen")
-        self.values[nid] = self._execute(node)
+        self.values[nid] = self.execute(node)
         return True
 
     def _past_end(self, node: Node, key: EventKey | None) -> bool:
@@ -471,7 +472,7 @@ class Interleaver:
             return dtype_of(leaf.name)
         return leaf
 
-    def _execute(self, node: Node) -> Any:
+    def execute(self, node: Node) -> Any:
         try:
             args = [self._resolve(a) for a in node.args]
             kwargs = {k: self._resolve(v) for k, v in node.kwargs.items()}
@@ -506,83 +507,111 @@ class Interleaver:
         return args, kwargs
 
     def _dispatch(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        op = node.op
+        """Run one op: the ops that need the run's state through this class's table (one method
+        each), the others through the registry's plain table (`torch_ops.SIMPLE`)."""
+        handler = _STATEFUL.get(node.op)
+        if handler is not None:
+            return handler(self, node, args, kwargs)
+        return SIMPLE[node.op](args, kwargs)
+
+    # -- the ops that need the run's state -----------------------------------------------------
+    def _op_output(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if node.invoke in self._written:
+            return self._written[node.invoke]  # read after its own write, as alone: the value it wrote
+        return self._slice_rows(self._event_value, self.rows[node.invoke])
+
+    def _op_input(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        call_args, call_kwargs = self._event_value
+        first = call_args[0] if call_args else next(iter(call_kwargs.values()))
+        return self._slice_rows(first, self.rows[node.invoke])
+
+    def _op_inputs(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        return self._slice_rows(self._event_value, self.rows[node.invoke])
+
+    def _op_set_output(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
         rows = self.rows[node.invoke]
-        if op == "output":
-            if node.invoke in self._written:
-                return self._written[node.invoke]  # read after its own write, as alone: the value it wrote
-            return self._slice_rows(self._event_value, rows)
-        if op == "set_output" and self.isolated and rows is not None:
+        if self.isolated and rows is not None:
             # Checked now, at the job's own line; written into one copy with the others' at the end.
             self._check_fits(self._event_value, args[3], rows)
             self._written[node.invoke] = args[3]
-            return None
-        if op == "input":
-            call_args, call_kwargs = self._event_value
-            first = call_args[0] if call_args else next(iter(call_kwargs.values()))
-            return self._slice_rows(first, rows)
-        if op == "inputs":
-            return self._slice_rows(self._event_value, rows)
-        if op == "set_output" or op == "set_inputs":
-            self._event_value = self._merge_rows(self._event_value, args[3], rows)
-            return None
-        if op == "setitem" or (op == "call_method" and args[0].endswith("_")):
-            target = args[0] if op == "setitem" else args[1]
-            if isinstance(target, torch.Tensor):
-                storage = _storage(target)
-                if storage in self._read_only:
-                    raise InterventionError(
-                        "the model's parameters cannot be changed in a trace; edit a copy (w.clone()) and use it"
-                    )
-                if self.isolated and storage in self._shared:
-                    raise NeedsSolo(f"node {node.id} writes into a value every row shares")
-        if op == "set_input":
-            call_args, call_kwargs = self._event_value
-            if call_args:
-                call_args = (self._merge_rows(call_args[0], args[3], rows), *call_args[1:])
-            else:
-                name = next(iter(call_kwargs))
-                call_kwargs = {**call_kwargs, name: self._merge_rows(call_kwargs[name], args[3], rows)}
-            self._event_value = (call_args, call_kwargs)
-            return None
-        if op == "call_module":
-            module = self.root.get_submodule(args[0])
-            self.bypass = True
-            try:
-                return module(*args[1:], **kwargs)
-            finally:
-                self.bypass = False
-        if op == "model_output":
-            value = self._slice_rows(self.final_output, rows)
-            length = self.columns.get(node.invoke)
-            if length is not None and isinstance(value, torch.Tensor) and value.dim() == 2:
-                value = value[:, :length]
-            return value
-        if op == "parameter":
-            try:
-                param = self.root.get_parameter(args[0])
-            except AttributeError:
-                raise InterventionError(f"the model has no parameter {args[0]!r}") from None
-            # The model's own weights, shared by every job: readable, never writable here.
-            weight = param.detach()
-            self._read_only.add(_storage(weight))
-            return weight
-        if op == "from_trace":
-            if node.id not in self.imports:
-                raise InterventionError("a value from another trace can only be used inside model.session()")
-            return self.imports[node.id]
-        if op == "stop":
-            self.values[node.id] = None
-            raise EarlyStop()
-        if op == "backward":
-            self._backward(node, args)
-            return None
-        if op == "grad":
-            return self._grads[(node.args[0].id, self._backward_of[node.id])]
-        if op == "set_grad":
-            self._set_grad(node.args[0].id, args[1])
-            return None
-        return apply_simple(op, args, kwargs)
+            return
+        self._event_value = self._merge_rows(self._event_value, args[3], rows)
+
+    def _op_set_inputs(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
+        self._event_value = self._merge_rows(self._event_value, args[3], self.rows[node.invoke])
+
+    def _op_set_input(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
+        rows = self.rows[node.invoke]
+        call_args, call_kwargs = self._event_value
+        if call_args:
+            call_args = (self._merge_rows(call_args[0], args[3], rows), *call_args[1:])
+        else:
+            name = next(iter(call_kwargs))
+            call_kwargs = {**call_kwargs, name: self._merge_rows(call_kwargs[name], args[3], rows)}
+        self._event_value = (call_args, call_kwargs)
+
+    def _writable(self, node: Node, target: Any) -> None:
+        """An in-place write may not touch the model's weights, nor (merged) a value every row shares."""
+        if isinstance(target, torch.Tensor):
+            storage = _storage(target)
+            if storage in self._read_only:
+                raise InterventionError(
+                    "the model's parameters cannot be changed in a trace; edit a copy (w.clone()) and use it"
+                )
+            if self.isolated and storage in self._shared:
+                raise NeedsSolo(f"node {node.id} writes into a value every row shares")
+
+    def _op_setitem(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
+        self._writable(node, args[0])
+        SIMPLE["setitem"](args, kwargs)
+
+    def _op_call_method(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if args[0].endswith("_"):  # an in-place method (zero_)
+            self._writable(node, args[1])
+        return SIMPLE["call_method"](args, kwargs)
+
+    def _op_call_module(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        module = self.root.get_submodule(args[0])
+        self.bypass = True
+        try:
+            return module(*args[1:], **kwargs)
+        finally:
+            self.bypass = False
+
+    def _op_model_output(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        value = self._slice_rows(self.final_output, self.rows[node.invoke])
+        length = self.columns.get(node.invoke)
+        if length is not None and isinstance(value, torch.Tensor) and value.dim() == 2:
+            value = value[:, :length]
+        return value
+
+    def _op_parameter(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        try:
+            param = self.root.get_parameter(args[0])
+        except AttributeError:
+            raise InterventionError(f"the model has no parameter {args[0]!r}") from None
+        # The model's own weights, shared by every job: readable, never writable here.
+        weight = param.detach()
+        self._read_only.add(_storage(weight))
+        return weight
+
+    def _op_from_trace(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if node.id not in self.imports:
+            raise InterventionError("a value from another trace can only be used inside model.session()")
+        return self.imports[node.id]
+
+    def _op_stop(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
+        self.values[node.id] = None
+        raise EarlyStop()
+
+    def _op_backward(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
+        self._backward(node, args)
+
+    def _op_grad(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        return self._grads[(node.args[0].id, self._backward_of[node.id])]
+
+    def _op_set_grad(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
+        self._set_grad(node.args[0].id, args[1])
 
     # -- batch rows ----------------------------------------------------------------------------
     def _slice_rows(self, value: Any, rows: tuple[int, int] | None) -> Any:
@@ -676,13 +705,13 @@ class Interleaver:
         loss = args[0]
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             raise TypeError("backward() needs a tensor that depends on the model's activations")
-        self._backward_from(node.id, loss, args[1] if len(args) > 1 else None, [])
+        self.backward_from(node.id, loss, args[1] if len(args) > 1 else None, [])
 
-    def _activation(self, nid: int) -> Any:
+    def activation(self, nid: int) -> Any:
         """The activation object a gradient source was read from (a pipeline stage: only its own)."""
         return self.values[nid]
 
-    def _backward_from(
+    def backward_from(
         self, backward: int, output: torch.Tensor, grad_output: Any, extra: list[torch.Tensor]
     ) -> list[Any]:
         """Backward from `output` for backward node `backward`: the `.grad` reads bound to it run
@@ -693,11 +722,11 @@ class Interleaver:
             if grad_node.op not in _GRAD_OPS:
                 continue
             src = grad_node.args[0].id
-            if self._backward_of[nid] != backward or self.values[src] is _MISSING or self.values[src] is _SKIPPED:
+            if self._backward_of[nid] != backward or self.values[src] is MISSING or self.values[src] is SKIPPED:
                 continue
             root, keys = self._indexed_from(src)
-            value = self._activation(root)
-            if value is _MISSING:
+            value = self.activation(root)
+            if value is MISSING:
                 continue  # read on another stage of a pipeline: that stage gives its gradient
             if not isinstance(value, torch.Tensor):
                 raise self._error(grad_node, f".grad needs a tensor, got {type(value).__name__}")
@@ -765,6 +794,29 @@ class Interleaver:
             self._grad_state["full"] = self._merge_rows(full, value, source.rows)
         for other in self._grad_state["sources"].values():  # every gradient read later sees the edit
             self._grads[(other.src, self._backward_now)] = other.view(self._grad_state["full"])
+
+
+# The ops that need the run's state; every other op of the registry (graph.ops.OPS) is plain
+# (torch_ops.SIMPLE). A test checks that the two tables together cover the registry exactly.
+_STATEFUL: dict[str, Callable[[Interleaver, Node, list[Any], dict[str, Any]], Any]] = {
+    "output": Interleaver._op_output,
+    "input": Interleaver._op_input,
+    "inputs": Interleaver._op_inputs,
+    "set_output": Interleaver._op_set_output,
+    "set_input": Interleaver._op_set_input,
+    "set_inputs": Interleaver._op_set_inputs,
+    "setitem": Interleaver._op_setitem,
+    "call_method": Interleaver._op_call_method,
+    "call_module": Interleaver._op_call_module,
+    "model_output": Interleaver._op_model_output,
+    "parameter": Interleaver._op_parameter,
+    "from_trace": Interleaver._op_from_trace,
+    "stop": Interleaver._op_stop,
+    "backward": Interleaver._op_backward,
+    "grad": Interleaver._op_grad,
+    "set_grad": Interleaver._op_set_grad,
+}
+STATEFUL_OPS = frozenset(_STATEFUL)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Usage::
 
     FUNCTIONS["torch.cat"]                   # the callable behind an allowed function name
-    apply_simple("binary", ["add", a, b], {})
+    SIMPLE["binary"](["add", a, b], {})
 
 Names map to callables through fixed tables built here from the registry's constants; a name
 from a request only ever selects an entry of these tables. (Recording calls is tracing's job:
@@ -13,7 +13,7 @@ from a request only ever selects an entry of these tables. (Recording calls is t
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -43,36 +43,36 @@ def dtype_of(name: str) -> torch.dtype:
     return _DTYPE_TABLE[name]
 
 
-def apply_simple(op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-    """Ops whose result depends only on their (resolved) arguments."""
-    if op == "binary":
-        return BINARY[args[0]](args[1], args[2])
-    if op == "unary":
-        return UNARY[args[0]](args[1])
-    if op == "call_method":
-        name, target = args[0], args[1]
-        if not isinstance(target, torch.Tensor):
-            raise TypeError(f".{name}() needs a tensor, got {type(target).__name__}")
-        return getattr(target, name)(*args[2:], **kwargs)
-    if op == "call_function":
-        return FUNCTIONS[args[0]](*args[1:], **kwargs)
-    if op == "getitem":
-        return args[0][args[1]]
-    if op == "setitem":
-        args[0][args[1]] = args[2]
-        return None
-    if op == "getattr":
-        return read_attribute(args[0], args[1])
-    if op == "literal":
-        return args[0]
-    if op == "list":
-        return []
-    if op == "append":
-        if not isinstance(args[0], list):
-            raise TypeError(f".append() needs a list from tracer.list(), got {type(args[0]).__name__}")
-        args[0].append(args[1])
-        return None
-    raise KeyError(op)
+def _call_method(args: list[Any], kwargs: dict[str, Any]) -> Any:
+    name, target = args[0], args[1]
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f".{name}() needs a tensor, got {type(target).__name__}")
+    return getattr(target, name)(*args[2:], **kwargs)
+
+
+def _setitem(args: list[Any], kwargs: dict[str, Any]) -> None:
+    args[0][args[1]] = args[2]
+
+
+def _append(args: list[Any], kwargs: dict[str, Any]) -> None:
+    if not isinstance(args[0], list):
+        raise TypeError(f".append() needs a list from tracer.list(), got {type(args[0]).__name__}")
+    args[0].append(args[1])
+
+
+# Ops whose result depends only on their (resolved) arguments: (args, kwargs) -> value.
+SIMPLE: dict[str, Callable[[list[Any], dict[str, Any]], Any]] = {
+    "binary": lambda args, kwargs: BINARY[args[0]](args[1], args[2]),
+    "unary": lambda args, kwargs: UNARY[args[0]](args[1]),
+    "call_method": _call_method,
+    "call_function": lambda args, kwargs: FUNCTIONS[args[0]](*args[1:], **kwargs),
+    "getitem": lambda args, kwargs: args[0][args[1]],
+    "setitem": _setitem,
+    "getattr": lambda args, kwargs: read_attribute(args[0], args[1]),
+    "literal": lambda args, kwargs: args[0],
+    "list": lambda args, kwargs: [],
+    "append": _append,
+}
 
 
 def read_attribute(target: Any, name: str) -> Any:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from ..graph.ir import DType, Graph, MetaTensor, TensorRef
 from ..graph.json_form import DTYPE_CODES
 from ..graph.leaves import map_leaves
 from .torch_ops import dtype_of
+from .values import ValueEncoder
 
 
 def _blob(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -72,32 +72,9 @@ def pack_request(graph: Graph, tensors: dict[str, torch.Tensor], extra: dict[str
     return pack_job([graph], tensors, False, extra)
 
 
-class _Collector:
-    """Result values -> graph values, with every tensor moved into the blob by a generated name."""
-
-    def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def encode(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.device.type == "meta":
-            return MetaTensor(str(value.dtype).removeprefix("torch."), tuple(value.shape))
-        if isinstance(value, torch.Tensor):
-            name = f"v{len(self.tensors)}"
-            self.tensors[name] = value
-            return TensorRef(name)
-        if isinstance(value, torch.dtype):
-            return DType(str(value).removeprefix("torch."))
-        if isinstance(value, torch.Size):
-            return tuple(value)
-        if isinstance(value, tuple):
-            return tuple(self.encode(v) for v in value)
-        if isinstance(value, list):
-            return [self.encode(v) for v in value]
-        if isinstance(value, Mapping):
-            return {str(k): self.encode(v) for k, v in value.items()}
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        raise TypeError(f"a saved value of type {type(value).__name__} cannot be returned")
+def _result_encoder() -> ValueEncoder:
+    """Saved values -> result values, with every tensor moved into the blob by a generated name."""
+    return ValueEncoder("v", shapes_only_for_meta=True, what="a saved value of type {} cannot be returned")
 
 
 def _keyed(saved: list[dict[int, Any]], session: bool) -> dict[str, Any]:
@@ -109,16 +86,16 @@ def _keyed(saved: list[dict[int, Any]], session: bool) -> dict[str, Any]:
 
 def pack_saved(saved: list[dict[int, Any]], session: bool) -> bytes:
     """Each trace's saved values as one result envelope."""
-    collector = _Collector()
-    encoded = {k: collector.encode(v) for k, v in _keyed(saved, session).items()}
-    return encode_result(encoded, _blob(collector.tensors))
+    encoder = _result_encoder()
+    encoded = {k: encoder.encode(v) for k, v in _keyed(saved, session).items()}
+    return encode_result(encoded, _blob(encoder.tensors))
 
 
 def saved_nbytes(saved: list[dict[int, Any]]) -> int:
     """Bytes of the tensors among saved values (what a result will carry)."""
-    collector = _Collector()
-    collector.encode([list(part.values()) for part in saved])
-    return sum(t.numel() * t.element_size() for t in collector.tensors.values())
+    encoder = _result_encoder()
+    encoder.encode([list(part.values()) for part in saved])
+    return sum(t.numel() * t.element_size() for t in encoder.tensors.values())
 
 
 def split_saved(values: dict[str, Any], traces: int) -> list[dict[int, Any]]:

@@ -23,18 +23,10 @@ from ..backends import Edit
 from ..errors import InterventionError
 from ..graph.edits import check_edit
 from ..graph.validate import GraphError, Limits, validate_graph
-from .tracer import Tracer
+from .recording import Recording
 
 if TYPE_CHECKING:
     from ..models import Model
-    from .proxy import Proxy
-
-
-class _EditRecorder(Tracer):
-    """Records an edit's graph: a trace with no inputs that keeps no values and never runs alone."""
-
-    def _save(self, proxy: Proxy) -> None:
-        raise ValueError("an edit keeps no values: .save() belongs in the traces that use the edited model")
 
 
 class EditBlock:
@@ -43,42 +35,39 @@ class EditBlock:
         self._inplace = inplace
         self._remote = remote
         self._target: Model | None = None
-        self._recorder: _EditRecorder | None = None
+        # An edit is recorded as a trace is (the same recording, opened and closed the same
+        # way), but one with no inputs that keeps no values and never runs alone.
+        self._recording = Recording(model, "trace", keeps_values=False)
 
     def __enter__(self) -> Model:
         model = self._model
-        if model._tracer is not None:
+        if model.open_recording is not None:
             raise RuntimeError("a trace on this model is open; record edits outside it")
-        target = model if self._inplace else model._with_edits()
-        recorder = _EditRecorder(model, (), {}, kind="trace")
-        recorder._frame = sys._getframe(1)
-        recorder._active = True
-        model._tracer = recorder
-        target._tracer = recorder  # writes recorded on either object belong to the edit
-        self._target, self._recorder = target, recorder
+        target = model if self._inplace else model.with_edits()
+        # Writes recorded on either object belong to the edit.
+        self._recording.open(sys._getframe(1), *([] if target is model else [target]))
+        self._target = target
         return target
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        model, target, recorder = self._model, self._target, self._recorder
-        assert target is not None and recorder is not None
-        model._tracer = None
-        target._tracer = None
-        recorder._active = False
+        model, target, recording = self._model, self._target, self._recording
+        assert target is not None
+        recording.close(*([] if target is model else [target]))
         if exc_type is not None:
             return
-        graph = recorder._graph
+        graph = recording.graph
         try:
             if not graph.invokes:
                 raise GraphError("the edit is empty: assign to a module's .output/.input inside model.edit()")
             check_edit(graph)
-            validate_graph(graph, Limits.local(), tensor_names=set(recorder._tensors), module_paths=model._paths)
+            validate_graph(graph, Limits.local(), tensor_names=set(recording.tensors), module_paths=model.paths)
         except GraphError as error:
             line = graph.nodes[error.node].line if error.node is not None and error.node < len(graph.nodes) else None
-            raise recorder._at_user_line(InterventionError(str(error), line, error.node)) from None
+            raise recording.at_user_line(InterventionError(str(error), line, error.node)) from None
         finally:
-            recorder._frame = None
-        edit = Edit(graph, dict(recorder._tensors))
-        target._edits.append(edit)
+            recording.frame = None
+        edit = Edit(graph, dict(recording.tensors))
+        target.add_edit(edit)
         if self._remote:
-            backend: Any = target._backend(True)
+            backend: Any = target.backend(True)
             backend.register(edit)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..graph.tree import ModuleTree
 
 if TYPE_CHECKING:
-    from .tracer import Tracer
+    from .recording import Recording
 
 
 class Envoy:
@@ -32,31 +32,31 @@ class Envoy:
     def _path(self) -> str:
         return self._tree.path
 
-    def _tracer(self, what: str) -> Tracer:
-        tracer: Tracer | None = self._owner._tracer
-        if tracer is None:
+    def _recording(self, what: str) -> Recording:
+        recording: Recording | None = self._owner.open_recording
+        if recording is None:
             raise RuntimeError(f"{what} of {self._path or 'the model'} is only available inside model.trace(...)")
-        return tracer
+        return recording
 
     # -- values -------------------------------------------------------------------------
     @property
     def output(self) -> Any:
         """The module's output at this call (the current generation step inside tracer.iter)."""
-        return self._tracer(".output")._module_event("output", self)
+        return self._recording(".output").module_event("output", self._path, self._call)
 
     @property
     def input(self) -> Any:
         """The module's first positional argument (first keyword argument if it has none)."""
-        return self._tracer(".input")._module_event("input", self)
+        return self._recording(".input").module_event("input", self._path, self._call)
 
     @property
     def inputs(self) -> Any:
         """The module's `(args, kwargs)`."""
-        return self._tracer(".inputs")._module_event("inputs", self)
+        return self._recording(".inputs").module_event("inputs", self._path, self._call)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input", "inputs"):
-            self._tracer(f".{name}")._module_event(f"set_{name}", self, value, with_value=True)
+            self._recording(f".{name}").module_event(f"set_{name}", self._path, self._call, value, with_value=True)
             return
         raise AttributeError(f"cannot set {name!r} on {self._path or 'the model'}; set .output or .input")
 
@@ -81,10 +81,11 @@ class Envoy:
         tree = self._tree
         if name in tree.children:
             return Envoy(self._owner, tree.children[name])
-        if name in tree.params and self._owner._tracer is not None:
+        recording = self._owner.open_recording
+        if name in tree.params and recording is not None:
             # Inside a trace a parameter is read where the job runs (a thin client has no weights).
-            return self._owner._tracer._record("parameter", [f"{tree.path}.{name}" if tree.path else name], {})
-        module = self._owner._module_at(tree.path)
+            return recording.record("parameter", [f"{tree.path}.{name}" if tree.path else name], {})
+        module = self._owner.module_at(tree.path)
         if module is not None and hasattr(module, name):
             return getattr(module, name)
         return Envoy(self._owner, tree.child(name))  # raises with the nearest real name
@@ -100,10 +101,10 @@ class Envoy:
             yield Envoy(self._owner, child)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        tracer: Tracer | None = self._owner._tracer
-        if tracer is not None:
-            return tracer._record("call_module", [self._path, *args], kwargs)
-        module = self._owner._module_at(self._path)
+        recording: Recording | None = self._owner.open_recording
+        if recording is not None:
+            return recording.record("call_module", [self._path, *args], kwargs)
+        module = self._owner.module_at(self._path)
         if module is None:
             raise RuntimeError(f"{self._path} is hosted remotely; call it inside a trace")
         return module(*args, **kwargs)
@@ -138,3 +139,8 @@ class SourceView:
 
     def __dir__(self) -> list[str]:
         return [op.name for op in self._tree.source]
+
+
+def envoy_path(envoy: Envoy) -> str:
+    """The module path an envoy stands for ("" for the model itself)."""
+    return envoy._path

@@ -21,34 +21,35 @@ from ..graph.ops import TENSOR_METHODS
 from ..runtime.torch_ops import FUNCTION_NAMES
 
 if TYPE_CHECKING:
-    from .tracer import Tracer
+    from .recording import Recording
 
 _PENDING = object()
 
 
 class Proxy:
-    __slots__ = ("_id", "_tracer", "_value")
+    __slots__ = ("_id", "_recording", "_value")
 
-    def __init__(self, tracer: Tracer, node_id: int) -> None:
-        object.__setattr__(self, "_tracer", tracer)
+    def __init__(self, recording: Recording, node_id: int) -> None:
+        object.__setattr__(self, "_recording", recording)
         object.__setattr__(self, "_id", node_id)
         object.__setattr__(self, "_value", _PENDING)
 
     # -- results ---------------------------------------------------------------------------
     def save(self) -> Proxy:
         """Keep this value after the trace; read it with `.value`."""
-        self._tracer._save(self)
+        self._recording.save(self)
         return self
 
     @property
     def value(self) -> Any:
         if self._value is _PENDING:
-            if self._tracer._active:
+            recording = self._recording
+            if recording.active:
                 raise ValueError("a proxy has no value inside the trace block; read .value after it")
-            if self._id not in self._tracer._graph.saves:
+            if not recording.is_saved(self._id):
                 raise ValueError("this value was not saved: call .save() on it inside the trace")
-            if self._tracer.job is not None:
-                raise ValueError(f"job {self._tracer.job.id} has not delivered yet: call tracer.job.wait() first")
+            if recording.job is not None:
+                raise ValueError(f"job {recording.job.id} has not delivered yet: call tracer.job.wait() first")
             raise ValueError("this value was never computed (the trace did not run or failed)")
         return self._value
 
@@ -58,12 +59,12 @@ class Proxy:
     def _record(self, op: str, *args: Any, **kwargs: Any) -> Any:
         if self._resolved():
             raise RuntimeError("the trace has ended; operate on .value instead")
-        tracer = self._tracer
-        current = tracer._model._tracer
-        if not tracer._active and current is not None and tracer._session is not None:
+        recording = self._recording
+        current = recording.now_open()
+        if not recording.active and current is not None and recording.session is not None:
             # A value of an earlier trace of the session, used in the one now open.
-            return current._record(op, list(args), kwargs)
-        return tracer._record(op, list(args), kwargs)
+            return current.record(op, list(args), kwargs)
+        return recording.record(op, list(args), kwargs)
 
     # -- recording ---------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -74,7 +75,7 @@ class Proxy:
         if name in TENSOR_METHODS:
             return _Method(self, name)
         if name == "grad":
-            return self._tracer._record("grad", [self], {})
+            return self._recording.record("grad", [self], {})
         if name.startswith("_"):
             raise AttributeError(f"private attribute {name!r} cannot be traced")
         return self._record("getattr", self, name)
@@ -132,7 +133,7 @@ class Proxy:
     def __repr__(self) -> str:
         if self._resolved():
             return repr(self._value)
-        node = self._tracer._graph.nodes[self._id]
+        node = self._recording.graph.nodes[self._id]
         return f"<nnfabric.Proxy node {self._id}: {node.op}>"
 
     def __format__(self, spec: str) -> str:
@@ -228,12 +229,12 @@ def record_torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, An
             return leaf._value if isinstance(leaf, Proxy) else leaf
 
         return func(*map_leaves(args, unwrap), **map_leaves(kwargs, unwrap))
-    tracer = _find_tracer(args, kwargs)
-    if tracer is None:
+    recording = _find_recording(args, kwargs)
+    if recording is None:
         raise TypeError(f"{getattr(func, '__name__', func)} got a proxy from an ended trace")
     name = FUNCTION_NAMES.get(func)
     if name is not None:
-        return tracer._record("call_function", [name, *args], kwargs)
+        return recording.record("call_function", [name, *args], kwargs)
     fname = getattr(func, "__name__", "")
     if fname.startswith("__") and fname.endswith("__"):
         core = fname[2:-2]
@@ -241,19 +242,47 @@ def record_torch_function(func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         key = core[1:] if reflected else core
         if key in _DUNDER_BINARY and len(args) == 2:
             left, right = (args[1], args[0]) if reflected else args
-            return tracer._record("binary", [_DUNDER_BINARY[key], left, right], {})
+            return recording.record("binary", [_DUNDER_BINARY[key], left, right], {})
         if core == "getitem":
-            return tracer._record("getitem", list(args), {})
+            return recording.record("getitem", list(args), {})
     if fname in TENSOR_METHODS and args and not isinstance(args[0], Proxy):
-        return tracer._record("call_method", [fname, *args], kwargs)
+        return recording.record("call_method", [fname, *args], kwargs)
     raise TypeError(
         f"{getattr(func, '__qualname__', func)} is not an allowed operation inside a trace; "
         "see nnfabric.graph.ops for the allowed functions and methods"
     )
 
 
-def _find_tracer(args: Any, kwargs: Any) -> Any:
+def _find_recording(args: Any, kwargs: Any) -> Any:
     for leaf in iter_leaves((args, kwargs)):
         if isinstance(leaf, Proxy):
-            return leaf._tracer
+            return leaf._recording
     return None
+
+
+# -- what a recording reads and sets on its proxies (a proxy's own namespace is the user's) --------
+def node_of(proxy: Proxy) -> int:
+    """The node whose value the proxy stands for."""
+    return int(proxy._id)
+
+
+def recording_of(proxy: Proxy) -> Recording:
+    return proxy._recording
+
+
+def is_resolved(proxy: Proxy) -> bool:
+    return proxy._resolved()
+
+
+def value_of(proxy: Proxy) -> Any:
+    return proxy._value
+
+
+def deliver(proxy: Proxy, value: Any) -> None:
+    """Give the proxy its value (after the run)."""
+    object.__setattr__(proxy, "_value", value)
+
+
+def retarget(proxy: Proxy, node: int) -> None:
+    """Point the proxy at another node (a block's value at its last generation step)."""
+    object.__setattr__(proxy, "_id", node)

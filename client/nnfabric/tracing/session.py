@@ -23,37 +23,37 @@ from ..backends import Remote
 from ..errors import InterventionError
 
 if TYPE_CHECKING:
-    from ..remote.client import Job
-    from .tracer import TracedModel, Tracer
+    from ..remote.job import Job
+    from .recording import Recording, TracedModel
 
 
 class TraceSession:
     def __init__(self, model: TracedModel, remote: Remote = False, blocking: bool = True) -> None:
         self._model = model
-        self._remote = remote
-        self._blocking = blocking
-        self.tracers: list[Tracer] = []
+        self.remote = remote
+        self.blocking = blocking
+        self.recordings: list[Recording] = []  # its traces, in order, as each block ends
         self.job: Job | None = None  # the fabric's job, once submitted
 
     def __enter__(self) -> TraceSession:
-        if self._model._open_session is not None:
+        if self._model.open_session is not None:
             raise RuntimeError("a session on this model is already open; sessions do not nest")
-        if self._model._tracer is not None:
+        if self._model.open_recording is not None:
             raise RuntimeError("open the session outside any trace")
-        self._model._open_session = self
+        self._model.open_session = self
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self._model._open_session = None
-        if exc_type is not None or not self.tracers:
+        self._model.open_session = None
+        if exc_type is not None or not self.recordings:
             return
-        from .tracer import run_traces
+        from .recording import run_recordings
 
         try:
-            run_traces(self._model, self.tracers, session=True, remote=self._remote, blocking=self._blocking)
-            self.job = self.tracers[0].job
+            run_recordings(self._model, self.recordings, session=True, remote=self.remote, blocking=self.blocking)
+            self.job = self.recordings[0].job
         except InterventionError as error:
-            raise self.tracers[error.trace or 0]._at_user_line(error) from error.__cause__
+            raise self.recordings[error.trace or 0].at_user_line(error) from error.__cause__
         finally:
-            for tracer in self.tracers:
-                tracer._frame = None
+            for recording in self.recordings:
+                recording.frame = None

@@ -19,9 +19,8 @@ import time
 from typing import Any
 
 import httpx
-
-from ..errors import RemoteError
-from ..protocol import TERMINAL
+from nnfabric.errors import RemoteError
+from nnfabric.protocol import TERMINAL
 
 
 class JobSocket:

@@ -20,13 +20,16 @@ from typing import Any
 
 import ray
 import torch
-from nnfabric.runtime.stages import Pipeline, RunSpec, Stage, StageLost, StagePlan, load_stage, shell_model
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ..common.catalog import ModelSpec
-from .loader import _dtype
+from ...common.catalog import ModelSpec
+from ..loader import dtype_named
+from .links import Pipeline, StageLost
+from .plan import StagePlan
+from .stage import RunSpec, Stage
+from .weights import load_stage, shell_model
 
 _LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
@@ -37,7 +40,7 @@ class StageActor:
     def __init__(self, source: str, plan: dict[str, Any], index: int, dtype: str) -> None:
         device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
         parsed = StagePlan.from_json(plan)
-        self.stage = Stage(load_stage(source, parsed, index, _dtype(dtype), device), parsed, index)
+        self.stage = Stage(load_stage(source, parsed, index, dtype_named(dtype), device), parsed, index)
 
     def where(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
@@ -130,7 +133,7 @@ class Stages:
 def start_stages(spec: ModelSpec, source: str, tokenizer: Any) -> tuple[Pipeline, Stages]:
     """Start one stage actor per bundle of this replica's placement group; each loads its layers
     (in parallel). Returns the pipeline the executor runs, and the actors."""
-    dtype = _dtype(spec.dtype)
+    dtype = dtype_named(spec.dtype)
     shell = shell_model(source, dtype)
     plan = (
         StagePlan.of(shell, [(int(a), int(b)) for a, b in spec.stage_layers])

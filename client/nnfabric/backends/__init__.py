@@ -2,10 +2,11 @@
 
 Usage::
 
-    with model.trace(prompt):                  # LocalBackend: this process, no encoding
-    with model.trace(prompt, remote="local"):  # LoopbackBackend: encode -> decode -> run -> encode
-                                               #   -> decode, as a job travels, with local limits
+    with model.trace(prompt):                  # local.LocalBackend: this process, no encoding
+    with model.trace(prompt, remote="local"):  # local.LoopbackBackend: encode -> decode -> run ->
+                                               #   encode -> decode, as a job travels, with local limits
     with model.trace(prompt, remote=True):     # remote.RemoteBackend: a job on the fabric
+    backend = select(remote, ...)              # the one place that picks
 
 Tracing hands every backend the same `JobRequest` (graphs, tensors, and a `deliver` callback
 that gives each trace its saved values), so no backend knows the tracing classes and the remote
@@ -19,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from .errors import InterventionError
-from .graph.ir import Graph, SourceLine
-from .graph.validate import GraphError, Limits, validate_session
+from ..errors import InterventionError
+from ..graph.ir import Graph, SourceLine
 
 if TYPE_CHECKING:
-    from .remote.client import Job
+    from ..remote.http import FabricClient
+    from ..remote.job import Job
 
 Remote = bool | Literal["local"]
 # What `remote=False` means: "local", or "loopback" (the test suite's choice).
@@ -60,7 +61,7 @@ class JobRequest:
         """Merge the edits into the graphs (a local run); node ids of the traces stay as they were."""
         if not self.edits:
             return
-        from .graph.edits import apply_edits
+        from ..graph.merging import apply_edits
 
         pairs = [(edit.graph, f"edit{i}_") for i, edit in enumerate(self.edits)]
         self.graphs = [apply_edits(graph, pairs) for graph in self.graphs]
@@ -84,47 +85,31 @@ class Backend(Protocol):
         ...
 
 
-class LocalBackend:
-    """This process, on the model object itself."""
+def select(
+    remote: Remote,
+    *,
+    adapter: Callable[[], Any] | None,
+    paths: frozenset[str],
+    fabric: FabricClient | None,
+    name: str | None,
+) -> Backend:
+    """Where a trace opened with `remote=` runs: on the fabric as model `name` (True), here
+    through the wire format ("local", or the test suite's DEFAULT_LOCAL), or here. `adapter`
+    makes the local model's adapter (None: the model is hosted on the fabric)."""
+    if remote is True:
+        from ..remote.config import default_fabric
+        from .remote import RemoteBackend
 
-    def __init__(self, adapter: Any, module_paths: set[str] | frozenset[str]) -> None:
-        self.adapter = adapter
-        self.module_paths = module_paths
-        self.limits = Limits.local()
+        if not name:
+            raise InterventionError(
+                "this model has no name on the fabric: use fabric.model(name) or LanguageModel(..., remote_name=)"
+            )
+        return RemoteBackend(fabric or default_fabric(), name)
+    if remote not in (False, "local"):
+        raise ValueError(f"remote must be True, False or 'local', not {remote!r}")
+    if adapter is None:
+        raise InterventionError("this model is hosted on the fabric: trace it with remote=True")
+    from .local import LocalBackend, LoopbackBackend
 
-    def run(self, request: JobRequest) -> None:
-        from .runtime.execute import run_session
-
-        request.apply_edits_here()
-        try:
-            validate_session(request.graphs, self.limits, module_paths=self.module_paths)
-        except GraphError as exc:
-            raise _at_node(request, exc) from None
-        request.deliver(run_session(request.graphs, request.tensors, self.adapter))
-
-
-class LoopbackBackend(LocalBackend):
-    """This process, but the job and its result travel through the wire format exactly as a
-    remote job does (and are validated by the same function as on the fabric)."""
-
-    def run(self, request: JobRequest) -> None:
-        from .graph.codec import decode_request
-        from .runtime import wire
-        from .runtime.execute import run_session
-
-        request.apply_edits_here()
-        data = wire.pack_job(request.graphs, request.tensors, request.session)
-        try:
-            graphs, blob = decode_request(data, self.limits, self.module_paths)
-        except GraphError as exc:
-            raise _at_node(request, exc) from None
-        saved = run_session(graphs, wire.load_blob(blob), self.adapter)
-        request.deliver(wire.split_saved(wire.unpack_values(wire.pack_saved(saved, request.session)), len(graphs)))
-
-
-def _at_node(request: JobRequest, exc: GraphError) -> InterventionError:
-    return InterventionError(str(exc), exc.line or request.line(exc.trace, exc.node), exc.node, exc.trace)
-
-
-def local_backend(adapter: Any, module_paths: set[str] | frozenset[str], loopback: bool) -> Backend:
-    return LoopbackBackend(adapter, module_paths) if loopback else LocalBackend(adapter, module_paths)
+    loopback = remote == "local" or DEFAULT_LOCAL == "loopback"
+    return (LoopbackBackend if loopback else LocalBackend)(adapter(), paths)

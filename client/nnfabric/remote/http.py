@@ -1,0 +1,163 @@
+"""Talking to the fabric over HTTP: a job's submission, state, result (resumable), cancellation,
+the model catalog and persistent edits.
+
+Usage::
+
+    client = FabricClient("http://127.0.0.1:8000", api_key="nnf_...")
+    reply = client.submit(envelope_bytes)          # {"id": ..., "position": ...}
+    client.wait(reply["id"]); data = client.result(reply["id"])
+
+Researchers use `nnfabric.connect()` and `fabric.model(name)` (nnfabric.fabric), which build on
+this. Following a job's events is `remote.follow`; the connection settings `remote.config`; the
+job handle `remote.job`; the backend that runs traces on the fabric `backends.remote`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import httpx
+
+from ..errors import RemoteError
+from ..graph.ir import SourceLine
+from ..protocol import CancelReply, EditRecord, JobRecord, ModelInfo, ModelStructure, SubmitReply
+from .follow import JobFollower, Lost, websocket_proxy
+
+T = TypeVar("T")
+
+
+class FabricClient:
+    """A connection to one fabric with one API key."""
+
+    def __init__(self, url: str, api_key: str, timeout: float = 30.0, progress: bool | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        # Results that came inline on a job's events websocket, until result() takes them.
+        self._inline: dict[str, bytes] = {}
+        # How long a wait rides out losing the api (a restart, a dropped connection).
+        self.reconnect_s = 60.0
+        self.websocket_proxy = websocket_proxy(self.url)
+
+    def retrying(self, call: Callable[[], T], job_id: str) -> T:
+        """`call`, retried while the api cannot be reached (for up to reconnect_s)."""
+        lost = Lost(self.reconnect_s, self.url, job_id)
+        while True:
+            try:
+                return call()
+            except httpx.TransportError:
+                lost.wait(None)
+
+    def __repr__(self) -> str:
+        return f"<nnfabric.Fabric {self.url}>"
+
+    def structure(self, name: str) -> ModelStructure:
+        return cast(ModelStructure, self._get(f"/v1/models/{name}/structure"))
+
+    def tokenizer_files(self, name: str) -> dict[str, str]:
+        files: dict[str, str] = self._get(f"/v1/models/{name}/tokenizer")["files"]
+        return files
+
+    def jobs(self, limit: int = 20) -> list[JobRecord]:
+        """This key's user's recent jobs, newest first."""
+        return cast(list[JobRecord], self._get(f"/v1/jobs?limit={limit}"))
+
+    def models(self) -> list[ModelInfo]:
+        return cast(list[ModelInfo], self._get("/v1/models"))
+
+    def _get(self, path: str) -> Any:
+        response = self.http.get(path)
+        raise_for(response)
+        return response.json()
+
+    # -- jobs ----------------------------------------------------------------------------
+    def submit(self, body: bytes) -> SubmitReply:
+        response = self.http.post("/v1/jobs", content=body, headers={"Content-Type": "application/octet-stream"})
+        raise_for(response)
+        return cast(SubmitReply, response.json())
+
+    def status(self, job_id: str) -> JobRecord:
+        return cast(JobRecord, self._get(f"/v1/jobs/{job_id}"))
+
+    def result(self, job_id: str) -> bytes:
+        """The result envelope; a large one is streamed with a byte count on the terminal."""
+        inline = self._inline.pop(job_id, None)
+        if inline is not None:
+            return inline
+        received = bytearray()  # kept across retries: a dropped download resumes with Range
+        return self.retrying(lambda: self._download(job_id, received), job_id)
+
+    def _download(self, job_id: str, received: bytearray) -> bytes:
+        headers = {"Range": f"bytes={len(received)}-"} if received else {}
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as response:
+            if not response.is_success:
+                response.read()
+                raise_for(response)
+            if response.status_code != 206:
+                received.clear()  # the server sent it whole (a small result kept in Redis)
+            total = len(received) + int(response.headers.get("content-length") or 0)
+            if not self.progress or total < (4 << 20):
+                for chunk in response.iter_bytes(1 << 20):
+                    received += chunk
+                return bytes(received)
+            from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+            with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as bar:
+                task = bar.add_task(f"job {job_id[:8]}: result", total=total, completed=len(received))
+                for chunk in response.iter_bytes(1 << 20):
+                    received += chunk
+                    bar.advance(task, len(chunk))
+            return bytes(received)
+
+    # -- persistent edits ------------------------------------------------------------------
+    def add_edit(self, model: str, body: bytes) -> EditRecord:
+        """Register an edit (an envelope of one edit graph) for this user's jobs on `model`."""
+        response = self.http.post(
+            f"/v1/models/{model}/edits", content=body, headers={"Content-Type": "application/octet-stream"}
+        )
+        raise_for(response)
+        return cast(EditRecord, response.json())
+
+    def edits(self, model: str) -> list[EditRecord]:
+        """This user's registered edits on `model`."""
+        return cast(list[EditRecord], self._get(f"/v1/models/{model}/edits"))
+
+    def remove_edit(self, model: str, edit_id: str) -> None:
+        response = self.http.delete(f"/v1/models/{model}/edits/{edit_id}")
+        raise_for(response)
+
+    def cancel(self, job_id: str) -> CancelReply:
+        response = self.http.delete(f"/v1/jobs/{job_id}")
+        raise_for(response)
+        return cast(CancelReply, response.json())
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Follow the job's events until it ends (websocket; polling where websockets are refused).
+        A dropped connection or an api restart is ridden out: the stream resumes after the last
+        event seen, retrying for up to `reconnect_s` seconds without contact."""
+        return JobFollower(self).wait(job_id, timeout)
+
+    def keep_inline(self, job_id: str, data: str | bytes) -> None:
+        """A result that came inline on the job's events, until `result()` takes it."""
+        if isinstance(data, bytes):
+            while len(self._inline) >= 8:  # only results nobody collected linger; keep a few
+                self._inline.pop(next(iter(self._inline)))
+            self._inline[job_id] = data
+
+
+def raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text}
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    line = body.get("line") if isinstance(body, dict) else None
+    source = SourceLine(line["file"], line["line"], line.get("code", "")) if isinstance(line, dict) else None
+    node = body.get("node") if isinstance(body, dict) else None
+    trace = body.get("trace") if isinstance(body, dict) else None
+    raise RemoteError(f"{response.status_code}: {detail}", source, node, status=response.status_code, trace=trace)
