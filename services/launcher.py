@@ -148,6 +148,11 @@ class EmbeddedFabric:
         port = int(self.url.rsplit(":", 1)[1])
         self._server, self._thread = _serve_api(self.settings, port)
 
+    def api_thread_id(self) -> int:
+        """The native id of the thread the api runs in (its CPU time is per thread in /proc)."""
+        assert self._thread is not None and self._thread.native_id is not None
+        return self._thread.native_id
+
     def start_scheduler(self, name: str | None = None, **settings: Any) -> None:
         """Start the scheduler process (again); `settings` override the fabric's for it."""
         env = {**self.env, "NNFABRIC_SCHEDULER_NAME": name or self.settings.scheduler_name, "PYTHONPATH": str(ROOT),

@@ -2,7 +2,7 @@
 and results: one round trip per job, for clients that want it (POST /v1/jobs plus each job's
 events websocket stays the way for plain HTTP callers).
 
-Protocol (the test suite's `tests/support/job_socket.py` speaks it):
+Protocol (nnfabric.remote.socket speaks it):
 
 - client -> server, binary frame: a job envelope, exactly as the body of POST /v1/jobs.
 - server -> client, per submission in order: `{"type": "accepted", "seq": n, "id", "position"}`
@@ -13,8 +13,10 @@ Protocol (the test suite's `tests/support/job_socket.py` speaks it):
   (32 ASCII bytes) then the result envelope. Larger results: GET /v1/jobs/{id}/result.
 - client -> server, text frame `{"cancel": id}`: cancels one of the socket's jobs.
 
-Events come from blocking reads on Redis (no polling). A socket counts as one of the key's
-event streams; its jobs count against the key's caps and rate limit as any others do.
+Events come from one blocking read of Redis for all of a socket's jobs (no polling, no read per
+job). A socket counts as one of the key's event streams; its jobs count against the key's caps
+and rate limit as any others do. The Python client submits and follows its jobs on one socket
+per fabric connection (nnfabric.remote.socket).
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from nnfabric.protocol import TERMINAL
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..common.catalog import Catalog
 from ..common.settings import Settings
@@ -54,9 +60,6 @@ async def _serve(websocket: WebSocket, key: ApiKey, store: Store) -> None:
     settings: Settings = websocket.app.state.settings
     catalog: Catalog = websocket.app.state.catalog
     send = asyncio.Lock()  # frames of different jobs never interleave mid-message
-    followers: set[asyncio.Task[None]] = set()
-    mine: set[str] = set()
-    seq = 0
 
     async def reply(message: dict[str, Any], data: bytes | None = None) -> None:
         async with send:
@@ -64,13 +67,15 @@ async def _serve(websocket: WebSocket, key: ApiKey, store: Store) -> None:
             if data is not None:
                 await websocket.send_bytes(data)
 
+    followed = _Followed(store, settings, reply)
+    seq = 0
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
             if message.get("bytes") is None:
-                await _control(message.get("text") or "", key, store, mine, reply)
+                await _control(message.get("text") or "", store, followed.jobs, reply)
                 continue
             seq += 1
             try:
@@ -82,20 +87,15 @@ async def _serve(websocket: WebSocket, key: ApiKey, store: Store) -> None:
             except ApiError as exc:
                 await reply({"type": "rejected", "seq": seq, "status": exc.status, "detail": exc.message, **exc.extra})
                 continue
-            job_id = accepted["id"]
-            mine.add(job_id)
-            await reply({"type": "accepted", "seq": seq, "id": job_id, "position": accepted["position"]})
-            task = asyncio.create_task(_follow(job_id, store, settings, reply))
-            followers.add(task)
-            task.add_done_callback(followers.discard)
+            await reply({"type": "accepted", "seq": seq, "id": accepted["id"], "position": accepted["position"]})
+            await followed.add(accepted["id"])
     except (WebSocketDisconnect, RuntimeError):
         return
     finally:
-        for task in followers:
-            task.cancel()
+        followed.stop()
 
 
-async def _control(text: str, key: ApiKey, store: Store, mine: set[str], reply: Any) -> None:
+async def _control(text: str, store: Store, mine: set[str], reply: Any) -> None:
     try:
         request = json.loads(text)
         job_id = request["cancel"]
@@ -108,18 +108,65 @@ async def _control(text: str, key: ApiKey, store: Store, mine: set[str], reply: 
     await store.transition(job_id, "cancelled", {"by": "user"})
 
 
-async def _follow(job_id: str, store: Store, settings: Settings, reply: Any) -> None:
-    """Send one job's events until a final one, its small result inline. A follower that fails
-    is logged; the client then learns the job's end from GET /v1/jobs/{id} (it asks after a
-    quiet spell), so no job is waited on forever."""
-    try:
-        async for event in store.follow(job_id, block_ms=_FOLLOW_BLOCK_MS):
+class _Followed:
+    """The socket's jobs, followed together: one blocking read of Redis for all of them (not one
+    per job), interrupted through a waker stream when a job joins. Each job's events go out
+    until its final one, its small result inline. A follower that fails is logged; the client
+    then learns its jobs' ends from GET /v1/jobs/{id} (it asks after a quiet spell)."""
+
+    def __init__(self, store: Store, settings: Settings, reply: Any) -> None:
+        self.store, self.settings, self.reply = store, settings, reply
+        self.jobs: set[str] = set()  # every job submitted on this socket (cancels are checked against it)
+        self.cursors: dict[str, str] = {}  # jobs still followed -> their last event sent
+        self.waker = uuid.uuid4().hex
+        self.waker_cursor = "0-0"
+        self.joined = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def add(self, job_id: str) -> None:
+        self.jobs.add(job_id)
+        self.cursors[job_id] = "0-0"
+        if self.task is None:
+            self.task = asyncio.create_task(self._run())
+        self.joined.set()
+        await self.store.wake(self.waker)  # a read blocked on the others ends, and takes it in
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        retry = 0.1
+        while True:
+            if not self.cursors:
+                self.joined.clear()
+                await self.joined.wait()
+            try:
+                found, self.waker_cursor = await self.store.events_of_many(
+                    dict(self.cursors), self.waker, self.waker_cursor, _FOLLOW_BLOCK_MS
+                )
+                retry = 0.1
+                for job_id, events in found.items():
+                    await self._send(job_id, events)
+            except (WebSocketDisconnect, RuntimeError):
+                return  # the client went away
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("following a socket's jobs: Redis unreachable (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, 2.0)
+            except Exception:
+                log.exception("following a socket's jobs failed")
+                return
+
+    async def _send(self, job_id: str, events: list[Any]) -> None:
+        for event in events:
+            if job_id not in self.cursors:
+                return
+            self.cursors[job_id] = event["id"]
             data = None
-            if event["type"] == "completed" and 0 < int(event.get("bytes") or 0) <= settings.inline_result_bytes:
-                data = await store.result(job_id)  # None when it went to the result store
-            message = {"job": job_id, **event, **({"inline": True} if data else {})}
-            await reply(message, job_id.encode() + data if data else None)
-    except (WebSocketDisconnect, RuntimeError):
-        return  # the client went away
-    except Exception:
-        log.exception("following job %s on a socket failed", job_id)
+            if event["type"] == "completed" and 0 < int(event.get("bytes") or 0) <= self.settings.inline_result_bytes:
+                data = await self.store.result(job_id)  # None when it went to the result store
+            await self.reply({"job": job_id, **event, **({"inline": True} if data else {})},
+                             job_id.encode() + data if data else None)  # fmt: skip
+            if event["type"] in TERMINAL:
+                del self.cursors[job_id]

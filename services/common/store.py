@@ -47,6 +47,10 @@ def _events(job_id: str) -> str:
     return f"nnf:events:{job_id}"
 
 
+def _waker(name: str) -> str:
+    return f"nnf:waker:{name}"
+
+
 def _payload(job_id: str) -> str:
     return f"nnf:payload:{job_id}"
 
@@ -520,6 +524,35 @@ class Store:
                 event = {"id": _text(event_id), "type": raw["type"], **json.loads(raw["data"])}
                 found.append(cast(JobEvent, event))
         return found
+
+    async def events_of_many(
+        self, cursors: dict[str, str], waker: str, waker_cursor: str, block_ms: int
+    ) -> tuple[dict[str, list[JobEvent]], str]:
+        """Several jobs' events after their cursors, in one blocking read that also ends when
+        `wake(waker)` is called (a job was added to the set). Returns (events by job, the waker's
+        new cursor)."""
+        streams = {_events(job_id): after for job_id, after in cursors.items()}
+        streams[_waker(waker)] = waker_cursor
+        reply = await self.redis.xread(streams, count=100, block=block_ms)
+        found: dict[str, list[JobEvent]] = {}
+        for stream, entries in reply or []:
+            name = _text(stream)
+            if name == _waker(waker):
+                waker_cursor = _text(entries[-1][0])
+                continue
+            job_id = name.removeprefix(_events(""))
+            for event_id, fields in entries:
+                raw = _decode_hash(fields)
+                event = {"id": _text(event_id), "type": raw["type"], **json.loads(raw["data"])}
+                found.setdefault(job_id, []).append(cast(JobEvent, event))
+        return found, waker_cursor
+
+    async def wake(self, waker: str) -> None:
+        """End a blocked `events_of_many` on this waker (kept to its last entry, for a minute)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(_waker(waker), {"w": "1"}, maxlen=1, approximate=False)
+            pipe.expire(_waker(waker), 60)
+            await pipe.execute()
 
     async def follow(self, job_id: str, after: str = "0-0", block_ms: int = 15_000) -> AsyncIterator[JobEvent]:
         """Every event of the job after `after`, up to and including a final one, as Redis hands

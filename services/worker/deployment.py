@@ -59,6 +59,7 @@ class ModelReplica:
         self._turn = asyncio.Lock()  # one batch on the model at a time; the next one waits here, decoded
         self._recordings: set[asyncio.Task[list[bool]]] = set()  # outcomes waiting for Redis (owned here)
         self._held = 0  # bytes of results kept in memory until Redis records them
+        self.jobs_run = self.batches_run = 0
         self.stages: Stages | None = None
         await self.store.set_model(self.spec.name, state="loading")
         try:
@@ -182,6 +183,8 @@ class ModelReplica:
                 else:
                     states[job[0]] = await self._not_started(job[0])
             outcomes = await self._run_watched(jobs) if jobs else {}
+            self.jobs_run += len(jobs)
+            self.batches_run += 1 if jobs else 0
         for job_id in [job_id for job_id, _, _ in jobs if job_id not in outcomes]:
             states[job_id] = "retry"  # never started here: the scheduler queues it again
         states.update(await self._settle(outcomes, runner))
@@ -288,6 +291,13 @@ class ModelReplica:
 
         recording.add_done_callback(forget)
         return await asyncio.shield(recording), given_back
+
+    async def stats(self) -> dict[str, Any]:
+        """What this replica has spent: its process's CPU time, the part inside the model's runs,
+        and the jobs and batches it ran (benchmarks/cost.py reads it)."""
+        times = os.times()
+        return {"pid": os.getpid(), "cpu_s": times.user + times.system, "model_cpu_s": self.executor.model_cpu_s,
+                "jobs": self.jobs_run, "batches": self.batches_run}  # fmt: skip
 
     async def check_health(self) -> None:
         """Healthy when the model is loaded (every stage answers); renews this replica's liveness

@@ -31,7 +31,7 @@ from nnfabric.graph.validate import GraphError
 from nnfabric.runtime.adapters import CausalLMAdapter
 from nnfabric.runtime.decoding import DECODING_OPTIONS
 from nnfabric.runtime.devices import to_host
-from nnfabric.runtime.execute import reads_attention_weights, run_graph, run_session
+from nnfabric.runtime.execute import StagedAdapter, reads_attention_weights, run_graph, run_session
 from nnfabric.runtime.guards import Budget
 from nnfabric.runtime.source import module_operations
 from nnfabric.runtime.wire import load_blob, pack_saved, saved_nbytes
@@ -65,7 +65,9 @@ class BatchExecutor:
     ) -> None:
         self.spec = spec
         self.model = model  # a staged model's shell (its module tree; the weights live on its stages)
-        self.adapter = adapter or CausalLMAdapter(model, tokenizer)
+        self.model_cpu_s = 0.0  # CPU time this process spent in the model's runs (hooks included)
+        found = adapter or CausalLMAdapter(model, tokenizer)
+        self.adapter: Any = found if isinstance(found, StagedAdapter) else _Timed(found, self)
         self.tree = ModuleTree.from_module(model, operations=module_operations)
         self.paths = self.tree.paths()
         self.limits = limits_for(spec, settings or Settings())
@@ -223,6 +225,33 @@ class BatchExecutor:
     def _clean(self) -> None:
         for parameter in self.model.parameters():
             parameter.grad = None
+
+
+class _Timed:
+    """An adapter whose model runs are counted in the executor's `model_cpu_s` (thread CPU time:
+    what the forward pass cost this process, whatever else the machine did meanwhile)."""
+
+    def __init__(self, adapter: Any, executor: BatchExecutor) -> None:
+        self._adapter = adapter
+        self._executor = executor
+        self.root = adapter.root
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adapter, name)
+
+    def forward(self, batch: Any) -> Any:
+        start = time.thread_time()
+        try:
+            return self._adapter.forward(batch)
+        finally:
+            self._executor.model_cpu_s += time.thread_time() - start
+
+    def generate(self, batch: Any, decodings: Any, on_end: Any = None) -> Any:
+        start = time.thread_time()
+        try:
+            return self._adapter.generate(batch, decodings, on_end)
+        finally:
+            self._executor.model_cpu_s += time.thread_time() - start
 
 
 def _merge_kind(graph: Graph) -> str | None:
