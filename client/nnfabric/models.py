@@ -23,6 +23,7 @@ from .graph.tree import ModuleTree
 from .tracing.envoy import Envoy
 from .tracing.recording import Recording
 from .tracing.session import TraceSession
+from .tracing.sweep import Sweep
 from .tracing.tracer import Tracer
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class Model:
         # Tracing's seam (nnfabric.tracing.recording.TracedModel): the block and session open on it.
         self.open_recording: Recording | None = None
         self.open_session: TraceSession | None = None
+        self.open_sweep: Sweep | None = None
         self._envoy = Envoy(self, self._tree)
         self._adapter: Any = None
         self._fabric = fabric
@@ -126,6 +128,12 @@ class Model:
         later traces may use earlier traces' values directly (no round trip)."""
         return TraceSession(self, remote=remote, blocking=blocking)
 
+    def sweep(self, remote: Remote = True, progress: bool | None = None) -> Sweep:
+        """Many traces, each its own job, sent together: `with model.sweep(remote=True) as sweep:`
+        then traces inside (recorded as their blocks end); every job has ended, its saved values
+        filled in, when the sweep's block ends. One progress bar; `sweep.failed` lists failures."""
+        return Sweep(self, remote=remote, progress=progress)
+
     # -- persistent edits -------------------------------------------------------------------
     def edit(self, *, inplace: bool = False, remote: bool | None = None) -> EditBlock:
         """`with model.edit() as edited:` records writes that every trace of `edited` applies
@@ -162,6 +170,7 @@ class Model:
         clone.__dict__.update(self.__dict__)
         clone.open_recording = None
         clone.open_session = None
+        clone.open_sweep = None
         clone._envoy = Envoy(clone, self._tree)
         clone._edits = list(self._edits)
         return clone

@@ -73,6 +73,28 @@ class SubmitReply(TypedDict):
     result: str
 
 
+class BatchItem(TypedDict):
+    """One job of a batch, in the order sent: accepted (`id`, `position`) or refused (`status`
+    and `detail`, as POST /v1/jobs would have answered it)."""
+
+    index: int
+    id: NotRequired[str]
+    position: NotRequired[int]
+    status: NotRequired[int]
+    detail: NotRequired[str]
+    node: NotRequired[int | None]
+    trace: NotRequired[int | None]
+    line: NotRequired[LineInfo | None]
+    retry_after: NotRequired[float]
+
+
+class BatchReply(TypedDict):
+    batch: str
+    accepted: int
+    events: str  # one websocket with every accepted job's events
+    jobs: list[BatchItem]
+
+
 class CancelReply(TypedDict):
     id: str
     state: JobState

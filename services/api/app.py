@@ -13,6 +13,7 @@ from ..common.settings import Settings
 from ..common.store import Store
 from . import (
     errors,
+    routes_batches,
     routes_compiled,
     routes_edits,
     routes_health,
@@ -43,8 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.middleware("http")(app.state.metrics.middleware)
     errors.install(app)
     for module in (
-        routes_jobs, routes_socket, routes_models, routes_edits, routes_compiled, routes_health, routes_status,
-        routes_schema,
+        routes_jobs, routes_batches, routes_socket, routes_models, routes_edits, routes_compiled, routes_health,
+        routes_status, routes_schema,
     ):  # fmt: skip
         app.include_router(module.router)
     routes_schema.install_openapi(app)

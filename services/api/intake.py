@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -30,6 +31,8 @@ from ..common.catalog import Catalog, ModelSpec, limits_for
 from ..common.settings import Settings
 from ..common.store import ApiKey, Store
 from .errors import ApiError, InvalidJob
+
+T = TypeVar("T")
 
 ENVELOPE_BODY = {
     "requestBody": {
@@ -106,7 +109,7 @@ def _names(value: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused as soon as it passes `limit` (declared or streamed, chunked or not)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -123,7 +126,7 @@ async def _body(request: Request, limit: int) -> bytes:
 
 async def read_envelope(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes, bytes]:
     """(header, tensor blob, binary envelope) of a request in either form, framing checked."""
-    body = await _body(request, settings.max_envelope_bytes)
+    body = await read_body(request, settings.max_envelope_bytes)
     return await parse_envelope(body, _is_json(request.headers.get("content-type", "")), settings)
 
 
@@ -136,8 +139,8 @@ async def parse_envelope(body: bytes, is_json: bool, settings: Settings) -> tupl
     base = Limits(max_envelope_bytes=settings.max_envelope_bytes)
     try:
         if is_json:
-            body = await run_in_threadpool(envelope_from_json, body, base)  # then the one binary path
-        header, blob = await run_in_threadpool(split_envelope, body, base)
+            body = await _off_loop(len(body), envelope_from_json, body, base)  # then the one binary path
+        header, blob = await _off_loop(len(body), split_envelope, body, base)
     except GraphError as exc:
         raise InvalidJob(exc) from None
     return header, blob, body
@@ -148,7 +151,7 @@ async def _validated(
 ) -> tuple[dict[str, Any], bytes, list[Graph]]:
     """The job checked against the model as it is published now (ready, its module tree, its
     limits), with the edits it names merged in: (header, envelope, graphs) to enqueue."""
-    state = await store.model(spec.name, "state", "structure")
+    state = await store.published(spec.name)
     if state.get("state") != "ready" or "structure" not in state:
         raise ApiError(
             503, f"model {spec.name!r} is not ready ({state.get('state', 'not started')})", headers={"Retry-After": "5"}
@@ -158,7 +161,7 @@ async def _validated(
         raise InvalidJob(LimitExceeded(f"request of {len(body)} bytes exceeds the limit"))
     paths = module_paths(state["structure"])
     try:
-        graphs = await run_in_threadpool(validate_request, header, blob, limits, paths)
+        graphs = await _off_loop(len(body), validate_request, header, blob, limits, paths)
         if "edits" in header:
             edits = await stored_edits(header["edits"], key, spec.name, store)
             header, blob, body, graphs = await run_in_threadpool(with_edits, header, blob, graphs, edits, limits, paths)
@@ -208,6 +211,18 @@ async def accept(
         "events": f"/v1/jobs/{job_id}/events",
         "result": f"/v1/jobs/{job_id}/result",
     }
+
+
+# Work on a request up to this size is done on the event loop: bounded by the size (a
+# millisecond or so), it costs less there than the hand-off to a worker thread and back.
+_INLINE_BYTES = 16 << 10
+
+
+async def _off_loop(size: int, function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a worker thread, or right here for a small request."""
+    if size <= _INLINE_BYTES:
+        return function(*args)
+    return await run_in_threadpool(function, *args)
 
 
 def _is_json(content_type: str) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 
 from fastapi import APIRouter, Query, Request, Response, WebSocket, WebSocketDisconnect
@@ -18,7 +17,7 @@ from ..common.store import ApiKey, Store
 from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep
 from .errors import ApiError, responses
 from .intake import ENVELOPE_BODY, accept, read_envelope
-from .sockets import StreamSocket
+from .sockets import StreamSocket, until_disconnected
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -151,7 +150,7 @@ async def _stream(opened: StreamSocket, job_id: str, after: str, inline: str) ->
     then free again, even while the job waits in the queue)."""
     await opened.accept()
     sender = asyncio.create_task(_send_events(opened, job_id, after, inline))
-    watcher = asyncio.create_task(_until_disconnected(opened.websocket))
+    watcher = asyncio.create_task(until_disconnected(opened.websocket))
     try:
         await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -160,12 +159,6 @@ async def _stream(opened: StreamSocket, job_id: str, after: str, inline: str) ->
         # (wait, not gather: if this handler is cancelled meanwhile, the CancelledError it raises
         # is the handler's own, which the server's cancel scope recognises and absorbs)
         await asyncio.wait({sender, watcher})
-
-
-async def _until_disconnected(websocket: WebSocket) -> None:
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        while (await websocket.receive())["type"] != "websocket.disconnect":
-            pass
 
 
 async def _send_events(opened: StreamSocket, job_id: str, cursor: str, inline: str) -> None:

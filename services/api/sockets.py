@@ -19,9 +19,10 @@ close it with the code and reason: uvicorn answers a close before the accept wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
-from fastapi import WebSocket
+from fastapi import WebSocket, WebSocketDisconnect
 
 from ..common.settings import Settings
 from ..common.store import ApiKey, Store
@@ -98,3 +99,10 @@ class StreamSocket:
         a client that opens its next stream at once always finds it."""
         await self.release()
         await self.websocket.close(code=code)
+
+
+async def until_disconnected(websocket: WebSocket) -> None:
+    """Until the client closes (a stream it only listens on: anything it sends is ignored)."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass

@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     result_ttl_s: int = 24 * 3600
     # A request body over this is refused (413) before it is parsed.
     max_envelope_bytes: int = Limits().max_envelope_bytes
+    max_batch_jobs: int = 1024  # jobs in one POST /v1/jobs/batch
     # Results up to this size follow the `completed` event on the events websocket when the client
     # asks (`?result=inline`), saving it a request; larger ones are fetched from /result.
     inline_result_bytes: int = 4 << 20

@@ -47,6 +47,10 @@ def _events(job_id: str) -> str:
     return f"nnf:events:{job_id}"
 
 
+def _batch(batch_id: str) -> str:
+    return f"nnf:batch:{batch_id}"
+
+
 def _waker(name: str) -> str:
     return f"nnf:waker:{name}"
 
@@ -308,6 +312,7 @@ class Store:
         # redis-py's stubs type replies as unions of every wire type; we decode them ourselves.
         self.redis: Any = redis
         self.ttl_s = ttl_s
+        self._published: dict[str, tuple[float, dict[str, str]]] = {}  # model -> (when read, state)
         self._submit = redis.register_script(_SUBMIT)  # sent by digest (EVALSHA) after the first call
         self._transition = redis.register_script(_TRANSITION)
         self._requeue = redis.register_script(_REQUEUE)
@@ -547,6 +552,16 @@ class Store:
                 found.setdefault(job_id, []).append(cast(JobEvent, event))
         return found, waker_cursor
 
+    async def save_batch(self, batch_id: str, user: str, job_ids: list[str]) -> None:
+        """A batch: the jobs one request submitted, followed on one event stream (kept as long
+        as their results)."""
+        await self.redis.set(_batch(batch_id), json.dumps({"user": user, "jobs": job_ids}), ex=self.ttl_s)
+
+    async def batch(self, batch_id: str) -> dict[str, Any] | None:
+        """{"user", "jobs"} of a batch, or None (unknown or expired)."""
+        raw = await self.redis.get(_batch(batch_id))
+        return cast(dict[str, Any], json.loads(raw)) if raw is not None else None
+
     async def wake(self, waker: str) -> None:
         """End a blocked `events_of_many` on this waker (kept to its last entry, for a minute)."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -632,6 +647,13 @@ class Store:
     async def result(self, job_id: str) -> bytes | None:
         data: bytes | None = await self.redis.get(_result(job_id))
         return data
+
+    async def results(self, job_ids: list[str]) -> list[bytes | None]:
+        """Several jobs' results kept in Redis, in one round trip (None where not there)."""
+        if not job_ids:
+            return []
+        found: list[bytes | None] = await self.redis.mget([_result(job_id) for job_id in job_ids])
+        return found
 
     async def dequeued(self, model: str, job_ids: list[str]) -> None:
         """The jobs left the queue for a replica: they no longer count in others' positions."""
@@ -737,6 +759,17 @@ class Store:
             return _decode_hash(await self.redis.hgetall(_model(name)))
         values = await self.redis.hmget(_model(name), list(fields))
         return {f: _text(v) for f, v in zip(fields, values, strict=True) if v is not None}
+
+    async def published(self, name: str, max_age_s: float = 1.0) -> dict[str, str]:
+        """A model's state and module structure, as read from Redis at most `max_age_s` ago: the
+        gateway checks every job against them, and the structure (tens of kilobytes) changes
+        only when the model is deployed again."""
+        now = time.monotonic()
+        cached = self._published.get(name)
+        if cached is None or now - cached[0] > max_age_s:
+            cached = (now, await self.model(name, "state", "structure"))
+            self._published[name] = cached
+        return cached[1]
 
     async def replica_alive(self, model: str, replica: str, ttl_s: float, pid: int = 0) -> None:
         """A replica holding `model` (process `pid`) says it is alive for the next ttl_s seconds."""

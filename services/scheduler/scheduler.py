@@ -84,6 +84,9 @@ class _ModelQueue:
     def done(self, entry: _Entry) -> None:
         self.known.discard(entry.stream_id)
 
+    def waiting(self) -> int:
+        return sum(len(entries) for entries in self.users.values())
+
 
 class _Outages:
     """How long Redis has been unreachable, all told, as this scheduler saw it: a dispatch's
@@ -133,6 +136,7 @@ class Scheduler:
         self._freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.outages = _Outages()
+        self._live_until: dict[str, float] = {}  # model -> until when a replica is known to answer
 
     async def run(self) -> None:
         await self._until_redis_answers(self._start)
@@ -196,10 +200,15 @@ class Scheduler:
                 else:
                     del queue.users[user]
 
-    async def _expired(self, entries: list[_Entry]) -> list[_Entry]:
-        """Fail (and acknowledge) the entries whose job waited past the queue deadline or ended."""
+    async def _expired(
+        self, entries: list[_Entry], states: list[tuple[str, float] | None] | None = None
+    ) -> list[_Entry]:
+        """Fail (and acknowledge) the entries whose job waited past the queue deadline or ended
+        (`states`: the jobs' states where already read)."""
         gone = []
-        for entry, found in zip(entries, await self.store.states([e.job_id for e in entries]), strict=True):
+        if states is None:
+            states = await self.store.states([e.job_id for e in entries])
+        for entry, found in zip(entries, states, strict=True):
             if found is None or found[0] in TERMINAL:
                 await self._ack(entry)
                 gone.append(entry)
@@ -270,12 +279,16 @@ class Scheduler:
 
     async def _dispatch_ready(self, name: str) -> None:
         queue = self.queues[name]
-        if not queue.users or not await self.store.live_replicas(name):
+        if not queue.users or not await self._replicas_live(name):
             return  # no replica answers: the jobs wait (their positions shown) until one returns
         # Two batches per replica the model may have (one running, the next decoded and ready):
         # with autoscaling, batches beyond the live replicas wait in Serve's router, which is the
-        # backlog Serve scales up on.
+        # backlog Serve scales up on. Once every replica has a batch, the next goes when it is
+        # full or when one ends: jobs arriving meanwhile fill it, and each batch's fixed costs
+        # (a Serve call, Redis round trips, a forward pass) are shared by more jobs.
         while queue.in_flight < queue.spec.most_in_flight and queue.users:
+            if queue.in_flight >= queue.spec.most_replicas and queue.waiting() < queue.spec.limits.max_batch:
+                return
             taken = queue.take_batch(queue.spec.limits.max_batch)
             try:
                 batch = await self._live(name, taken)
@@ -293,12 +306,25 @@ class Scheduler:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    async def _replicas_live(self, name: str) -> bool:
+        """Whether a replica of the model answers (read from Redis at most every half second)."""
+        now = time.monotonic()
+        if self._live_until.get(name, 0.0) > now:
+            return True
+        if await self.store.live_replicas(name):
+            self._live_until[name] = now + 0.5
+            return True
+        return False
+
     async def _live(self, name: str, batch: list[_Entry]) -> list[_Entry]:
-        """Drop jobs that were cancelled or ended meanwhile, and fail those past their deadline."""
-        gone = {e.stream_id for e in await self._expired(batch)}
+        """Drop jobs that were cancelled or ended meanwhile, and fail those past their deadline
+        (one read of the batch's states for both)."""
+        states = await self.store.states([e.job_id for e in batch])
+        gone = {e.stream_id for e in await self._expired(batch, states)}
         live = []
-        states = await self.store.states([e.job_id for e in batch if e.stream_id not in gone])
-        for entry, found in zip([e for e in batch if e.stream_id not in gone], states, strict=True):
+        for entry, found in zip(batch, states, strict=True):
+            if entry.stream_id in gone:
+                continue
             if found is not None and found[0] == "running":
                 # Claimed from a dead scheduler while a replica ran it: never start it twice.
                 self.queues[name].watching[entry.stream_id] = (entry, time.time())

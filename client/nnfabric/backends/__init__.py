@@ -78,11 +78,32 @@ class JobRequest:
         return graph.nodes[node].line
 
 
+# A sweep's report of one job's end: its index, and its error (None: its values were delivered).
+JobEnded = Callable[[int, "InterventionError | None"], None]
+
+
 class Backend(Protocol):
     def run(self, request: JobRequest) -> Job | None:
         """Run (or submit) the job; saved values arrive through `request.deliver`. A remote
         backend returns the job (its values arrive once it is waited on)."""
         ...
+
+    def run_many(self, requests: list[JobRequest], ended: JobEnded) -> list[Job | None]:
+        """Run many independent jobs (a sweep), each delivered as it ends, and `ended` told; one
+        job's failure is reported, not raised, and the others still run."""
+        ...
+
+
+def run_each(backend: Backend, requests: list[JobRequest], ended: JobEnded) -> list[Job | None]:
+    """A sweep run here: one job after another."""
+    for index, request in enumerate(requests):
+        try:
+            backend.run(request)
+        except InterventionError as error:
+            ended(index, error)
+        else:
+            ended(index, None)
+    return [None] * len(requests)
 
 
 def select(

@@ -6,11 +6,14 @@ a remote job travels, validated by the same function as on the fabric (LoopbackB
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InterventionError
 from ..graph.validate import GraphError, Limits, validate_session
-from . import JobRequest
+from . import JobEnded, JobRequest, run_each
+
+if TYPE_CHECKING:
+    from ..remote.job import Job
 
 
 class LocalBackend:
@@ -30,6 +33,9 @@ class LocalBackend:
         except GraphError as exc:
             raise _at_node(request, exc) from None
         request.deliver(run_session(request.graphs, request.tensors, self.adapter))
+
+    def run_many(self, requests: list[JobRequest], ended: JobEnded) -> list[Job | None]:
+        return run_each(self, requests, ended)
 
 
 class LoopbackBackend(LocalBackend):

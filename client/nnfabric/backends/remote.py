@@ -11,7 +11,7 @@ from ..errors import RemoteError
 from ..graph.ir import Graph
 from ..remote.http import FabricClient
 from ..remote.job import Job
-from . import Edit, JobRequest
+from . import Edit, JobEnded, JobRequest
 
 
 class RemoteBackend:
@@ -22,12 +22,7 @@ class RemoteBackend:
         self.name = name
 
     def run(self, request: JobRequest) -> Job:
-        from ..runtime.wire import pack_job
-
-        extra: dict[str, Any] = {"model": self.name, "names": request.names}
-        if request.edits:
-            extra["edits"] = [self.register(edit) for edit in request.edits]
-        body = pack_job(request.graphs, request.tensors, request.session, extra)
+        body = self.envelope(request)
         job = Job(self.fabric, "", request)
         try:
             job.id = self.fabric.submit(body)["id"]
@@ -37,6 +32,38 @@ class RemoteBackend:
         if request.blocking:
             job.wait()
         return job
+
+    def run_many(self, requests: list[JobRequest], ended: JobEnded) -> list[Job | None]:
+        """A sweep: every job over one connection (remote.sweep), each delivered as it ends."""
+        from ..remote.sweep import SocketSender
+
+        bodies = [self.envelope(request) for request in requests]
+        jobs = [Job(self.fabric, "", request) for request in requests]
+
+        def job_ended(index: int, job_id: str | None, result: bytes | None, error: RemoteError | None) -> None:
+            job = jobs[index]
+            job.id = job_id or ""
+            if error is None and result is not None:
+                try:
+                    job.receive(result)
+                except Exception as exc:  # a result this client cannot read is that job's failure
+                    error = RemoteError(f"job {job_id}: its result could not be read: {exc}")
+            if error is not None:
+                line = requests[index].line(error.trace, error.node) or error.line
+                error = RemoteError(error.reason, line, error.node, error.status, error.trace)
+            ended(index, error)
+
+        SocketSender(self.fabric).run(bodies, job_ended)
+        return list(jobs)
+
+    def envelope(self, request: JobRequest) -> bytes:
+        """The job as the fabric takes it, naming its edits (registered here the first time)."""
+        from ..runtime.wire import pack_job
+
+        extra: dict[str, Any] = {"model": self.name, "names": request.names}
+        if request.edits:
+            extra["edits"] = [self.register(edit) for edit in request.edits]
+        return pack_job(request.graphs, request.tensors, request.session, extra)
 
     def register(self, edit: Edit) -> str:
         """The edit's id on this fabric for this model, registering it the first time."""

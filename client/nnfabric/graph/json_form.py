@@ -38,10 +38,33 @@ _FIELDS = {"schema", "model", "graph", "session", "tensors", "names", "edits"}
 
 def envelope_from_json(body: bytes, limits: Limits) -> bytes:
     """A JSON job body -> the binary envelope (still to be validated by `validate_request`)."""
+    return _envelope_from_value(parse_json(body, _relaxed(limits), "request body"), limits)
+
+
+def envelopes_from_batch(body: bytes, limits: Limits, max_jobs: int) -> list[bytes | GraphError]:
+    """A JSON batch `{"jobs": [job, ...]}` -> each job's binary envelope, or why it is refused
+    (one bad job does not sink the others). The whole body is parsed within one job's bounds."""
+    data = parse_json(body, _relaxed(limits), "request body")
+    if not isinstance(data, dict) or set(data) != {"jobs"} or not isinstance(data["jobs"], list):
+        raise GraphError('a batch is an object {"jobs": [job, ...]}, each job as POST /v1/jobs takes it')
+    if not 1 <= len(data["jobs"]) <= max_jobs:
+        raise LimitExceeded(f"a batch holds 1 to {max_jobs} jobs, not {len(data['jobs'])}")
+    envelopes: list[bytes | GraphError] = []
+    for job in data["jobs"]:
+        try:
+            envelopes.append(_envelope_from_value(job, limits))
+        except GraphError as exc:
+            envelopes.append(exc)
+    return envelopes
+
+
+def _relaxed(limits: Limits) -> Limits:
     # Base64 tensor data may be longer than any other string a header may hold.
-    relaxed = Limits(**{**limits.__dict__, "max_string_chars": max(limits.max_string_chars,
-                                                                   limits.max_tensor_bytes * 4 // 3 + 8)})  # fmt: skip
-    data = parse_json(body, relaxed, "request body")
+    longest = max(limits.max_string_chars, limits.max_tensor_bytes * 4 // 3 + 8)
+    return Limits(**{**limits.__dict__, "max_string_chars": longest})
+
+
+def _envelope_from_value(data: Any, limits: Limits) -> bytes:
     if not isinstance(data, dict):
         raise GraphError("a JSON job must be an object: {model, graph | session, tensors, names}")
     unknown = set(data) - _FIELDS

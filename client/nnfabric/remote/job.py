@@ -55,13 +55,16 @@ class Job:
             message = final.get("message") or f"job {final['type']}"
             line = self._request.line(trace, node) if self._request else None
             raise RemoteError(f"{message} (job {self.id})", line, node, trace=trace)
+        self.receive(self.fabric.result(self.id))
+        return self
+
+    def receive(self, data: bytes) -> None:
+        """The job's result envelope (however it came): the trace's saved proxies get their values."""
         from ..runtime.wire import split_saved, unpack_values
 
-        self._values = unpack_values(self.fabric.result(self.id))
+        self._values = unpack_values(data)
         if self._request is not None:
-            per_trace = split_saved(self._values, len(self._request.graphs))
-            self._request.deliver(per_trace)
-        return self
+            self._request.deliver(split_saved(self._values, len(self._request.graphs)))
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """The saved values by the names they had in the submitting code (waits if needed)."""

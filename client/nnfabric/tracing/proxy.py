@@ -48,6 +48,8 @@ class Proxy:
                 raise ValueError("a proxy has no value inside the trace block; read .value after it")
             if not recording.is_saved(self._id):
                 raise ValueError("this value was not saved: call .save() on it inside the trace")
+            if recording.failure is not None:
+                raise ValueError(f"this trace's job failed: {recording.failure}") from recording.failure
             if recording.job is not None:
                 raise ValueError(f"job {recording.job.id} has not delivered yet: call tracer.job.wait() first")
             raise ValueError("this value was never computed (the trace did not run or failed)")

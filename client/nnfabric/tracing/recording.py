@@ -33,9 +33,11 @@ from .envoy import Envoy, envoy_path
 from .proxy import Proxy, deliver, is_resolved, node_of, recording_of, retarget, value_of
 
 if TYPE_CHECKING:
+    from ..errors import InterventionError
     from ..graph.tree import ModuleTree
     from ..remote.job import Job
     from .session import TraceSession
+    from .sweep import Sweep
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Ops that record a change, not a value: they hand back no proxy.
@@ -47,6 +49,7 @@ class TracedModel(Protocol):
 
     open_recording: Recording | None  # the trace (or edit) block open on it
     open_session: TraceSession | None
+    open_sweep: Sweep | None  # the sweep its traces join as jobs
 
     @property
     def tree(self) -> ModuleTree: ...
@@ -79,6 +82,7 @@ class Recording:
         self.step = 0  # the generation step being recorded
         self.steps_blocks: list[int] = []  # steps of each open `with tracer.iter[...]` / `tracer.all()`
         self.job: Job | None = None  # the fabric's job, once a remote run is submitted
+        self.failure: InterventionError | None = None  # why its job failed (in a sweep, which goes on)
         self.keeps_values = keeps_values  # an edit keeps none
         # Inside `model.session()`: recorded now, run with the session's other traces at its end.
         self.session = model.open_session
@@ -265,6 +269,9 @@ def run_recordings(
         names=_saved_names(recordings, session) if remote is True else {},
         edits=list(model.edits),
     )
+    if model.open_sweep is not None:
+        model.open_sweep.add(request, recordings)  # runs, with the sweep's other jobs, when it ends
+        return
     job = backend.run(request)
     for recording in recordings:
         recording.job = job

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 class TraceSession:
     def __init__(self, model: TracedModel, remote: Remote = False, blocking: bool = True) -> None:
         self._model = model
-        self.remote = remote
+        self.remote = model.open_sweep.remote if model.open_sweep is not None else remote  # a job of the sweep
         self.blocking = blocking
         self.recordings: list[Recording] = []  # its traces, in order, as each block ends
         self.job: Job | None = None  # the fabric's job, once submitted

@@ -42,8 +42,9 @@ class Tracer:
         blocking: bool = True,
     ) -> None:
         self.recording = Recording(model, kind, options)
-        session = self.recording.session
-        self._remote = session.remote if session is not None else remote
+        session, sweep = self.recording.session, model.open_sweep
+        # A trace in a session or a sweep runs where that does.
+        self._remote = session.remote if session is not None else sweep.remote if sweep is not None else remote
         self._blocking = session.blocking if session is not None else blocking
         self._implicit = bool(inputs) or bool(input_kwargs)
         if self._implicit:
