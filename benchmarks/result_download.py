@@ -3,15 +3,19 @@
     python benchmarks/result_download.py [--mib 256]
 
 One job saves a `--mib` MiB float32 tensor (made on the replica, so the request is tiny); the
-replica writes the result to the result store and the api streams it from disk. Printed beside
-it, in the same run: reading the same file straight from disk (the floor), and Redis's
-`used_memory` before the job and after the download.
+replica writes the result to the result store and the api streams it from disk. Downloaded by
+curl (where installed: what the api itself delivers) and by the Python client, each in a process
+of its own. Printed beside them, in the same run: reading the same file straight from disk (the
+floor), and Redis's `used_memory` before the job and after the download.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,10 +45,37 @@ async def key_and_memory(url: str, make_key: bool) -> tuple[str, int]:
         await store.close()
 
 
+def _curl(url: str, key: str, job_id: str) -> float | None:
+    """GB/s of the download with curl (the best of two), if curl is installed."""
+    if shutil.which("curl") is None:
+        return None
+    speeds = []
+    for _ in range(2):
+        out = subprocess.run(["curl", "-sf", "-o", "/dev/null", "-H", f"Authorization: Bearer {key}", "-w",
+                              "%{speed_download}", f"{url}/v1/jobs/{job_id}/result"],
+                             check=True, capture_output=True, text=True).stdout  # fmt: skip
+        speeds.append(float(out) / 1e9)
+    return max(speeds)
+
+
+def download(url: str, key: str, job_id: str) -> None:
+    """The result through the Python client (nnfabric's FabricClient, Range resume and all)."""
+    from nnfabric.remote.http import FabricClient
+
+    client = FabricClient(url, key, progress=False)
+    start = time.perf_counter()
+    size = len(client.result(job_id))
+    print(json.dumps([size, time.perf_counter() - start]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--download", nargs=3, metavar=("URL", "KEY", "JOB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.download:
+        download(*args.download)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         build_gpt2(Path(tmp, "tiny"))
         catalog = Path(tmp, "catalog.yaml")
@@ -64,12 +95,12 @@ def main() -> None:
             while (state := api.get(f"/v1/jobs/{job_id}").json()["state"]) not in ("completed", "failed"):
                 time.sleep(0.2)
             assert state == "completed", api.get(f"/v1/jobs/{job_id}").json()
-            start = time.perf_counter()
-            size = 0
-            with api.stream("GET", f"/v1/jobs/{job_id}/result") as response:
-                for chunk in response.iter_bytes(1 << 20):
-                    size += len(chunk)
-            seconds = time.perf_counter() - start
+            # The download from a process of its own, as a researcher's client is (the api's
+            # thread here would otherwise share this process's interpreter with it).
+            out = subprocess.run([sys.executable, __file__, "--download", fabric.url, key, job_id],
+                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
+            size, seconds = json.loads(out.strip().splitlines()[-1])
+            curl_gbps = _curl(fabric.url, key, job_id)
             _, after = asyncio.run(key_and_memory(fabric.settings.redis_url, False))
             (path,) = [p for p in Path(f"{tmp}/results").iterdir() if p.suffix == ".nnfr"]
             start = time.perf_counter()
@@ -78,9 +109,11 @@ def main() -> None:
                     pass
             disk = time.perf_counter() - start
             assert ResultStore(f"{tmp}/results").path(path.name) is not None
-            print(f"result download: {size / 2**20:.0f} MiB in {seconds:.2f} s = {size / seconds / 1e9:.2f} GB/s "
-                  f"through the api (reading the file alone: {size / disk / 1e9:.2f} GB/s, "
-                  f"{seconds / disk:.1f}x)")  # fmt: skip
+            print(f"result download: {size / 2**20:.0f} MiB through the api on loopback (reading the file alone: "
+                  f"{size / disk / 1e9:.2f} GB/s)")  # fmt: skip
+            print(f"  curl (a C client; the api's own speed): {curl_gbps:.2f} GB/s" if curl_gbps else "  curl: not installed")
+            print(f"  the Python client (FabricClient.result, httpx): {size / seconds:.2e} B/s = "
+                  f"{size / seconds / 1e9:.2f} GB/s")  # fmt: skip
             print(f"redis used_memory: {before / 2**20:.1f} MiB before, {after / 2**20:.1f} MiB after")
         finally:
             fabric.stop()

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     # in memory it writes further ones to the result store; where there is none (result_store_min_bytes
     # at its maximum: no shared volume), it gives those jobs back to run again, as if it had died.
     outcome_buffer_bytes: int = 512 << 20
+    # Once every replica of a model has a batch running, a batch that is not full waits up to this
+    # long for more jobs (it goes at once when full or when a batch ends): jobs from clients that
+    # send their next job when the last one ends then share a pass. The replica's second slot is
+    # still filled, only this much later.
+    batch_hold_ms: float = 20.0
     # A dispatch counts as lost this long after the replica's own watchdog should have answered.
     dispatch_grace_s: float = 15.0
     # Where converted models (GGUF -> safetensors) are kept; a shared volume in a cluster.

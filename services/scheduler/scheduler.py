@@ -59,6 +59,7 @@ class _ModelQueue:
     users: OrderedDict[str, deque[_Entry]] = field(default_factory=OrderedDict)
     known: set[str] = field(default_factory=set)
     in_flight: int = 0
+    held_since: float | None = None  # when a partial batch began waiting for more jobs
     # Claimed jobs a replica may still be running (their scheduler died): entry -> when first seen.
     watching: dict[str, tuple[_Entry, float]] = field(default_factory=dict)
 
@@ -131,6 +132,7 @@ class Scheduler:
         self.result_ttl_s = settings.result_ttl_s
         self._last_sweep = 0.0
         self.dispatch_grace_s = settings.dispatch_grace_s
+        self.batch_hold_s = settings.batch_hold_ms / 1000
         self.queues = {spec.name: _ModelQueue(spec) for spec in catalog.models}
         self._stopping = asyncio.Event()
         self._freed = asyncio.Event()
@@ -284,11 +286,17 @@ class Scheduler:
         # Two batches per replica the model may have (one running, the next decoded and ready):
         # with autoscaling, batches beyond the live replicas wait in Serve's router, which is the
         # backlog Serve scales up on. Once every replica has a batch, the next goes when it is
-        # full or when one ends: jobs arriving meanwhile fill it, and each batch's fixed costs
-        # (a Serve call, Redis round trips, a forward pass) are shared by more jobs.
+        # full, when one ends or after the hold: jobs arriving meanwhile fill it, and each batch's
+        # fixed costs (a Serve call, Redis round trips, a forward pass) are shared by more jobs.
         while queue.in_flight < queue.spec.most_in_flight and queue.users:
             if queue.in_flight >= queue.spec.most_replicas and queue.waiting() < queue.spec.limits.max_batch:
-                return
+                now = time.monotonic()
+                if queue.held_since is None:
+                    queue.held_since = now
+                    asyncio.get_running_loop().call_later(self.batch_hold_s, self._freed.set)
+                if now - queue.held_since < self.batch_hold_s - 1e-3:  # the timer may fire a tick early
+                    return
+            queue.held_since = None
             taken = queue.take_batch(queue.spec.limits.max_batch)
             try:
                 batch = await self._live(name, taken)

@@ -81,7 +81,12 @@ def test_a_large_result_is_served_from_disk_with_range_and_only_to_its_owner(fab
 
     # A download that dropped after 12345 bytes resumes from there (Range), and gets it all.
     client = FabricClient(fabric.url, fabric.keys["alice"], progress=False)
-    assert client._download(job_id, bytearray(whole.content[:12345])) == whole.content
+    dropping = DropsFirstResult(after=12345)
+    client.http = httpx.Client(
+        base_url=fabric.url, headers={"Authorization": f"Bearer {fabric.keys['alice']}"}, transport=dropping, timeout=60
+    )
+    assert client.result(job_id) == whole.content
+    assert dropping.ranges == [None, "bytes=12345-"]
 
     bob = httpx.Client(base_url=fabric.url, headers={"Authorization": f"Bearer {fabric.keys['bob']}"}, timeout=60)
     assert bob.get(f"/v1/jobs/{job_id}/result").status_code == 404
@@ -100,3 +105,36 @@ def test_a_small_result_still_rides_in_redis(fabric):
     assert in_redis is not None and name is None
 
 
+class DropsFirstResult(httpx.BaseTransport):
+    """A real connection whose first result download breaks off after `after` bytes."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.real = httpx.HTTPTransport()
+        self.ranges: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.real.handle_request(request)
+        if not request.url.path.endswith("/result"):
+            return response
+        self.ranges.append(request.headers.get("range"))
+        if len(self.ranges) > 1:
+            return response
+        return httpx.Response(response.status_code, headers=response.headers, stream=_Broken(response, self.after))
+
+
+class _Broken(httpx.SyncByteStream):
+    def __init__(self, response: httpx.Response, after: int) -> None:
+        self.response = response
+        self.after = after
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        sent = 0
+        for chunk in self.response.stream:  # type: ignore[union-attr]
+            chunk = chunk[: self.after - sent]
+            sent += len(chunk)
+            yield chunk
+            if sent >= self.after:
+                break
+        self.response.close()
+        raise httpx.ReadError("connection dropped")

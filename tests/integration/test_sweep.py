@@ -54,7 +54,7 @@ def test_a_sweep_runs_each_job_once_within_the_keys_cap_and_matches_local_runs(f
     for (layer, position), proxy in logits.items():
         if position == 999:
             with pytest.raises(ValueError, match="job failed"):
-                proxy.value
+                _ = proxy.value
             continue
         assert torch.allclose(proxy.value, zeroed_logits(gpt2, layer, position), atol=1e-5)
     records = [job.status() for job in sweep.jobs if job is not None]

@@ -31,7 +31,7 @@ def test_a_local_sweep_runs_each_trace_as_its_own_job(gpt2):
                     gpt2.transformer.h[layer].output[:, position] = 0
                     logits[layer, position] = gpt2.lm_head.output[:, -1].save()
         with pytest.raises(ValueError):
-            logits[0, 0].value  # recorded, not run: the sweep runs its jobs when it ends
+            _ = logits[0, 0].value  # recorded, not run: the sweep runs its jobs when it ends
     assert len(sweep) == 2 * positions and not sweep.failed
     for (layer, position), proxy in logits.items():
         assert torch.allclose(proxy.value, zeroed_logits(gpt2, layer, position), atol=1e-5)
@@ -47,7 +47,7 @@ def test_a_failed_job_in_a_sweep_is_reported_and_the_others_deliver(gpt2):
                 saved.append(gpt2.lm_head.output[:, -1].save())
     assert [index for index, _ in sweep.failed] == [1]
     with pytest.raises(ValueError, match="job failed"):
-        saved[1].value
+        _ = saved[1].value
     assert torch.allclose(saved[0].value, zeroed_logits(gpt2, 0, 0), atol=1e-5)
     assert torch.allclose(saved[2].value, zeroed_logits(gpt2, 0, 1), atol=1e-5)
 

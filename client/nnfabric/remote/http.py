@@ -87,30 +87,31 @@ class FabricClient:
         inline = self._inline.pop(job_id, None)
         if inline is not None:
             return inline
-        received = bytearray()  # kept across retries: a dropped download resumes with Range
+        received = _Received()  # kept across retries: a dropped download resumes with Range
         return self.retrying(lambda: self._download(job_id, received), job_id)
 
-    def _download(self, job_id: str, received: bytearray) -> bytes:
-        headers = {"Range": f"bytes={len(received)}-"} if received else {}
+    def _download(self, job_id: str, received: _Received) -> bytes:
+        headers = {"Range": f"bytes={received.size}-"} if received.size else {}
         with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as response:
             if not response.is_success:
                 response.read()
                 raise_for(response)
             if response.status_code != 206:
-                received.clear()  # the server sent it whole (a small result kept in Redis)
-            total = len(received) + int(response.headers.get("content-length") or 0)
+                received.size = 0  # the server sent it whole (a small result kept in Redis)
+            total = received.size + int(response.headers.get("content-length") or 0)
+            received.reserve(total)
             if not self.progress or total < (4 << 20):
-                for chunk in response.iter_bytes(1 << 20):
-                    received += chunk
-                return bytes(received)
+                for chunk in response.iter_bytes():
+                    received.add(chunk)
+                return received.value()
             from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
             with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as bar:
-                task = bar.add_task(f"job {job_id[:8]}: result", total=total, completed=len(received))
-                for chunk in response.iter_bytes(1 << 20):
-                    received += chunk
+                task = bar.add_task(f"job {job_id[:8]}: result", total=total, completed=received.size)
+                for chunk in response.iter_bytes():
+                    received.add(chunk)
                     bar.advance(task, len(chunk))
-            return bytes(received)
+            return received.value()
 
     # -- persistent edits ------------------------------------------------------------------
     def add_edit(self, model: str, body: bytes) -> EditRecord:
@@ -146,6 +147,31 @@ class FabricClient:
             while len(self._inline) >= 8:  # only results nobody collected linger; keep a few
                 self._inline.pop(next(iter(self._inline)))
             self._inline[job_id] = data
+
+
+class _Received:
+    """A download's bytes so far, in one buffer sized from Content-Length (a growing buffer
+    would copy a result of hundreds of MiB dozens of times as it grows)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.size = 0
+
+    def reserve(self, total: int) -> None:
+        if not self.buffer:
+            self.buffer = bytearray(total)
+        elif total > len(self.buffer):
+            self.buffer.extend(bytes(total - len(self.buffer)))
+
+    def add(self, chunk: bytes) -> None:
+        end = self.size + len(chunk)
+        if end > len(self.buffer):
+            self.buffer.extend(bytes(end - len(self.buffer)))
+        self.buffer[self.size : end] = chunk
+        self.size = end
+
+    def value(self) -> bytes:
+        return bytes(memoryview(self.buffer)[: self.size])
 
 
 def raise_for(response: httpx.Response) -> None:

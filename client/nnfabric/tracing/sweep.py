@@ -70,9 +70,10 @@ class Sweep:
                 bar.advance(error is not None)
 
             self.jobs = self._model.backend(self.remote).run_many(requests, ended)
-        for _, recordings in pending:
+        for (_, recordings), job in zip(pending, self.jobs, strict=True):
             for recording in recordings:
                 recording.frame = None
+                recording.job = job if job is not None and job.id else None  # never accepted: no job
         self.failed.sort(key=lambda item: item[0])
         if self.failed and self.progress:
             index, error = self.failed[0]

@@ -33,6 +33,8 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.settings.queueTimeoutS | quote }}
 - name: NNFABRIC_RECLAIM_IDLE_MS
   value: {{ .Values.settings.reclaimIdleMs | quote }}
+- name: NNFABRIC_BATCH_HOLD_MS
+  value: {{ .Values.settings.batchHoldMs | quote }}
 - name: NNFABRIC_RAY_NAMESPACE
   value: {{ .Values.settings.rayNamespace | quote }}
 {{- if .Values.modelCache.enabled }}
