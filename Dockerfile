@@ -22,7 +22,8 @@ USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
-CMD ["uvicorn", "services.api.app:create_app", "--factory", "--ws-per-message-deflate", "false", "--no-proxy-headers", "--host", "0.0.0.0", "--port", "8000"]
+# --ws-max-size: a job on the job socket may be as large as NNFABRIC_MAX_ENVELOPE_BYTES (96 MiB).
+CMD ["uvicorn", "services.api.app:create_app", "--factory", "--ws-per-message-deflate", "false", "--no-proxy-headers", "--ws-max-size", "100663296", "--host", "0.0.0.0", "--port", "8000"]
 
 # --- worker: Ray's own image (the user "ray", uid 1000) plus torch and nnfabric -----------------
 FROM ${RAY_IMAGE} AS worker

@@ -207,8 +207,10 @@ def _serve_api(settings: Settings, port: int) -> tuple[Any, threading.Thread]:
 
     # No per-message deflate: results are tensors, which barely compress, and it costs CPU per frame.
     # No proxy headers: the api decides whom to believe (NNFABRIC_TRUSTED_PROXIES), not uvicorn.
+    # A job sent on the job socket may be as large as one POSTed (uvicorn's default is 16 MiB).
     config = uvicorn.Config(create_app(settings), host=settings.api_host, port=port, log_level="warning",
-                            ws_per_message_deflate=False, proxy_headers=False)  # fmt: skip
+                            ws_per_message_deflate=False, proxy_headers=False,
+                            ws_max_size=settings.max_envelope_bytes)  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -25,6 +25,7 @@ from ..common.store import Store
 
 log = logging.getLogger("nnfabric.api")
 _BLOCK_MS = 15_000
+_READ_BYTES = 16 << 20  # inline results read from Redis at once, for one socket
 
 # (the event, tagged with its job; a completed job's result envelope when it goes inline)
 Send = Callable[[dict[str, Any], bytes | None], Awaitable[None]]
@@ -38,6 +39,7 @@ class FollowedJobs:
     def __init__(self, store: Store, inline_bytes: int, send: Send) -> None:
         self.store, self.inline_bytes, self.send = store, inline_bytes, send
         self.jobs: set[str] = set()  # every job added (a socket checks cancels against it)
+        self.failed = False  # following stopped on an error: the jobs' ends may not all have been sent
         self._cursors: dict[str, str] = {}  # jobs still followed -> their last event sent
         self._waker = uuid.uuid4().hex
         self._waker_cursor = "0-0"
@@ -72,7 +74,7 @@ class FollowedJobs:
             log.warning("following jobs: could not wake the reader (%s)", type(task.exception()).__name__)
 
     async def drained(self) -> None:
-        """Until every job added so far has ended (or following them failed)."""
+        """Until every job added so far has ended (or following them failed: see `failed`)."""
         await self._idle.wait()
 
     def stop(self) -> None:
@@ -92,9 +94,10 @@ class FollowedJobs:
                         dict(self._cursors), self._waker, self._waker_cursor, _BLOCK_MS
                     )
                     retry = 0.1
-                    results = await self._inline_results(found)
-                    for job_id, events in found.items():
-                        await self._forward(job_id, events, results.get(job_id))
+                    for group in self._groups(found):
+                        results = await self._inline_results(group)
+                        for job_id, events in group.items():
+                            await self._forward(job_id, events, results.get(job_id))
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                     log.warning("following jobs: Redis unreachable (%s); retrying", type(exc).__name__)
                     await asyncio.sleep(retry)
@@ -102,16 +105,37 @@ class FollowedJobs:
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client went away
         except Exception:
+            self.failed = True
             log.exception("following jobs failed")
         finally:
             self._idle.set()
 
-    async def _inline_results(self, found: dict[str, list[JobEvent]]) -> dict[str, bytes | None]:
-        """The results small enough to go inline of the jobs that completed, read together."""
-        ids = [job_id for job_id, events in found.items() if job_id in self._cursors
-               and any(e["type"] == "completed" and 0 < int(e.get("bytes") or 0) <= self.inline_bytes
-                       for e in events)]  # fmt: skip
-        return dict(zip(ids, await self.store.results(ids), strict=True))
+    def _inline_size(self, job_id: str, events: list[JobEvent]) -> int:
+        """The size of the job's result if it goes inline after these events, else 0."""
+        if job_id not in self._cursors:
+            return 0
+        sizes = [int(e.get("bytes") or 0) for e in events if e["type"] == "completed"]
+        return next((size for size in sizes if 0 < size <= self.inline_bytes), 0)
+
+    def _groups(self, found: dict[str, list[JobEvent]]) -> list[dict[str, list[JobEvent]]]:
+        """The jobs read, in groups whose inline results together stay under _READ_BYTES (at
+        least one job each): results are read a group at a time and sent before the next group's
+        are read, so one socket holds at most that much at once, however many jobs ended."""
+        groups: list[dict[str, list[JobEvent]]] = [{}]
+        held = 0
+        for job_id, events in found.items():
+            size = self._inline_size(job_id, events)
+            if groups[-1] and held + size > _READ_BYTES:
+                groups.append({})
+                held = 0
+            groups[-1][job_id] = events
+            held += size
+        return groups
+
+    async def _inline_results(self, group: dict[str, list[JobEvent]]) -> dict[str, bytes | None]:
+        """The results small enough to go inline of the group's jobs that completed, read together."""
+        ids = [job_id for job_id, events in group.items() if self._inline_size(job_id, events)]
+        return dict(zip(ids, await self.store.results(ids), strict=True)) if ids else {}
 
     async def _forward(self, job_id: str, events: list[JobEvent], result: bytes | None) -> None:
         for event in events:

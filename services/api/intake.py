@@ -170,6 +170,14 @@ async def _validated(
     return header, body, graphs
 
 
+async def count_submission(key: ApiKey, store: Store) -> None:
+    """Count one job against the key's rate limit (before it is read or validated: refused
+    jobs cost the sender too), or refuse it with 429 and when to come back."""
+    wait = await store.count_submit(key)
+    if wait:
+        raise ApiError(429, f"rate limit of {key.rate_limit} jobs a minute reached", headers={"Retry-After": str(wait)})
+
+
 async def accept(
     header: dict[str, Any],
     blob: bytes,
@@ -178,9 +186,12 @@ async def accept(
     store: Store,
     catalog: Catalog,
     settings: Settings,
+    counted: bool = False,
 ) -> SubmitReply:
     """The one way into the queue, for envelopes and for jobs compiled from high-level routes:
-    the model and the key's scope, readiness, validation with the model's limits, the key's caps."""
+    the model and the key's scope, readiness, validation with the model's limits, the key's caps.
+    `counted`: the job was counted against the rate limit; a refusal by the key's cap gives the
+    count back (the client sends the job again once one of its jobs ends)."""
     name = header.get("model")
     spec = catalog.get(name) if isinstance(name, str) else None
     if spec is None:
@@ -197,6 +208,8 @@ async def accept(
     }
     position = await store.submit(job_id, key, spec.name, body, dict(meta))
     if position is None:
+        if counted:
+            await store.refund_submit(key)
         raise ApiError(
             429,
             f"this key already has {key.max_active} jobs queued or running; wait for one to end",

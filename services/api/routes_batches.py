@@ -22,13 +22,15 @@ from fastapi.concurrency import run_in_threadpool
 from nnfabric.graph.json_form import envelopes_from_batch, result_to_json
 from nnfabric.graph.validate import GraphError, Limits
 from nnfabric.protocol import BatchItem, BatchReply
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..common.settings import Settings
 from ..common.store import ApiKey
 from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep
 from .errors import ApiError, InvalidJob, responses
 from .following import FollowedJobs
-from .intake import accept, parse_envelope, read_body
+from .intake import accept, count_submission, parse_envelope, read_body
 from .sockets import StreamSocket, until_disconnected
 
 router = APIRouter(tags=["jobs"])
@@ -59,7 +61,17 @@ async def submit_batch(
         envelopes = await run_in_threadpool(envelopes_from_batch, body, limits, settings.max_batch_jobs)
     except GraphError as exc:
         raise InvalidJob(exc) from None
-    items = [await _submit_one(index, envelope, key, request) for index, envelope in enumerate(envelopes)]
+    items: list[BatchItem] = []
+    reachable = True
+    for index, envelope in enumerate(envelopes):
+        if reachable:
+            try:
+                items.append(await _submit_one(index, envelope, key, request))
+                continue
+            except (RedisConnectionError, RedisTimeoutError):
+                reachable = False  # the jobs accepted so far keep their ids; the rest wait for Redis
+        detail = "the job store is unreachable for a moment; send this job again shortly"
+        items.append({"index": index, "status": 503, "detail": detail, "retry_after": 2.0})
     job_ids = [item["id"] for item in items if "id" in item]
     batch_id = uuid.uuid4().hex
     await store.save_batch(batch_id, key.user, job_ids)
@@ -71,12 +83,9 @@ async def _submit_one(index: int, envelope: bytes | GraphError, key: ApiKey, req
     try:
         if isinstance(envelope, GraphError):
             raise InvalidJob(envelope)
-        wait = await state.store.count_submit(key)
-        if wait:
-            raise ApiError(429, f"rate limit of {key.rate_limit} jobs a minute reached",
-                           headers={"Retry-After": str(wait)})  # fmt: skip
+        await count_submission(key, state.store)
         header, blob, body = await parse_envelope(envelope, False, state.settings)
-        reply = await accept(header, blob, body, key, state.store, state.catalog, state.settings)
+        reply = await accept(header, blob, body, key, state.store, state.catalog, state.settings, counted=True)
     except ApiError as exc:
         retry = (exc.headers or {}).get("Retry-After")
         refused: dict[str, Any] = {"index": index, "status": exc.status, "detail": exc.message, **exc.extra}
@@ -117,9 +126,12 @@ async def batch_events(websocket: WebSocket, batch_id: str, result: str = "") ->
         finally:
             followed.stop()
             watcher.cancel()
-        if watcher not in done:  # every job ended: the server ends the stream
+        if watcher not in done:  # every job ended (or following them failed): the server ends the stream
             with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                await opened.close()
+                if followed.failed:
+                    await opened.close(1011, "following the jobs failed; read their states from GET /v1/jobs/{id}")
+                else:
+                    await opened.close()
     finally:
         await opened.release()
 

@@ -94,11 +94,11 @@ class StreamSocket:
             self.holding = False
             await asyncio.shield(self.store.close_stream(self.key))
 
-    async def close(self, code: int = 1000) -> None:
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """The server ends the stream: the slot is free before the client hears the close, so
         a client that opens its next stream at once always finds it."""
         await self.release()
-        await self.websocket.close(code=code)
+        await self.websocket.close(code=code, reason=reason)
 
 
 async def until_disconnected(websocket: WebSocket) -> None:

@@ -411,6 +411,12 @@ class Store:
             [f"nnf:rate:{key.key_id}"], [window_s, key.rate_limit, jobs, member]
         ))  # fmt: skip
 
+    async def refund_submit(self, key: ApiKey) -> None:
+        """Give back one counted submission (a job the key's cap refused: it is sent again, and
+        must not spend the rate limit twice). Any of the window's entries will do: they count alike."""
+        if key.rate_limit > 0:
+            await self.redis.zpopmax(f"nnf:rate:{key.key_id}")
+
     async def open_stream(self, key: ApiKey, wait_s: float = 0.0) -> bool:
         """Count an event websocket against the key's cap; False (and not counted) if the cap
         stays full for `wait_s`. A client that closes a stream and opens the next at once learns

@@ -281,6 +281,8 @@ class Scheduler:
 
     async def _dispatch_ready(self, name: str) -> None:
         queue = self.queues[name]
+        if not queue.users:
+            queue.held_since = None  # its jobs ended or expired while held: the next batch waits afresh
         if not queue.users or not await self._replicas_live(name):
             return  # no replica answers: the jobs wait (their positions shown) until one returns
         # Two batches per replica the model may have (one running, the next decoded and ready):

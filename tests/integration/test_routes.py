@@ -171,6 +171,34 @@ def test_active_jobs_and_streams_are_capped_per_key(api, redis_url):
     assert post(api, envelope(), "capped").status_code == 202  # a job slot freed when the job ended
 
 
+def test_jobs_refused_by_the_cap_do_not_spend_the_rate_limit(api, redis_url):
+    async def key() -> str:
+        store = Store.from_url(redis_url)
+        created, _ = await store.create_key("hana", ["*"], max_active=2, rate_limit=5)
+        await store.close()
+        return created
+
+    api.keys["hana"] = asyncio.run(key())
+    held = [post(api, envelope(), "hana") for _ in range(2)]
+    assert [r.status_code for r in held] == [202, 202]
+    refused = [post(api, envelope(), "hana") for _ in range(6)]  # the cap refuses all six
+    assert {r.status_code for r in refused} == {429} and all("2 jobs" in r.json()["detail"] for r in refused)
+    with api.websocket_connect("/v1/socket", headers=auth(api, "hana")) as ws:
+        for _ in range(4):  # the same on the job socket
+            ws.send_bytes(envelope())
+            reply = ws.receive_json()
+            assert reply["type"] == "rejected" and reply["status"] == 429 and "2 jobs" in reply["detail"]
+    for r in held:
+        api.delete(f"/v1/jobs/{r.json()['id']}", headers=auth(api, "hana"))
+    # 2 counted so far, not 12: three more fit in the minute's five, and the sixth is rate limited.
+    later = [post(api, envelope(), "hana") for _ in range(2)]
+    assert [r.status_code for r in later] == [202, 202]
+    api.delete(f"/v1/jobs/{later[0].json()['id']}", headers=auth(api, "hana"))
+    assert post(api, envelope(), "hana").status_code == 202
+    over = post(api, envelope(), "hana")
+    assert over.status_code == 429 and "rate limit" in over.json()["detail"]
+
+
 def _forget_failures(redis_url: str) -> None:
     async def forget() -> None:
         store = Store.from_url(redis_url)

@@ -65,6 +65,28 @@ def test_a_sweep_runs_each_job_once_within_the_keys_cap_and_matches_local_runs(f
     assert error.line is not None and "output[:, position] = 0" in error.line.code, error.line
 
 
+def test_a_sweep_whose_socket_is_refused_runs_every_job_over_http(fabric, gpt2_dir, gpt2):
+    key = new_key(fabric, "ivan", max_streams=1)
+    nnfabric.connect(fabric.url, key, progress=False)
+    model = nnfabric.LanguageModel(str(gpt2_dir), remote_name="tiny-gpt2")
+    headers = {"Authorization": f"Bearer {key}"}
+    url = fabric.url.replace("http://", "ws://")
+    # Another job socket of the same key, left open, holds its only stream: the sweep's socket is
+    # refused (4429) after it may have sent jobs, and every job must still run, over HTTP.
+    with connect(f"{url}/v1/socket", additional_headers=headers) as other:
+        other.send(json.dumps({"cancel": "0" * 32}))  # answered once the socket is accepted
+        other.recv(timeout=30)
+        saved = {}
+        with model.sweep(remote=True, progress=False) as sweep:
+            for position in range(3):
+                with model.trace(PROMPT):
+                    model.transformer.h[0].output[:, position] = 0
+                    saved[position] = model.lm_head.output[:, -1].save()
+    assert not sweep.failed and len(sweep.jobs) == 3
+    for position, proxy in saved.items():
+        assert torch.allclose(proxy.value, zeroed_logits(gpt2, 0, position), atol=1e-5)
+
+
 def test_many_jobs_in_one_request_with_one_event_stream(fabric, gpt2):
     alice = {"Authorization": f"Bearer {fabric.keys['alice']}"}
     prompts = ["The Eiffel Tower is in the city of", "Alice went to the market", "One two three"]

@@ -35,6 +35,10 @@ Ended = Callable[[int, str | None, bytes | None, RemoteError | None], None]
 _RETRIED = (429, 503)  # refusals that pass: the key's caps, a model still loading
 _MAX_RETRIES = 200  # times one job is refused that way before its refusal is its error
 _ID_BYTES = 32
+# Larger jobs go by POST: a websocket server's message limit may be below the envelope limit
+# (uvicorn's default is 16 MiB; ours is raised to match, a proxy's may not be).
+_SOCKET_MAX_BYTES = 16 << 20
+_FRUITLESS_CONNECTIONS = 3  # connections in a row lost before any job moved on: use HTTP
 
 
 class _SocketRefused(Exception):
@@ -54,7 +58,9 @@ class SocketSender:
         try:
             run.over_socket()
         except _SocketRefused:
-            run.over_http()
+            run.connection_lost()
+        run.todo.extend(run.by_http)
+        run.over_http()
         run.follow_orphans()
 
 
@@ -65,7 +71,9 @@ class _Run:
         self.quiet_s = sender.quiet_s
         self.envelopes = envelopes
         self.ended = ended
-        self.todo: deque[int] = deque(range(len(envelopes)))  # not sent yet (or to send again)
+        small = [len(envelope) <= _SOCKET_MAX_BYTES for envelope in envelopes]
+        self.todo: deque[int] = deque(i for i, fits in enumerate(small) if fits)  # not sent yet (or to send again)
+        self.by_http = [i for i, fits in enumerate(small) if not fits]
         self.sent: deque[int] = deque()  # sent on this socket, not yet accepted or refused
         self.active: dict[str, int] = {}  # accepted on this socket and not ended: job id -> index
         self.orphans: dict[str, int] = {}  # accepted on a socket since lost: followed over HTTP
@@ -73,28 +81,35 @@ class _Run:
         self.refusals: dict[int, int] = {}
         self.paused_until = 0.0  # no sending before this (a Retry-After)
         self.held = False  # the key's cap is full: no sending until one of our jobs ends
+        self.moved = False  # a job was answered on this connection
 
     # -- the socket ----------------------------------------------------------------------------
     def over_socket(self) -> None:
         lost = Lost(self.client.reconnect_s, self.client.url, "of this sweep")
+        fruitless = 0
         while self.todo or self.sent or self.active or self.inline:
             try:
                 with self._connect() as ws:
                     lost.reset()
+                    self.moved = False
                     self._exchange(ws)
                     return
-            except _SocketRefused:
-                raise
             except (OSError, _Dropped):
-                # Unacknowledged envelopes go again; accepted jobs are followed over HTTP.
-                self.todo.extendleft(reversed(self.sent))
-                self.sent.clear()
-                self.orphans.update(self.active)
-                self.orphans.update(self.inline)
-                self.active.clear()
-                self.inline.clear()
-                self.held = False
+                self.connection_lost()
+                fruitless = 0 if self.moved else fruitless + 1
+                if fruitless >= _FRUITLESS_CONNECTIONS:
+                    raise _SocketRefused() from None  # the socket drops whatever we send: HTTP
                 lost.wait(None)
+
+    def connection_lost(self) -> None:
+        """Unacknowledged envelopes go again; accepted jobs are followed over HTTP."""
+        self.todo.extendleft(reversed(self.sent))
+        self.sent.clear()
+        self.orphans.update(self.active)
+        self.orphans.update(self.inline)
+        self.active.clear()
+        self.inline.clear()
+        self.held = False
 
     def _connect(self) -> Any:
         from websockets.exceptions import InvalidStatus
@@ -131,8 +146,10 @@ class _Run:
             code = exc.rcvd.code if exc.rcvd is not None else None
             if code == 4401:
                 raise RemoteError(f"the fabric refused the sweep's connection: {exc.rcvd.reason}") from None  # type: ignore[union-attr]
-            if code == 4429:
-                raise _SocketRefused() from None  # every event stream of the key is in use
+            if code in (4429, 1009):
+                # Every event stream of the key is in use, or a job is over the server's
+                # message limit: the rest go over HTTP (which refuses a job too large with 413).
+                raise _SocketRefused() from None
             raise _Dropped() from None
 
     def _send_some(self, ws: Any) -> None:
@@ -140,8 +157,8 @@ class _Run:
             if len(self.sent) + len(self.active) + len(self.inline) >= self.window:
                 return
             index = self.todo.popleft()
+            self.sent.append(index)  # before sending: if the send fails, it is sent again
             ws.send(self.envelopes[index])
-            self.sent.append(index)
 
     def _wait_s(self) -> float:
         if self.todo and not self.held and self.paused_until > time.monotonic():
@@ -161,8 +178,10 @@ class _Run:
             self._event(message)
         elif kind == "accepted" and self.sent:
             self.active[message["id"]] = self.sent.popleft()
+            self.moved = True
         elif kind == "rejected" and self.sent:
             self._refused(self.sent.popleft(), message)
+            self.moved = True
 
     def _refused(self, index: int, message: dict[str, Any]) -> None:
         status = message.get("status")
@@ -202,7 +221,12 @@ class _Run:
     def _final(self, job_id: str, index: int, event: dict[str, Any]) -> None:
         """A job's end heard without its result inline: fetch the result, or report its error."""
         if event["type"] == "completed":
-            self.ended(index, job_id, self.client.result(job_id), None)
+            try:
+                result = self.client.result(job_id)
+            except RemoteError as unfetched:  # e.g. expired meanwhile: this job's error, not the sweep's
+                self.ended(index, job_id, None, unfetched)
+                return
+            self.ended(index, job_id, result, None)
             return
         reason = event.get("message") or event.get("error") or event["type"]
         error = RemoteError(f"job {job_id} {event['type']}: {reason}", None, _int(event.get("node")),
@@ -216,7 +240,9 @@ class _Run:
         while self.todo:
             index = self.todo.popleft()
             try:
-                running.append((self.client.submit(self.envelopes[index])["id"], index))
+                envelope = self.envelopes[index]
+                reply = self.client.retrying(lambda envelope=envelope: self.client.submit(envelope), "of this sweep")  # type: ignore[misc]
+                running.append((reply["id"], index))
             except RemoteError as error:
                 self.refusals[index] = self.refusals.get(index, 0) + 1
                 if error.status not in _RETRIED or self.refusals[index] > _MAX_RETRIES:
@@ -236,7 +262,12 @@ class _Run:
         self.orphans.clear()
 
     def _wait_http(self, job_id: str, index: int) -> None:
-        self._final(job_id, index, self.client.wait(job_id))
+        try:
+            event = self.client.wait(job_id)
+        except RemoteError as error:  # its record is gone (expired) or the api refuses: this job's error
+            self.ended(index, job_id, None, error)
+            return
+        self._final(job_id, index, event)
 
 
 class _Dropped(Exception):
