@@ -271,3 +271,35 @@ def test_openapi_declares_the_records_and_error_shapes(api):
                 declared = answer.get("content", {}).get("application/json", {"schema": {"$ref": "n/a"}})["schema"]
                 assert declared, (method, path, code)
     assert api.get("/v1/schema").json()["ops"]["call_method"]["names"]
+
+
+HOSTILE_BATCHES = [
+    b"",
+    b"{",
+    b"[]",
+    b"null",
+    b'{"jobs": 5}',
+    b'{"jobs": {"0": {}}}',
+    b'{"jobs": [5, "x", null, [], true]}',
+    b'{"jobs": [{}]}',
+    b'{"jobs": [{"model": "tiny"}]}',
+    b'{"jobs": [{"model": "tiny", "graph": "x"}]}',
+    b'{"jobs": [{"model": 1e999, "graph": {"nodes": NaN}}]}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"jobs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    b"\xff\xfe\x00{",
+    b'{"jobs": [], "jobs": 3}',
+]
+
+
+@pytest.mark.parametrize("body", HOSTILE_BATCHES, ids=range(len(HOSTILE_BATCHES)))
+def test_a_hostile_batch_earns_a_clear_refusal_never_a_500(api, body):
+    reply = api.post("/v1/jobs/batch", content=body, headers={**auth(api), "Content-Type": "application/json"})
+    assert reply.status_code < 500, (reply.status_code, reply.text[:300])
+    answer = reply.json()
+    if reply.status_code >= 400:
+        assert isinstance(answer["detail"], str) and answer["detail"]
+        return
+    # Accepted as a batch: every job is an item, refused on its own with a reason.
+    assert all(item.get("status", 202) < 500 for item in answer["jobs"])
+    assert all("id" in item or item["detail"] for item in answer["jobs"])
