@@ -89,9 +89,11 @@ class BatchItem(TypedDict):
 
 
 class BatchReply(TypedDict):
-    batch: str
+    # None (both) only when Redis went away before the batch could be recorded: the accepted
+    # jobs run, and are followed one by one (their ids are in `jobs`).
+    batch: str | None
     accepted: int
-    events: str  # one websocket with every accepted job's events
+    events: str | None  # one websocket with every accepted job's events
     jobs: list[BatchItem]
 
 

@@ -170,12 +170,21 @@ async def _validated(
     return header, body, graphs
 
 
-async def count_submission(key: ApiKey, store: Store) -> None:
-    """Count one job against the key's rate limit (before it is read or validated: refused
-    jobs cost the sender too), or refuse it with 429 and when to come back."""
-    wait = await store.count_submit(key)
+async def admit(key: ApiKey, store: Store) -> None:
+    """Before a job is read: refuse it (429) while the key has its `max_active` jobs queued or
+    running, uncounted; else count it against the rate limit (refused jobs cost the sender too),
+    or refuse it with 429 and when to come back."""
+    wait = await store.admit(key)
+    if wait < 0:
+        raise _over_cap(key)
     if wait:
         raise ApiError(429, f"rate limit of {key.rate_limit} jobs a minute reached", headers={"Retry-After": str(wait)})
+
+
+def _over_cap(key: ApiKey) -> ApiError:
+    return ApiError(
+        429, f"this key already has {key.max_active} jobs queued or running; wait for one to end", headers={"Retry-After": "1"}
+    )
 
 
 async def accept(
@@ -186,12 +195,9 @@ async def accept(
     store: Store,
     catalog: Catalog,
     settings: Settings,
-    counted: bool = False,
 ) -> SubmitReply:
     """The one way into the queue, for envelopes and for jobs compiled from high-level routes:
-    the model and the key's scope, readiness, validation with the model's limits, the key's caps.
-    `counted`: the job was counted against the rate limit; a refusal by the key's cap gives the
-    count back (the client sends the job again once one of its jobs ends)."""
+    the model and the key's scope, readiness, validation with the model's limits, the key's caps."""
     name = header.get("model")
     spec = catalog.get(name) if isinstance(name, str) else None
     if spec is None:
@@ -207,14 +213,8 @@ async def accept(
         "names": _names(header.get("names")),
     }
     position = await store.submit(job_id, key, spec.name, body, dict(meta))
-    if position is None:
-        if counted:
-            await store.refund_submit(key)
-        raise ApiError(
-            429,
-            f"this key already has {key.max_active} jobs queued or running; wait for one to end",
-            headers={"Retry-After": "1"},
-        )
+    if position is None:  # the cap filled while this job was read (admit() saw room)
+        raise _over_cap(key)
     return {
         "id": job_id,
         "state": "queued",

@@ -30,7 +30,7 @@ from ..common.store import ApiKey
 from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep
 from .errors import ApiError, InvalidJob, responses
 from .following import FollowedJobs
-from .intake import accept, count_submission, parse_envelope, read_body
+from .intake import accept, admit, parse_envelope, read_body
 from .sockets import StreamSocket, until_disconnected
 
 router = APIRouter(tags=["jobs"])
@@ -74,7 +74,13 @@ async def submit_batch(
         items.append({"index": index, "status": 503, "detail": detail, "retry_after": 2.0})
     job_ids = [item["id"] for item in items if "id" in item]
     batch_id = uuid.uuid4().hex
-    await store.save_batch(batch_id, key.user, job_ids)
+    try:
+        await store.save_batch(batch_id, key.user, job_ids)
+    except (RedisConnectionError, RedisTimeoutError):
+        if not job_ids:
+            raise  # nothing accepted: a plain 503, send it all again
+        # The accepted jobs run: their ids matter more than one stream to follow them on.
+        return {"batch": None, "accepted": len(job_ids), "events": None, "jobs": items}
     return {"batch": batch_id, "accepted": len(job_ids), "events": f"/v1/batches/{batch_id}/events", "jobs": items}
 
 
@@ -83,9 +89,9 @@ async def _submit_one(index: int, envelope: bytes | GraphError, key: ApiKey, req
     try:
         if isinstance(envelope, GraphError):
             raise InvalidJob(envelope)
-        await count_submission(key, state.store)
+        await admit(key, state.store)
         header, blob, body = await parse_envelope(envelope, False, state.settings)
-        reply = await accept(header, blob, body, key, state.store, state.catalog, state.settings, counted=True)
+        reply = await accept(header, blob, body, key, state.store, state.catalog, state.settings)
     except ApiError as exc:
         retry = (exc.headers or {}).get("Retry-After")
         refused: dict[str, Any] = {"index": index, "status": exc.status, "detail": exc.message, **exc.extra}

@@ -16,7 +16,7 @@ from ..common.settings import Settings
 from ..common.store import ApiKey, Store
 from .deps import CatalogDep, KeyDep, SettingsDep, StoreDep
 from .errors import ApiError, responses
-from .intake import ENVELOPE_BODY, accept, count_submission, read_envelope
+from .intake import ENVELOPE_BODY, accept, admit, read_envelope
 from .sockets import StreamSocket, until_disconnected
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -32,9 +32,9 @@ async def submit(
     request: Request, key: KeyDep, store: StoreDep, catalog: CatalogDep, settings: SettingsDep
 ) -> SubmitReply:
     """Validate a job envelope against the model and enqueue it; answers at once with its id."""
-    await count_submission(key, store)
+    await admit(key, store)
     header, blob, body = await read_envelope(request, settings)
-    return await accept(header, blob, body, key, store, catalog, settings, counted=True)
+    return await accept(header, blob, body, key, store, catalog, settings)
 
 
 @router.get("", responses=responses(401, 429))

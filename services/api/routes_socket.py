@@ -32,7 +32,7 @@ from ..common.settings import Settings
 from ..common.store import ApiKey, Store
 from .errors import ApiError
 from .following import FollowedJobs
-from .intake import accept, count_submission, parse_envelope
+from .intake import accept, admit, parse_envelope
 from .sockets import StreamSocket
 
 router = APIRouter(tags=["jobs"])
@@ -76,9 +76,9 @@ async def _serve(websocket: WebSocket, key: ApiKey, store: Store) -> None:
                 continue
             seq += 1
             try:
-                await count_submission(key, store)
+                await admit(key, store)
                 header, blob, body = await parse_envelope(message["bytes"], False, settings)
-                accepted = await accept(header, blob, body, key, store, catalog, settings, counted=True)
+                accepted = await accept(header, blob, body, key, store, catalog, settings)
             except ApiError as exc:
                 retry = (exc.headers or {}).get("Retry-After")
                 await reply({"type": "rejected", "seq": seq, "status": exc.status, "detail": exc.message, **exc.extra,

@@ -182,19 +182,24 @@ def _job_record(raw: dict[str, str]) -> JobRecord | None:
 # Scripts run atomically inside Redis: a state and its event are written together in one round
 # trip, and a terminal state cannot be overwritten by a racing writer (cancel vs. complete).
 # (The model's queue key and the outcome counter are named inside; this is a single Redis, not a cluster.)
-_SUBMIT = """
-local job, payload, queued, events, stream, recent, mine = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local active = KEYS[8]
-local id, user, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local cap, job_prefix = tonumber(ARGV[6]), ARGV[7]
--- The key's jobs that have not ended; ids whose job ended or expired are dropped on the way.
+# The key's jobs that have not ended (`active`, a set of ids); ids whose job ended or expired
+# are dropped on the way. Needs locals active, job_prefix, cap.
+_FULL = """
 for _, other in ipairs(redis.call('SMEMBERS', active)) do
   local state = redis.call('HGET', job_prefix .. other, 'state')
   if not state or state == 'completed' or state == 'failed' or state == 'cancelled' then
     redis.call('SREM', active, other)
   end
 end
-if redis.call('SCARD', active) >= cap then return -1 end
+local full = redis.call('SCARD', active) >= cap
+"""
+_SUBMIT = """
+local job, payload, queued, events, stream, recent, mine = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local active = KEYS[8]
+local id, user, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local cap, job_prefix = tonumber(ARGV[6]), ARGV[7]
+""" + _FULL + """
+if full then return -1 end
 redis.call('SADD', active, id)
 redis.call('EXPIRE', active, ttl)
 redis.call('SET', payload, ARGV[5], 'EX', ttl)
@@ -262,6 +267,7 @@ return event
 # clock for every api replica). Returns 0 when the jobs are counted, else seconds to wait.
 _RATE = """
 local window, limit, jobs, member = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+if limit <= 0 then return 0 end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
@@ -275,6 +281,14 @@ for i = 1, jobs do redis.call('ZADD', KEYS[1], now, member .. ':' .. i) end
 redis.call('EXPIRE', KEYS[1], window + 1)
 return 0
 """
+
+# A job's admission, before it is read: refused (-1, not counted) while the key has its
+# `max_active` jobs queued or running, else counted against the rate limit as _RATE does.
+_ADMIT = """
+local active, job_prefix, cap = KEYS[2], ARGV[5], tonumber(ARGV[6])
+""" + _FULL + """
+if full then return -1 end
+""" + _RATE
 
 # A key's open event streams: taken only below its cap (no transient over-count that would
 # refuse a concurrent opener), given back never below zero.
@@ -317,6 +331,7 @@ class Store:
         self._transition = redis.register_script(_TRANSITION)
         self._requeue = redis.register_script(_REQUEUE)
         self._rate = redis.register_script(_RATE)
+        self._admit = redis.register_script(_ADMIT)
         self._take_stream = redis.register_script(_TAKE_STREAM)
         self._give_stream = redis.register_script(_GIVE_STREAM)
 
@@ -411,11 +426,15 @@ class Store:
             [f"nnf:rate:{key.key_id}"], [window_s, key.rate_limit, jobs, member]
         ))  # fmt: skip
 
-    async def refund_submit(self, key: ApiKey) -> None:
-        """Give back one counted submission (a job the key's cap refused: it is sent again, and
-        must not spend the rate limit twice). Any of the window's entries will do: they count alike."""
-        if key.rate_limit > 0:
-            await self.redis.zpopmax(f"nnf:rate:{key.key_id}")
+    async def admit(self, key: ApiKey, window_s: int = 60) -> int:
+        """Admit one job for reading: -1 (and not counted) while the key has its `max_active`
+        jobs queued or running, so a client waiting for room spends neither its rate limit nor
+        the api's validation; else as count_submit (0: counted)."""
+        member = secrets.token_hex(6)
+        return int(await self._admit(
+            [f"nnf:rate:{key.key_id}", _active(key.key_id)],
+            [window_s, key.rate_limit, 1, member, _job(""), key.max_active],
+        ))  # fmt: skip
 
     async def open_stream(self, key: ApiKey, wait_s: float = 0.0) -> bool:
         """Count an event websocket against the key's cap; False (and not counted) if the cap

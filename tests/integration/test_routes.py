@@ -183,6 +183,8 @@ def test_jobs_refused_by_the_cap_do_not_spend_the_rate_limit(api, redis_url):
     assert [r.status_code for r in held] == [202, 202]
     refused = [post(api, envelope(), "hana") for _ in range(6)]  # the cap refuses all six
     assert {r.status_code for r in refused} == {429} and all("2 jobs" in r.json()["detail"] for r in refused)
+    unread = post(api, b"not an envelope", "hana")  # refused before it is read: no validation work
+    assert unread.status_code == 429 and "2 jobs" in unread.json()["detail"]
     with api.websocket_connect("/v1/socket", headers=auth(api, "hana")) as ws:
         for _ in range(4):  # the same on the job socket
             ws.send_bytes(envelope())
@@ -194,7 +196,9 @@ def test_jobs_refused_by_the_cap_do_not_spend_the_rate_limit(api, redis_url):
     later = [post(api, envelope(), "hana") for _ in range(2)]
     assert [r.status_code for r in later] == [202, 202]
     api.delete(f"/v1/jobs/{later[0].json()['id']}", headers=auth(api, "hana"))
-    assert post(api, envelope(), "hana").status_code == 202
+    fifth = post(api, envelope(), "hana")
+    assert fifth.status_code == 202
+    api.delete(f"/v1/jobs/{fifth.json()['id']}", headers=auth(api, "hana"))  # room under the cap again
     over = post(api, envelope(), "hana")
     assert over.status_code == 429 and "rate limit" in over.json()["detail"]
 

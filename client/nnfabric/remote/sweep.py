@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 # (index of the envelope, the job's id or None if never accepted, its result envelope, its error)
 Ended = Callable[[int, str | None, bytes | None, RemoteError | None], None]
-_RETRIED = (429, 503)  # refusals that pass: the key's caps, a model still loading
+# Refusals that pass: the key's caps, a model still loading, a proxy whose api is restarting.
+_RETRIED = (429, 502, 503, 504)
 _MAX_RETRIES = 200  # times one job is refused that way before its refusal is its error
 _ID_BYTES = 32
 # Larger jobs go by POST: a websocket server's message limit may be below the envelope limit
@@ -88,18 +89,20 @@ class _Run:
         lost = Lost(self.client.reconnect_s, self.client.url, "of this sweep")
         fruitless = 0
         while self.todo or self.sent or self.active or self.inline:
+            opened = self.moved = False
             try:
                 with self._connect() as ws:
+                    opened = True
                     lost.reset()
-                    self.moved = False
                     self._exchange(ws)
                     return
             except (OSError, _Dropped):
                 self.connection_lost()
-                fruitless = 0 if self.moved else fruitless + 1
+                if opened:  # a connection that opened and was lost before any job moved on
+                    fruitless = 0 if self.moved else fruitless + 1
                 if fruitless >= _FRUITLESS_CONNECTIONS:
                     raise _SocketRefused() from None  # the socket drops whatever we send: HTTP
-                lost.wait(None)
+                lost.wait(None)  # the api is away (restarting): ride it out, up to reconnect_s
 
     def connection_lost(self) -> None:
         """Unacknowledged envelopes go again; accepted jobs are followed over HTTP."""
@@ -211,7 +214,13 @@ class _Run:
     def _quiet_spell(self) -> None:
         """No frame for a while: read the records of our running jobs, in case an end was missed."""
         for job_id in list(self.active):
-            record = self.client.retrying(lambda job_id=job_id: self.client.status(job_id), job_id)  # type: ignore[misc]
+            try:
+                record = self.client.retrying(lambda job_id=job_id: self.client.status(job_id), job_id)  # type: ignore[misc]
+            except RemoteError as error:
+                if error.status == 404:  # its record is gone (expired): its end will never come
+                    self.ended(self.active.pop(job_id), job_id, None, error)
+                    self.held = False
+                continue  # the api or Redis is away for a moment: ask again after the next quiet spell
             if record["state"] in TERMINAL:
                 index = self.active.pop(job_id)
                 self.held = False
