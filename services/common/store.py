@@ -182,16 +182,20 @@ def _job_record(raw: dict[str, str]) -> JobRecord | None:
 # Scripts run atomically inside Redis: a state and its event are written together in one round
 # trip, and a terminal state cannot be overwritten by a racing writer (cancel vs. complete).
 # (The model's queue key and the outcome counter are named inside; this is a single Redis, not a cluster.)
-# The key's jobs that have not ended (`active`, a set of ids); ids whose job ended or expired
-# are dropped on the way. Needs locals active, job_prefix, cap.
+# Whether the key has `cap` jobs that have not ended (`active`, a set of ids: a job's end
+# removes it). Only when it looks full are ids whose record ended or expired unseen dropped, so
+# a submission reads one set's size, not every job's state. Needs locals active, job_prefix, cap.
 _FULL = """
-for _, other in ipairs(redis.call('SMEMBERS', active)) do
-  local state = redis.call('HGET', job_prefix .. other, 'state')
-  if not state or state == 'completed' or state == 'failed' or state == 'cancelled' then
-    redis.call('SREM', active, other)
-  end
-end
 local full = redis.call('SCARD', active) >= cap
+if full then
+  for _, other in ipairs(redis.call('SMEMBERS', active)) do
+    local state = redis.call('HGET', job_prefix .. other, 'state')
+    if not state or state == 'completed' or state == 'failed' or state == 'cancelled' then
+      redis.call('SREM', active, other)
+    end
+  end
+  full = redis.call('SCARD', active) >= cap
+end
 """
 _SUBMIT = """
 local job, payload, queued, events, stream, recent, mine = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
