@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))  # the repository: tests.support
 import nnfabric  # noqa: E402
 
 from services.launcher import EmbeddedFabric  # noqa: E402
+from tests.support.keys import new_key  # noqa: E402
 from tests.support.models import build_gpt2  # noqa: E402
 
 PROMPT = "The Eiffel Tower is in the city of"
@@ -97,15 +98,6 @@ def cpu_of(pid: int) -> float:
     except psutil.NoSuchProcess:
         return 0.0
     return times.user + times.system
-
-
-async def make_key(url: str) -> str:
-    from services.common.store import Store
-
-    store = Store.from_url(url)
-    key, _ = await store.create_key("bench", ["*"], max_active=1_000_000)
-    await store.close()
-    return key
 
 
 def replica_stats() -> dict[str, Any]:
@@ -215,7 +207,7 @@ def main() -> None:
         fabric = EmbeddedFabric.start(catalog, redis_data_dir=str(Path(tmp, "redis")))
         try:
             fabric.wait_ready()
-            key = asyncio.run(make_key(fabric.settings.redis_url))
+            key = new_key(fabric.settings.redis_url, "bench", max_active=1_000_000)
             command = [sys.executable, __file__, "--jobs", str(args.jobs), "--clients", str(args.clients),
                        *(["--sweep"] if args.sweep else []), "--client", fabric.url, key]  # fmt: skip
             before = snapshot(fabric)

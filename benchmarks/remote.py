@@ -37,6 +37,7 @@ import nnfabric  # noqa: E402
 from overhead import small_model  # noqa: E402
 
 from services.launcher import EmbeddedFabric  # noqa: E402
+from tests.support.keys import new_key  # noqa: E402
 from tests.support.models import build_gpt2  # noqa: E402
 
 PROMPT = "The Eiffel Tower is in the city of"
@@ -77,16 +78,6 @@ def throughput(run: object, models: list[nnfabric.LanguageModel], jobs: int) -> 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def make_key(url: str) -> str:
-
-    from services.common.store import Store
-
-    store = Store.from_url(url)
-    key, _ = await store.create_key("bench", ["*"], max_active=1000)
-    await store.close()
-    return key
 
 
 def client_main(url: str, key: str, name: str, path: str, jobs: int, per_client: int) -> None:
@@ -180,7 +171,7 @@ def main() -> None:
         fabric = EmbeddedFabric.start(catalog)
         try:
             fabric.wait_ready()
-            key = asyncio.run(make_key(fabric.settings.redis_url))
+            key = new_key(fabric.settings.redis_url, "bench", max_active=1000)
             floor = serve_floor(args.jobs)  # the same for every model: measured once
             print(f"floors: bare Serve handle call p50 {ms(floor)}  p95 {ms(floor, 0.95)}")
             for name, path in [("tiny", tiny), ("small", small)]:

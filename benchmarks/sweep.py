@@ -18,7 +18,6 @@ before and after, and checks that the fabric's logits equal the executor's for a
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from nnfabric.runtime.wire import pack_job, unpack_values  # noqa: E402
 from services.common.catalog import ModelLimits, ModelSpec  # noqa: E402
 from services.launcher import EmbeddedFabric  # noqa: E402
 from services.worker.executor import BatchExecutor  # noqa: E402
+from tests.support.keys import new_key  # noqa: E402
 from tests.support.models import build_gpt2  # noqa: E402
 
 GOAL = 1.5
@@ -119,15 +119,6 @@ def _prompt(positions: int) -> list[int]:
     return torch.randint(3, 300, (positions,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-async def _make_key(url: str) -> str:
-    from services.common.store import Store
-
-    store = Store.from_url(url)
-    key, _ = await store.create_key("sweeper", ["*"])
-    await store.close()
-    return key
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
@@ -156,7 +147,7 @@ def main() -> None:
         fabric = EmbeddedFabric.start(catalog, redis_data_dir=str(Path(tmp, "redis")))
         try:
             fabric.wait_ready()
-            key = asyncio.run(_make_key(fabric.settings.redis_url))
+            key = new_key(fabric.settings.redis_url, "sweeper")
             command = [sys.executable, __file__, "--layers", str(args.layers), "--positions", str(args.positions),
                        "--client", fabric.url, key, str(model_dir)]  # fmt: skip
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout

@@ -25,6 +25,7 @@ from services.api.app import create_app
 from services.common.redis_server import free_port
 from services.common.settings import Settings
 from services.common.store import AUTH_FAILURES_PER_MINUTE, Store
+from tests.support.keys import forget_failed_authentications
 
 
 def _run(coro):  # type: ignore[no-untyped-def]
@@ -53,16 +54,6 @@ def _settings(setup: dict, **more) -> Settings:  # type: ignore[no-untyped-def]
     return Settings(redis_url=setup["redis_url"], catalog=setup["catalog"], **more)
 
 
-def _forget_failures(redis_url: str) -> None:
-    async def forget() -> None:
-        store = Store.from_url(redis_url)
-        for key in await store.redis.keys("nnf:authfail:*"):
-            await store.redis.delete(key)
-        await store.close()
-
-    _run(forget())
-
-
 def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -70,7 +61,7 @@ def _bearer(key: str) -> dict[str, str]:
 
 
 def test_a_strangers_failed_guesses_never_lock_out_a_valid_key_on_the_same_address(setup):
-    _forget_failures(setup["redis_url"])
+    forget_failed_authentications(setup["redis_url"])
     key = setup["keys"]["alice"]
     with TestClient(create_app(_settings(setup)), client=("10.20.30.40", 5000)) as lab:
         guesses = [lab.get("/v1/models", headers=_bearer(f"nnf_guess{i}")).status_code
@@ -83,11 +74,11 @@ def test_a_strangers_failed_guesses_never_lock_out_a_valid_key_on_the_same_addre
         with lab.websocket_connect("/v1/socket", headers=_bearer(key)) as ws:
             ws.send_text('{"cancel": "nobody"}')
             assert ws.receive_json()["type"] == "error"  # an answer: the socket was accepted
-    _forget_failures(setup["redis_url"])
+    forget_failed_authentications(setup["redis_url"])
 
 
 def test_forwarded_addresses_are_believed_only_from_trusted_proxies(setup):
-    _forget_failures(setup["redis_url"])
+    forget_failed_authentications(setup["redis_url"])
     settings = _settings(setup, trusted_proxies="10.0.0.0/8")
 
     def guesses(client: TestClient, forwarded: str, n: int) -> list[int]:
@@ -107,7 +98,7 @@ def test_forwarded_addresses_are_believed_only_from_trusted_proxies(setup):
         # With no trusted proxies the header is ignored: the ingress address has used up its failures.
         assert guesses(untrusting, "203.0.113.99", 1) == [401]  # 10.0.0.7 itself had none yet...
         assert guesses(untrusting, "203.0.113.98", AUTH_FAILURES_PER_MINUTE)[-1] == 429  # ...now it has
-    _forget_failures(setup["redis_url"])
+    forget_failed_authentications(setup["redis_url"])
 
 
 def test_a_browser_sends_its_key_as_a_websocket_subprotocol(setup):

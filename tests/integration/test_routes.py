@@ -17,6 +17,7 @@ from starlette.websockets import WebSocketDisconnect
 from services.api.app import create_app
 from services.common.settings import Settings
 from services.common.store import Store
+from tests.support.keys import forget_failed_authentications, new_key
 
 PROMPT = "The Eiffel Tower is in the city of"
 
@@ -148,13 +149,7 @@ def test_rate_limit_counts_submissions_only(api):
 
 
 def test_active_jobs_and_streams_are_capped_per_key(api, redis_url):
-    async def capped_key() -> str:
-        store = Store.from_url(redis_url)
-        key, _ = await store.create_key("gina", ["*"], max_active=2, max_streams=1)
-        await store.close()
-        return key
-
-    api.keys["capped"] = asyncio.run(capped_key())
+    api.keys["capped"] = new_key(redis_url, "gina", max_active=2, max_streams=1)
     ids = [post(api, envelope(), "capped") for _ in range(3)]
     assert [r.status_code for r in ids] == [202, 202, 429] and "2 jobs" in ids[2].json()["detail"]
     first = ids[0].json()["id"]
@@ -172,13 +167,7 @@ def test_active_jobs_and_streams_are_capped_per_key(api, redis_url):
 
 
 def test_jobs_refused_by_the_cap_do_not_spend_the_rate_limit(api, redis_url):
-    async def key() -> str:
-        store = Store.from_url(redis_url)
-        created, _ = await store.create_key("hana", ["*"], max_active=2, rate_limit=5)
-        await store.close()
-        return created
-
-    api.keys["hana"] = asyncio.run(key())
+    api.keys["hana"] = new_key(redis_url, "hana", max_active=2, rate_limit=5)
     held = [post(api, envelope(), "hana") for _ in range(2)]
     assert [r.status_code for r in held] == [202, 202]
     refused = [post(api, envelope(), "hana") for _ in range(6)]  # the cap refuses all six
@@ -203,18 +192,8 @@ def test_jobs_refused_by_the_cap_do_not_spend_the_rate_limit(api, redis_url):
     assert over.status_code == 429 and "rate limit" in over.json()["detail"]
 
 
-def _forget_failures(redis_url: str) -> None:
-    async def forget() -> None:
-        store = Store.from_url(redis_url)
-        for key in await store.redis.keys("nnf:authfail:*"):
-            await store.redis.delete(key)
-        await store.close()
-
-    asyncio.run(forget())
-
-
 def test_failed_authentication_is_throttled_per_address(api, redis_url):
-    _forget_failures(redis_url)  # every test here comes from one address
+    forget_failed_authentications(redis_url)  # every test here comes from one address
     try:
         statuses = [api.get("/v1/models", headers={"Authorization": f"Bearer nnf_guess{i}"}).status_code
                     for i in range(31)]  # fmt: skip
@@ -222,7 +201,7 @@ def test_failed_authentication_is_throttled_per_address(api, redis_url):
         assert api.get("/v1/models", headers={"Authorization": "Bearer nnf_more"}).status_code == 429
         assert api.get("/v1/models", headers=auth(api)).status_code == 200  # a valid key is never locked out
     finally:
-        _forget_failures(redis_url)
+        forget_failed_authentications(redis_url)
 
 
 def test_models_health_and_public_status(api, redis_url):

@@ -20,24 +20,13 @@ from websockets.sync.client import connect
 from services.common.store import Store
 from tests.integration.test_socket import hidden_job, local_hidden
 from tests.support.jobs import slow_job
+from tests.support.keys import new_key
 from tests.support.oracles import ids
 from tests.unit.test_sweep import PROMPT, zeroed_logits
 
 
-def new_key(fabric, user: str, **caps) -> str:  # type: ignore[no-untyped-def]
-    async def create() -> str:
-        store = Store.from_url(fabric.settings.redis_url)
-        try:
-            raw, _ = await store.create_key(user, ["*"], **caps)
-            return raw
-        finally:
-            await store.close()
-
-    return asyncio.run(create())
-
-
 def test_a_sweep_runs_each_job_once_within_the_keys_cap_and_matches_local_runs(fabric, gpt2_dir, gpt2):
-    key = new_key(fabric, "erin", max_active=3)  # the sweep must window itself to 3 at a time
+    key = new_key(fabric.settings.redis_url, "erin", max_active=3)  # the sweep must window itself to 3 at a time
     nnfabric.connect(fabric.url, key, progress=False)
     model = nnfabric.LanguageModel(str(gpt2_dir), remote_name="tiny-gpt2")
     positions = ids(gpt2, PROMPT).shape[1]
@@ -66,7 +55,7 @@ def test_a_sweep_runs_each_job_once_within_the_keys_cap_and_matches_local_runs(f
 
 
 def test_a_sweep_whose_socket_is_refused_runs_every_job_over_http(fabric, gpt2_dir, gpt2):
-    key = new_key(fabric, "ivan", max_streams=1)
+    key = new_key(fabric.settings.redis_url, "ivan", max_streams=1)
     nnfabric.connect(fabric.url, key, progress=False)
     model = nnfabric.LanguageModel(str(gpt2_dir), remote_name="tiny-gpt2")
     headers = {"Authorization": f"Bearer {key}"}
