@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # send their next job when the last one ends then share a pass. The replica's second slot is
     # still filled, only this much later.
     batch_hold_ms: float = 20.0
+    # Generate jobs share one generation that later jobs join at its next step and finished
+    # ones leave (services/worker/generation.py). Off: they merge only with jobs of one batch
+    # and one prompt length, in one Hugging Face `generate` (the behaviour before; a baseline).
+    continuous_batching: bool = True
     # A dispatch counts as lost this long after the replica's own watchdog should have answered.
     dispatch_grace_s: float = 15.0
     # Where converted models (GGUF -> safetensors) are kept; a shared volume in a cluster.

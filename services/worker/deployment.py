@@ -60,6 +60,7 @@ class ModelReplica:
         self._recordings: set[asyncio.Task[list[bool]]] = set()  # outcomes waiting for Redis (owned here)
         self._held = 0  # bytes of results kept in memory until Redis records them
         self.jobs_run = self.batches_run = 0
+        self._started_early: set[str] = set()  # jobs marked running to join a generation that had ended
         self.stages: Stages | None = None
         await self.store.set_model(self.spec.name, state="loading")
         try:
@@ -169,26 +170,90 @@ class ModelReplica:
     ) -> dict[str, str]:
         store = self.store
         states: dict[str, str] = {}
+        joined: list[asyncio.Future[dict[str, str]]] = []
+        if self._turn.locked() and not abandoned.is_set() and not self.stuck:
+            # A generation running now takes this batch's generate jobs at its next step.
+            decoded, joined = await self._join(decoded, size, runner, states)
+        if not decoded:
+            for found in await asyncio.gather(*joined):
+                states.update(found)
+            return states
         async with self._turn:
             if abandoned.is_set():
                 return states
             if self.stuck:  # the batch ahead of this one could not be stopped: this one never started
                 raise RuntimeError(f"this replica is being replaced: {self.stuck}")
-            jobs = []
+            jobs = [job for job in decoded if job[0] in self._started_early]
+            self._started_early.difference_update(job[0] for job in jobs)
+            decoded = [job for job in decoded if job not in jobs]
             starts = [Transition(job[0], "running", {"batch": size}, runner=runner) for job in decoded]
-            started = await self._patiently(lambda: store.transition_many(starts), "starting a batch")
+            started = await self._patiently(lambda: store.transition_many(starts), "starting a batch") if starts else []
             for job, ok in zip(decoded, started, strict=True):
                 if ok:
                     jobs.append(job)
                 else:
                     states[job[0]] = await self._not_started(job[0])
-            outcomes = await self._run_watched(jobs) if jobs else {}
+            # A generation's jobs end one by one: each is recorded the moment it ends, not when
+            # the last job (perhaps one that joined later) does.
+            early: dict[str, asyncio.Future[dict[str, str]]] = {}
+            loop = asyncio.get_running_loop()
+
+            def ended(job_id: str, outcome: Outcome) -> None:
+                loop.call_soon_threadsafe(
+                    lambda: early.setdefault(job_id, asyncio.ensure_future(self._settle({job_id: outcome}, runner)))
+                )
+
+            self.executor.on_outcome = ended
+            try:
+                outcomes = await self._run_watched(jobs) if jobs else {}
+            finally:
+                self.executor.on_outcome = None
             self.jobs_run += len(jobs)
             self.batches_run += 1 if jobs else 0
+        await asyncio.sleep(0)  # the outcomes heard last are scheduled by now
         for job_id in [job_id for job_id, _, _ in jobs if job_id not in outcomes]:
             states[job_id] = "retry"  # never started here: the scheduler queues it again
-        states.update(await self._settle(outcomes, runner))
+        states.update(await self._settle({k: v for k, v in outcomes.items() if k not in early}, runner))
+        for found in await asyncio.gather(*early.values()):
+            states.update(found)
+        for found in await asyncio.gather(*joined):
+            states.update(found)
         return states
+
+    async def _join(
+        self, decoded: list[Decoded], size: int, runner: str, states: dict[str, str]
+    ) -> tuple[list[Decoded], list[asyncio.Future[dict[str, str]]]]:
+        """Start this batch's jobs that can join the generation running now; the jobs left for a
+        turn of their own, and the joined jobs' settlements (each recorded the moment it ends)."""
+        candidates = self.executor.joinable(decoded)
+        if not candidates:
+            return decoded, []
+        starts = [Transition(job[0], "running", {"batch": size}, runner=runner) for job in candidates]
+        started = await self._patiently(lambda: self.store.transition_many(starts), "starting jobs")
+        ready = []
+        for job, ok in zip(candidates, started, strict=True):
+            if ok:
+                ready.append(job)
+            else:
+                states[job[0]] = await self._not_started(job[0])
+        futures = self.executor.join(ready)
+        rest = [job for job in decoded if job not in candidates]
+        # Those the generation ended too soon to take: started already, they take the next turn.
+        late = [job for job in ready if job[0] not in futures]
+        if late:
+            rest = [*rest, *late]
+            self._started_early.update(job[0] for job in late)
+        self.jobs_run += len(futures)
+        limit = self.spec.limits.timeout_s * (len(futures) + 1) + self.settings.watchdog_margin_s
+
+        async def settle(job_id: str, future: Any) -> dict[str, str]:
+            try:
+                outcome = await asyncio.wait_for(asyncio.wrap_future(future), limit)
+            except TimeoutError:
+                outcome = Outcome(error="the job ran past its time limit in a generation that could not stop it")
+            return await self._settle({job_id: outcome}, runner)
+
+        return rest, [asyncio.ensure_future(settle(job_id, future)) for job_id, future in futures.items()]
 
     async def _patiently(self, action: Callable[[], Awaitable[T]], what: str) -> T:
         """`action` (calls to Redis), tried again until Redis answers: an outage delays the

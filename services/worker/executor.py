@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +34,13 @@ from nnfabric.runtime.adapters import CausalLMAdapter
 from nnfabric.runtime.decoding import DECODING_OPTIONS
 from nnfabric.runtime.devices import to_host
 from nnfabric.runtime.execute import StagedAdapter, reads_attention_weights, run_graph, run_session
-from nnfabric.runtime.guards import Budget
+from nnfabric.runtime.guards import Budget, NeedsSolo
 from nnfabric.runtime.source import module_operations
 from nnfabric.runtime.wire import load_blob, pack_saved, saved_nbytes
 
 from ..common.catalog import ModelSpec, limits_for
 from ..common.settings import Settings
+from .generation import Generation, Member
 from .pipeline.links import StageLost
 
 _UNMERGEABLE = {"backward", "grad", "set_grad", "stop"}
@@ -70,9 +73,16 @@ class BatchExecutor:
         self.adapter: Any = found if isinstance(found, StagedAdapter) else _Timed(found, self)
         self.tree = ModuleTree.from_module(model, operations=module_operations)
         self.paths = self.tree.paths()
-        self.limits = limits_for(spec, settings or Settings())
+        settings = settings or Settings()
+        self.limits = limits_for(spec, settings)
+        self.continuous = settings.continuous_batching
         self.running: list[str] = []  # the jobs of the run in progress
         self.finished: dict[str, Outcome] = {}  # outcomes of the current batch so far
+        self.generation: tuple[str, Generation] | None = None  # the running generation, and its kind
+        self._joined: dict[str, Future[Outcome]] = {}  # jobs that joined it from another batch
+        self._join_lock = threading.Lock()
+        # Told each job's outcome as soon as it is known (a generation's jobs end one by one).
+        self.on_outcome: Any = None
 
     def decode(self, payload: bytes) -> tuple[list[Graph], dict[str, torch.Tensor]]:
         """The same validation as the gateway's (one function, the same limits)."""
@@ -108,7 +118,14 @@ class BatchExecutor:
         outcomes: dict[str, Outcome] = {}
         self.finished = outcomes
         self.running = []
-        for group in self._merge_groups(decoded):
+        generating: dict[str, list[Decoded]] = {}
+        for job in decoded:
+            kind = self._generation_kind(job)
+            if kind is not None:
+                generating.setdefault(kind, []).append(job)
+        for kind, jobs in generating.items():
+            outcomes.update(self._generate(kind, jobs))
+        for group in self._merge_groups([job for job in decoded if job[0] not in outcomes]):
             self.running = [job_id for job_id, _, _ in group]
             outcomes.update(self._run_merged(group))
         for job_id, graphs, tensors in decoded:
@@ -118,10 +135,104 @@ class BatchExecutor:
         self.running = []
         return outcomes
 
+    def _generation_kind(self, job: Decoded) -> str | None:
+        """Which running generation a job may join ("generate", or "generate+eager" when it reads
+        attention weights), or None: it runs another way."""
+        _, graphs, _ = job
+        if len(graphs) != 1 or isinstance(self.adapter, StagedAdapter) or not self.continuous:
+            return None
+        if not isinstance(getattr(self.adapter, "inner", self.adapter), CausalLMAdapter):
+            return None
+        kind = _merge_kind(graphs[0])
+        if kind != "generate":
+            return None
+        return kind + "+eager" if reads_attention_weights(graphs[0], self.model) else kind
+
+    def joinable(self, jobs: list[Decoded]) -> list[Decoded]:
+        """The jobs that the generation running now would take (none if none runs)."""
+        running = self.generation
+        return [job for job in jobs if running is not None and self._generation_kind(job) == running[0]]
+
+    def join(self, jobs: list[Decoded]) -> dict[str, Future[Outcome]]:
+        """Hand jobs to the generation running now (called from any thread): they join it at its
+        next step. The futures of those that joined; the others wait for a turn of their own."""
+        with self._join_lock:
+            running = self.generation
+            if running is None:
+                return {}
+            kind, generation = running
+            joining = [job for job in jobs if self._generation_kind(job) == kind]
+            if not joining:
+                return {}
+            futures: dict[str, Future[Outcome]] = {job[0]: Future() for job in joining}
+            if not generation.offer([self._member(job) for job in joining]):
+                return {}
+            self._joined.update(futures)
+            self.running.extend(futures)
+            return futures
+
+    def _member(self, job: Decoded) -> Member:
+        job_id, graphs, tensors = job
+        start = time.monotonic()
+        return Member(job_id, graphs[0], tensors, self._budget(start), started=start)
+
+    def _generate(self, kind: str, jobs: list[Decoded]) -> dict[str, Outcome]:
+        """Every generate job of `kind` in one generation, which jobs of later batches join."""
+        outcomes: dict[str, Outcome] = {}
+        solo: list[Member] = []
+
+        def ended(member: Member, saved: dict[int, Any] | None, failure: BaseException | None) -> None:
+            if isinstance(failure, NeedsSolo):
+                solo.append(member)  # not its failure: it runs alone once the generation is over
+                return
+            if failure is None and saved is not None:
+                try:
+                    outcome = self._finish([saved], False, member.started)
+                    outcome.shared = member.peers
+                except Exception as exc:  # e.g. a saved value that cannot be encoded: its own failure
+                    outcome = _failed(exc, member.started)
+            else:
+                outcome = _failed(failure or RuntimeError("the job ended without a result"), member.started)
+            self._report(member.job_id, outcome, outcomes)
+
+        generation = Generation(getattr(self.adapter, "inner", self.adapter), kind.endswith("+eager"), ended)
+        generation.offer([self._member(job) for job in jobs])
+        with self._join_lock:
+            self.running = [job[0] for job in jobs]
+            self.generation = (kind, generation)
+        cpu = time.thread_time()
+        try:
+            with private_rng(None):
+                generation.run()
+        finally:
+            with self._join_lock:
+                self.generation = None
+            self.model_cpu_s += time.thread_time() - cpu
+            self._clean()
+        for member in solo:
+            with self._join_lock:
+                self.running.append(member.job_id)
+            self._report(member.job_id, self._run_one([member.graph], member.tensors), outcomes)
+        return outcomes
+
+    def _report(self, job_id: str, outcome: Outcome, outcomes: dict[str, Outcome]) -> None:
+        """A job's outcome, the moment it has one: to the batch that joined it, or to this one's."""
+        with self._join_lock:
+            future = self._joined.pop(job_id, None)
+            if job_id in self.running:
+                self.running.remove(job_id)
+        if future is not None:
+            future.set_result(outcome)
+        else:
+            outcomes[job_id] = self.finished[job_id] = outcome
+            if self.on_outcome is not None:
+                self.on_outcome(job_id, outcome)
+
     def _merge_groups(self, decoded: list[Decoded]) -> list[list[tuple[str, Graph, dict[str, torch.Tensor]]]]:
         """Jobs that may share one forward pass (or one generate), two or more to a group: the
-        same kind, and prompts of the same padded width, so that no job sees padding it would not
-        see alone (a position index such as `h[:, 3]` means the same token merged as alone)."""
+        same kind, whatever their prompts' lengths (each job is laid out as alone and sees its own
+        columns: `h[:, 0]` is its first token merged as alone). A model split into pipeline
+        stages merges only prompts of one width (its stages run the batch as it comes)."""
         by_kind: dict[str, list[tuple[str, Graph, dict[str, torch.Tensor]]]] = {}
         for job_id, graphs, tensors in decoded:
             kind = _merge_kind(graphs[0]) if len(graphs) == 1 else None
@@ -134,7 +245,8 @@ class BatchExecutor:
             for job in jobs if len(jobs) > 1 else []:  # a lone job is never tokenized twice
                 width = self._prompt_width(job[1], job[2])
                 if width is not None:
-                    groups.setdefault((kind, width), []).append(job)
+                    staged = isinstance(self.adapter, StagedAdapter) or kind.startswith("generate")
+                    groups.setdefault((kind, width if staged else 0), []).append(job)
         return [group for group in groups.values() if len(group) > 1]
 
     def _prompt_width(self, graph: Graph, tensors: dict[str, torch.Tensor]) -> int | None:
@@ -158,16 +270,10 @@ class BatchExecutor:
             with private_rng(seed if isinstance(seed, int) else None):
                 saved = run_session(graphs, tensors, self.adapter, self._budget(start))
             return self._finish(saved, len(graphs) > 1, start)
-        except InterventionError as exc:
-            return Outcome(error=exc.reason, node=exc.node, seconds=time.monotonic() - start, trace=exc.trace)
         except StageLost:
             raise  # not the job's failure: the replica has lost part of its model
-        except torch.OutOfMemoryError:
-            return Outcome(
-                error="out of memory: save less, or use fewer or shorter prompts", seconds=time.monotonic() - start
-            )
         except Exception as exc:  # a job's failure must never take the replica down
-            return Outcome(error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - start)
+            return _failed(exc, start)
         finally:
             self._clean()
 
@@ -186,13 +292,13 @@ class BatchExecutor:
 
     def _run_merged(self, jobs: list[tuple[str, Graph, dict[str, torch.Tensor]]]) -> dict[str, Outcome]:
         merged, tensors, offsets = merge_graphs([(g, t) for _, g, t in jobs])
-        spans = None
+        # Each job's invokes: its own layout of a merged trace, or its own decoding of a generate.
+        spans, first = [], 0
+        for _, graph, _ in jobs:
+            spans.append((first, first + len(graph.invokes), dict(graph.options)))
+            first += len(graph.invokes)
         if merged.kind == "generate":
             # One generate for every job: each keeps its own decoding and number of new tokens.
-            spans, first = [], 0
-            for _, graph, _ in jobs:
-                spans.append((first, first + len(graph.invokes), dict(graph.options)))
-                first += len(graph.invokes)
             merged.options = {"max_new_tokens": max(int(options["max_new_tokens"]) for _, _, options in spans)}
         start = time.monotonic()
         try:
@@ -235,6 +341,7 @@ class _Timed:
         self._adapter = adapter
         self._executor = executor
         self.root = adapter.root
+        self.inner = adapter  # a generation calls the model itself, and counts its own time
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._adapter, name)
@@ -252,6 +359,16 @@ class _Timed:
             return self._adapter.generate(batch, decodings, on_end)
         finally:
             self._executor.model_cpu_s += time.thread_time() - start
+
+
+def _failed(exc: BaseException, start: float) -> Outcome:
+    """The outcome of a job that failed with `exc`, as its owner should read it."""
+    seconds = time.monotonic() - start
+    if isinstance(exc, InterventionError):
+        return Outcome(error=exc.reason, node=exc.node, seconds=seconds, trace=exc.trace)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return Outcome(error="out of memory: save less, or use fewer or shorter prompts", seconds=seconds)
+    return Outcome(error=f"{type(exc).__name__}: {exc}", seconds=seconds)
 
 
 def _merge_kind(graph: Graph) -> str | None:

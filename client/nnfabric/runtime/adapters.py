@@ -7,7 +7,10 @@ Usage::
     output = adapter.forward(batch)                     # or adapter.generate(batch, options)
 
 Language models left-pad every invoke's prompts to one length, with an attention mask and
-position ids that ignore the padding, so a padded row computes what it would alone.
+position ids that ignore the padding, so a padded row computes what it would alone. Several
+jobs in one batch (`batch(invokes, jobs=...)`) each keep that layout of their own, padded on the
+right to the batch's length: a causal model's real tokens never see the padding after them, so
+each job computes what it would alone, and its invokes' `Columns` cut it its own view.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from .decoding import Decoding, PerJobDecoding
 from .devices import input_device, to_device
+from .interleaver import Columns
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Batch:
     rows: list[tuple[int, int] | None]
     size: int
     lengths: list[int] = field(default_factory=list)
+    windows: dict[int, Columns] = field(default_factory=dict)  # invoke -> its job's own columns
 
 
 def _rows_of(sizes: list[int | None]) -> tuple[list[tuple[int, int] | None], int]:
@@ -56,7 +61,9 @@ class ModuleAdapter:
     def __init__(self, module: torch.nn.Module) -> None:
         self.root = module
 
-    def batch(self, invokes: list[tuple[list[Any] | None, dict[str, Any]]]) -> Batch:
+    def batch(
+        self, invokes: list[tuple[list[Any] | None, dict[str, Any]]], jobs: list[tuple[int, int]] | None = None
+    ) -> Batch:
         given = [(a, k) for a, k in invokes if a is not None]
         sizes = [None if a is None else _batch_size(a, k) for a, k in invokes]
         rows, total = _rows_of(sizes)
@@ -77,6 +84,14 @@ class ModuleAdapter:
         self, batch: Batch, decodings: list[Decoding], on_end: Callable[[int, int], None] | None = None
     ) -> Any:
         raise TypeError("generate() needs a language model; use trace() for a plain module")
+
+
+def _row_widths(jobs: list[tuple[int, int]], per_invoke: list[Any], widths: list[int]) -> list[int]:
+    """Each row's job width, in the batch's row order."""
+    found = []
+    for (first, stop), own in zip(jobs, widths, strict=True):
+        found += [own] * sum(len(r) for r in per_invoke[first:stop] if r)
+    return found
 
 
 def _batch_size(args: list[Any], kwargs: dict[str, Any]) -> int:
@@ -101,11 +116,12 @@ class CausalLMAdapter:
         self.root = model
         self.tokenizer = tokenizer
         self.device = device  # where inputs go; None: where the model's input embedding is, at each run
-        self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        self.takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         pad = tokenizer.pad_token_id if tokenizer is not None else None
         if pad is None:
             pad = getattr(model.config, "pad_token_id", None) or getattr(model.config, "eos_token_id", None) or 0
         self.pad_id = int(pad[0] if isinstance(pad, list) else pad)
+        self._sizes: set[int] | None = None  # every size the model's weights and config use
 
     def rows_for(self, args: list[Any], kwargs: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
         """One invoke's inputs -> rows of (token ids, attention mask)."""
@@ -149,8 +165,14 @@ class CausalLMAdapter:
             rows.append((ids, [1] * len(ids)))
         return rows
 
-    def batch(self, invokes: list[tuple[list[Any] | None, dict[str, Any]]]) -> Batch:
+    def batch(
+        self, invokes: list[tuple[list[Any] | None, dict[str, Any]]], jobs: list[tuple[int, int]] | None = None
+    ) -> Batch:
+        """One batch for every invoke. `jobs` (the invokes of each job, [first, stop)) when
+        several jobs share it: each job is laid out as alone, then padded on the right."""
         given = [(a, k) for a, k in invokes if a is not None]
+        if jobs is not None and len(jobs) > 1:
+            return self._jobs_batch(invokes, jobs)
         if len(given) == 1 and not given[0][1] and len(given[0][0]) == 1:
             ids = given[0][0][0]
             if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() in (1, 2) and ids.numel():
@@ -169,9 +191,58 @@ class CausalLMAdapter:
         kwargs: dict[str, Any] = {"input_ids": input_ids}
         if padded:
             kwargs["attention_mask"] = mask
-            if self._takes_position_ids:
+            if self.takes_position_ids:
                 kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         return Batch((), kwargs, rows, total, lengths=[len(ids) for ids, _ in all_rows])
+
+    def _jobs_batch(self, invokes: list[tuple[list[Any] | None, dict[str, Any]]], jobs: list[tuple[int, int]]) -> Batch:
+        per_invoke = [None if a is None else self.rows_for(a, k) for a, k in invokes]
+        rows, total = _rows_of([None if r is None else len(r) for r in per_invoke])
+        widths = [max(len(ids) for r in per_invoke[first:stop] if r for ids, _ in r) for first, stop in jobs]
+        width = self.sequence_length(max(widths)) if len(set(widths)) > 1 else widths[0]
+        ids_rows: list[list[int]] = []
+        mask_rows: list[list[int]] = []
+        windows: dict[int, Columns] = {}
+        for (first, stop), own in zip(jobs, widths, strict=True):
+            for invoke in range(first, stop):
+                if own != width:
+                    windows[invoke] = Columns(width, 0, own)
+                for ids, mask in per_invoke[invoke] or []:
+                    pad = own - len(ids)
+                    ids_rows.append([self.pad_id] * pad + ids + [self.pad_id] * (width - own))
+                    mask_rows.append([0] * pad + mask + [0] * (width - own))
+        ids = torch.tensor(ids_rows)
+        # A mask of ones says "no padding to hide" (transformers warns when pad ids come unmasked).
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if any(0 in mask[: own] for mask, own in zip(mask_rows, _row_widths(jobs, per_invoke, widths), strict=True)):
+            # Some job pads its own prompts (on the left, as alone): masks and positions as alone.
+            # Otherwise none: a real token never sees the padding after it, and positions count
+            # from 0 in every row, so each job runs the very kernels it runs alone.
+            mask = torch.tensor(mask_rows)
+            kwargs["attention_mask"] = mask
+            if self.takes_position_ids:
+                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return Batch((), kwargs, rows, total, lengths=[sum(m) for m in mask_rows], windows=windows)
+
+    def sequence_length(self, longest: int) -> int:
+        """The padded length of a batch of jobs of different lengths: at least `longest`, and no
+        other size the model uses (hidden, heads, head size, vocabulary, layers...), so that a
+        tensor's sequence dimension is known by its size."""
+        width = longest
+        while width in self.model_sizes():
+            width += 1
+        return width
+
+    def model_sizes(self) -> set[int]:
+        """Every size the model's weights and config name (computed once)."""
+        if self._sizes is None:
+            found = {int(n) for p in self.root.parameters() for n in p.shape}
+            config = getattr(self.root, "config", None)
+            for value in (vars(config) if config is not None else {}).values():
+                if isinstance(value, int) and not isinstance(value, bool):
+                    found.add(value)
+            self._sizes = found
+        return self._sizes
 
     def forward(self, batch: Batch) -> Any:
         # Token ids, masks and positions are made here on the CPU; the model reads them where its

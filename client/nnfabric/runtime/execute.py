@@ -35,7 +35,9 @@ _ATTENTION_CALL = "attention_interface"  # how transformers' attention modules n
 class Adapter(Protocol):
     root: torch.nn.Module
 
-    def batch(self, invokes: list[tuple[list[Any] | None, dict[str, Any]]]) -> Batch: ...
+    def batch(
+        self, invokes: list[tuple[list[Any] | None, dict[str, Any]]], jobs: list[tuple[int, int]] | None = None
+    ) -> Batch: ...
     def forward(self, batch: Batch) -> Any: ...
     def generate(
         self, batch: Batch, decodings: list[Decoding], on_end: Callable[[int, int], None] | None = None
@@ -77,7 +79,8 @@ def _plain(value: Any) -> bool:
     return kind is int or kind is str or (kind is list and all(_plain(item) for item in value))
 
 
-def _inputs(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def resolve_inputs(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """An invoke's inputs with the job's tensors in place of their references."""
     if _plain(value):
         return value  # token ids or texts: nothing to resolve (a merged batch has many)
 
@@ -133,8 +136,10 @@ def run_graph(
     """Execute `graph` in one batched forward pass (or one generation); return saved values.
     `imports` are the values of its `from_trace` nodes, when it is part of a session; a
     `budget` bounds time and sizes (the fabric's); `isolated` is a merged run of several jobs,
-    whose generate options `spans` gives per job: (first invoke, invoke after its last, options)."""
-    batch = _batch(graph, tensors, adapter, budget)
+    whose jobs `spans` gives: (first invoke, invoke after its last, options); a merged trace
+    lays each job out as alone (prompts of different lengths: each job sees its own columns)."""
+    jobs = [(first, stop) for first, stop, _ in spans] if spans and graph.kind == "trace" else None
+    batch = _batch(graph, tensors, adapter, budget, jobs)
     scan = bool(graph.options.get("scan"))
     attention = bool(batch.kwargs.get("output_attentions")) or reads_attention_weights(graph, adapter.root)
     staged = isinstance(adapter, StagedAdapter)
@@ -144,7 +149,7 @@ def run_graph(
             raise InterventionError("a model split into pipeline stages cannot be scanned; run a trace instead")
         run = adapter.interleaver(graph, tensors, batch.rows, batch.size, budget, imports, isolated, attention)
     else:
-        run = Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated)
+        run = Interleaver(graph, tensors, adapter.root, batch.rows, batch.size, budget, imports, isolated, batch.windows)
     with eager_attention(adapter.root, attention and not staged), _fake(scan):
         with run:
             if graph.kind == "generate":
@@ -155,14 +160,20 @@ def run_graph(
     return map_leaves(saved, _as_meta) if scan else saved
 
 
-def _batch(graph: Graph, tensors: dict[str, torch.Tensor], adapter: Adapter, budget: Budget | None) -> Batch:
+def _batch(
+    graph: Graph,
+    tensors: dict[str, torch.Tensor],
+    adapter: Adapter,
+    budget: Budget | None,
+    jobs: list[tuple[int, int]] | None = None,
+) -> Batch:
     """The invokes' inputs as one batch, with the graph's forward keywords."""
     invokes = [
-        (None if inv.args is None else _inputs(inv.args, tensors), _inputs(inv.kwargs, tensors))
+        (None if inv.args is None else resolve_inputs(inv.args, tensors), resolve_inputs(inv.kwargs, tensors))
         for inv in graph.invokes
     ]
     try:
-        batch = adapter.batch(invokes)
+        batch = adapter.batch(invokes, jobs) if jobs is not None else adapter.batch(invokes)
     except (ValueError, TypeError) as exc:
         raise InterventionError(f"bad inputs: {exc}") from exc
     if budget is not None:
@@ -171,7 +182,7 @@ def _batch(graph: Graph, tensors: dict[str, torch.Tensor], adapter: Adapter, bud
         # A single forward pass needs no key/value cache: it only costs memory, and its object
         # spans every row (merged runs) and cannot be saved.
         batch.kwargs["use_cache"] = False
-    batch.kwargs.update(_inputs(graph.options.get("forward", {}), tensors))
+    batch.kwargs.update(resolve_inputs(graph.options.get("forward", {}), tensors))
     if graph.options.get("scan"):
         if graph.kind == "generate":
             raise InterventionError("a scan covers one forward pass: scan the prompt with model.scan(prompt)")

@@ -20,7 +20,7 @@ import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -87,6 +87,29 @@ def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return all(size in (1, want) for size, want in zip(shape, target[len(target) - len(shape) :], strict=True))
 
 
+@dataclass(frozen=True)
+class Columns:
+    """An invoke's own columns when jobs of different prompt lengths share a batch: every
+    dimension (after the batch's) of `size`, the batch's sequence length, is cut to
+    [start, stop), so that position 0 is the job's first token and -1 its last, as alone.
+    The batch's length is chosen to differ from every other size the model uses (hidden,
+    heads, vocabulary...), so a sequence dimension is known by its size."""
+
+    size: int
+    start: int
+    stop: int
+
+    def cut(self, tensor: torch.Tensor) -> torch.Tensor:
+        for dim in range(1, tensor.dim()):
+            if tensor.shape[dim] == self.size:
+                tensor = tensor.narrow(dim, self.start, self.stop - self.start)
+        return tensor
+
+
+Rows = tuple[int, int] | None
+Place = tuple[Rows, Columns | None]  # an invoke's rows of the batch, and its columns if cut
+
+
 class EarlyStop(Exception):
     """Raised from a hook by `tracer.stop()` to end the forward pass."""
 
@@ -121,6 +144,7 @@ class Interleaver:
         budget: Budget | None = None,
         imports: dict[int, Any] | None = None,
         isolated: bool = False,
+        windows: dict[int, Columns] | None = None,
     ) -> None:
         self.graph = graph
         self.imports = imports or {}
@@ -135,6 +159,11 @@ class Interleaver:
         self.device = input_device(root)  # where a job's own tensors go (a stage: its own device)
         self.rows = rows
         self.batch_size = batch_size
+        self.windows = windows or {}  # invoke -> its own columns (a merged batch of mixed lengths)
+        # Among other jobs' interleavers (a merged generation): the copies written in this pass,
+        # shared (the first writer copies, the next write into it); a hook's failure, kept.
+        self.fresh: dict[int, torch.Tensor] | None = None
+        self.contained, self.failure = False, cast(BaseException | None, None)
         count = len(self.nodes)
         self.values: list[Any] = [MISSING] * count
         self.pin: list[EventKey | None] = [None] * count
@@ -151,8 +180,7 @@ class Interleaver:
         self.columns: dict[int, int] = {}  # invoke -> columns of the generated ids that are its job's
         self.last_step: dict[int, int] = {}  # invoke -> its job's last generation step (merged runs)
         self._event_value: Any = None
-        # A merged run's writes to the live module output, by invoke: applied together when the
-        # event ends (one copy of the output for the whole batch, not one per job).
+        # A merged run's writes to the live module output, by invoke: applied together at the end.
         self._written: dict[int, Any] = {}
         self._grads: dict[tuple[int, int], Any] = {}  # (source node, backward node) -> its gradient (rows)
         self._backward_of: dict[int, int] = {}  # .grad node -> the backward call it belongs to
@@ -299,7 +327,7 @@ class Interleaver:
         if key not in self.wanted:
             return None
         original = (args, kwargs)
-        result = self._event(key, original)
+        result = self._contained_event(key, original)
         return None if result is original else result
 
     def _output_hook(self, path: str, module: Any, args: Any, output: Any) -> Any:
@@ -308,7 +336,18 @@ class Interleaver:
         key = self._count(path, "out")
         if key not in self.wanted:
             return None
-        return self._event(key, output)
+        result = self._contained_event(key, output)
+        return None if result is output else result
+
+    def _contained_event(self, key: ModuleEvent, value: Any) -> Any:
+        if not self.contained:
+            return self._event(key, value)
+        try:
+            return self._event(key, value)
+        except Exception as exc:  # this job's failure: its rows stay as they were, the pass goes on
+            self.failure = exc
+            self.bypass = True
+            return value
 
     def _operation(
         self,
@@ -350,7 +389,7 @@ class Interleaver:
                 if waiting is not None and self.pin[waiting] == key and not self._past_end(self.nodes[waiting], key):
                     self._stuck(waiting, key)
             if self._written:
-                return self._write_rows(self._event_value, [(self.rows[i], new) for i, new in self._written.items()])
+                return self._write_rows(self._event_value, [(self._place(i), new) for i, new in self._written.items()])
             return self._event_value
         finally:
             self.live, self._event_value, self._written = outer_live, outer_value, outer_written
@@ -518,30 +557,30 @@ class Interleaver:
     def _op_output(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if node.invoke in self._written:
             return self._written[node.invoke]  # read after its own write, as alone: the value it wrote
-        return self._slice_rows(self._event_value, self.rows[node.invoke])
+        return self._slice_rows(self._event_value, self._place(node.invoke))
 
     def _op_input(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
         call_args, call_kwargs = self._event_value
         first = call_args[0] if call_args else next(iter(call_kwargs.values()))
-        return self._slice_rows(first, self.rows[node.invoke])
+        return self._slice_rows(first, self._place(node.invoke))
 
     def _op_inputs(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        return self._slice_rows(self._event_value, self.rows[node.invoke])
+        return self._slice_rows(self._event_value, self._place(node.invoke))
 
     def _op_set_output(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
-        rows = self.rows[node.invoke]
-        if self.isolated and rows is not None:
+        place = self._place(node.invoke)
+        if self.isolated and place[0] is not None:
             # Checked now, at the job's own line; written into one copy with the others' at the end.
-            self._check_fits(self._event_value, args[3], rows)
+            self._check_fits(self._event_value, args[3], place)
             self._written[node.invoke] = args[3]
             return
-        self._event_value = self._merge_rows(self._event_value, args[3], rows)
+        self._event_value = self._merge_rows(self._event_value, args[3], place)
 
     def _op_set_inputs(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
-        self._event_value = self._merge_rows(self._event_value, args[3], self.rows[node.invoke])
+        self._event_value = self._merge_rows(self._event_value, args[3], self._place(node.invoke))
 
     def _op_set_input(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
-        rows = self.rows[node.invoke]
+        rows = self._place(node.invoke)
         call_args, call_kwargs = self._event_value
         if call_args:
             call_args = (self._merge_rows(call_args[0], args[3], rows), *call_args[1:])
@@ -579,7 +618,7 @@ class Interleaver:
             self.bypass = False
 
     def _op_model_output(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        value = self._slice_rows(self.final_output, self.rows[node.invoke])
+        value = self._slice_rows(self.final_output, self._place(node.invoke))
         length = self.columns.get(node.invoke)
         if length is not None and isinstance(value, torch.Tensor) and value.dim() == 2:
             value = value[:, :length]
@@ -614,7 +653,11 @@ class Interleaver:
         self._set_grad(node.args[0].id, args[1])
 
     # -- batch rows ----------------------------------------------------------------------------
-    def _slice_rows(self, value: Any, rows: tuple[int, int] | None) -> Any:
+    def _place(self, invoke: int) -> Place:
+        return self.rows[invoke], self.windows.get(invoke)
+
+    def _slice_rows(self, value: Any, place: Place) -> Any:
+        rows, window = place
         if rows is None:
             return value
         if isinstance(value, torch.Tensor):
@@ -625,78 +668,95 @@ class Interleaver:
                 copy = value.clone()
                 self._shared.add(_storage(copy))
                 self._keep.append(copy)
-                return copy
+                return copy if window is None else window.cut(copy)
             view = value[rows[0] : rows[1]]
+            if window is not None:
+                view = window.cut(view)
             self._row_base[id(view)] = (value, rows)
             self._keep.append(view)
             return view
         if isinstance(value, tuple):
-            return tuple(self._slice_rows(v, rows) for v in value)
+            return tuple(self._slice_rows(v, place) for v in value)
         if isinstance(value, list):
-            return [self._slice_rows(v, rows) for v in value]
+            return [self._slice_rows(v, place) for v in value]
         if isinstance(value, dict):
-            return {k: self._slice_rows(v, rows) for k, v in value.items()}
+            return {k: self._slice_rows(v, place) for k, v in value.items()}
         if self.isolated and not (value is None or isinstance(value, (bool, int, float, str, torch.dtype))):
             raise NeedsSolo(f"a {type(value).__name__} is not split by rows")
         return value
 
-    def _check_fits(self, current: Any, new: Any, rows: tuple[int, int]) -> None:
+    def _own(self, tensor: torch.Tensor, place: Place) -> torch.Tensor:
+        """The invoke's rows (and columns) of a batched tensor, as a view to write through."""
+        rows, window = place
+        assert rows is not None
+        view = tensor[rows[0] : rows[1]]
+        return view if window is None else window.cut(view)
+
+    def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of a module's value to write into: one per forward pass for all jobs sharing it."""
+        if self.fresh is not None and self.fresh.get(id(tensor)) is tensor:
+            return tensor
+        copy = tensor.clone()
+        if self.fresh is not None:
+            self.fresh[id(copy)] = copy
+        return copy
+
+    def _check_fits(self, current: Any, new: Any, place: Place) -> None:
         """Raise as `_merge_rows` would if `new` cannot be written into these rows of `current`."""
         if isinstance(current, torch.Tensor):
             if current.dim() == 0 or current.shape[0] != self.batch_size:
                 raise NeedsSolo("a write to a value every row shares")
-            target = current[rows[0] : rows[1]]
+            target = self._own(current, place)
             if isinstance(new, torch.Tensor) and not _broadcasts(tuple(new.shape), tuple(target.shape)):
                 raise RuntimeError(f"the value of shape {tuple(new.shape)} cannot be written into rows of shape "
                                    f"{tuple(target.shape)}")  # fmt: skip
             return
         if isinstance(current, (tuple, list)) and isinstance(new, (tuple, list)) and len(current) == len(new):
             for c, n in zip(current, new, strict=True):
-                self._check_fits(c, n, rows)
+                self._check_fits(c, n, place)
             return
         if isinstance(current, dict) and isinstance(new, dict):
             for name, item in new.items():
-                self._check_fits(current.get(name), item, rows)
+                self._check_fits(current.get(name), item, place)
             return
         raise TypeError(f"cannot write a {type(new).__name__} into one invoke's rows of a {type(current).__name__}")
 
-    def _write_rows(self, current: Any, writes: list[tuple[tuple[int, int] | None, Any]]) -> Any:
+    def _write_rows(self, current: Any, writes: list[tuple[Place, Any]]) -> Any:
         """`current` with each write's rows replaced: one copy of each tensor for all of them."""
         if isinstance(current, torch.Tensor):
-            merged = current.clone()
-            for rows, new in writes:
-                assert rows is not None
-                merged[rows[0] : rows[1]] = new
+            merged = self._copy(current)
+            for place, new in writes:
+                self._own(merged, place)[...] = new
             return merged
         if isinstance(current, (tuple, list)):
             return type(current)(
-                self._write_rows(c, [(rows, new[i]) for rows, new in writes]) for i, c in enumerate(current)
+                self._write_rows(c, [(place, new[i]) for place, new in writes]) for i, c in enumerate(current)
             )
         if isinstance(current, dict):
             merged_dict = dict(current)
             for name in {name for _, new in writes for name in new}:
-                found = [(rows, new[name]) for rows, new in writes if name in new]
+                found = [(place, new[name]) for place, new in writes if name in new]
                 merged_dict[name] = self._write_rows(current.get(name), found)
             return merged_dict
         raise TypeError(f"cannot write into one invoke's rows of a {type(current).__name__}")
 
-    def _merge_rows(self, current: Any, new: Any, rows: tuple[int, int] | None) -> Any:
-        if rows is None:
+    def _merge_rows(self, current: Any, new: Any, place: Place) -> Any:
+        if place[0] is None:
             return new
         if isinstance(current, torch.Tensor):
             if current.dim() == 0 or current.shape[0] != self.batch_size:
                 if self.isolated:
                     raise NeedsSolo("a write to a value every row shares")
                 return new
-            merged = current.clone()
-            merged[rows[0] : rows[1]] = new
+            merged = self._copy(current)
+            self._own(merged, place)[...] = new
             return merged
         if isinstance(current, (tuple, list)) and isinstance(new, (tuple, list)) and len(current) == len(new):
-            return type(current)(self._merge_rows(c, n, rows) for c, n in zip(current, new, strict=True))
+            return type(current)(self._merge_rows(c, n, place) for c, n in zip(current, new, strict=True))
         if isinstance(current, dict) and isinstance(new, dict):
             merged_dict = dict(current)
             for name, item in new.items():
-                merged_dict[name] = self._merge_rows(current.get(name), item, rows)
+                merged_dict[name] = self._merge_rows(current.get(name), item, place)
             return merged_dict
         raise TypeError(f"cannot write a {type(new).__name__} into one invoke's rows of a {type(current).__name__}")
 
@@ -791,7 +851,7 @@ class Interleaver:
             source.view(edited)[...] = value
             self._grad_state["full"] = edited
         else:
-            self._grad_state["full"] = self._merge_rows(full, value, source.rows)
+            self._grad_state["full"] = self._merge_rows(full, value, (source.rows, None))
         for other in self._grad_state["sources"].values():  # every gradient read later sees the edit
             self._grads[(other.src, self._backward_now)] = other.view(self._grad_state["full"])
 
