@@ -1,12 +1,12 @@
 """Merging for real traffic: prompts of mixed lengths in one forward pass, and generations of
 mixed lengths arriving over time in one continuously batched generation.
 
-    python benchmarks/merging.py [--traces-only] [--jobs 64] [--clients 16] [--rate 8]
+    python benchmarks/merging.py [--traces-only] [--jobs 64] [--clients 16] [--rate 40] [--max-batch 16]
 
 1. Traces, in this process, on the replica's executor (services.worker.executor): 32 patching
    jobs whose prompts have 12 different lengths, against the same 32 jobs with prompts of one
    length (the longest; and the mean, the same number of tokens), and against the way before
-   (one forward pass per length). Forward passes and the median time of 5 runs each.
+   (one forward pass per length). Forward passes and the median CPU time of 5 runs each.
 2. Generations, through the real stack on this machine (api, Redis, scheduler, one Ray Serve
    replica): --jobs generate jobs with prompts of 4-40 tokens and 4-32 new tokens, arriving as
    a Poisson process (--rate jobs/s in all) from --clients client threads. Run twice, each on a
@@ -45,6 +45,7 @@ from nnfabric.remote.http import FabricClient  # noqa: E402
 from nnfabric.runtime.wire import pack_request, unpack_result  # noqa: E402
 
 from services.common.catalog import ModelLimits, ModelSpec  # noqa: E402
+from services.common.settings import Settings  # noqa: E402
 from services.launcher import EmbeddedFabric  # noqa: E402
 from services.worker.executor import BatchExecutor  # noqa: E402
 from tests.support.keys import new_key  # noqa: E402
@@ -78,11 +79,13 @@ def generate_job(ids: list[int], new: int, model: str) -> bytes:
 
 
 def timed(run: Any, repeats: int = 5) -> float:
+    """The median CPU time of `run()` in this process (torch on one thread: steadier than wall
+    time on a busy machine)."""
     found = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         run()
-        found.append(time.perf_counter() - start)
+        found.append(time.process_time() - start)
     return statistics.median(found)
 
 
@@ -128,11 +131,24 @@ def workload(jobs: int, clients: int, rate: float, rng: random.Random) -> list[t
     return found
 
 
-def through_the_fabric(model_dir: Path, work: list[Any], continuous: bool, clients: int) -> dict[str, Any]:
+def in_process(model_dir: Path, work: list[Any], continuous: bool, batch: int) -> float:
+    """CPU seconds of the replica's executor alone on the same jobs, in batches of `batch` in
+    their order of arrival (no api, Redis, scheduler, Serve, nor joining between batches)."""
+    lm = nnfabric.LanguageModel(str(model_dir))
+    limits = ModelLimits(max_batch=batch)
+    ex = BatchExecutor(ModelSpec(name="gen", source="x", limits=limits), lm._module, lm.tokenizer,
+                       Settings(continuous_batching=continuous))  # fmt: skip
+    jobs = [(str(i), generate_job(ids, new, "gen")) for i, (_, _, ids, new) in enumerate(work)]
+    return timed(lambda: [ex.run(jobs[k : k + batch]) for k in range(0, len(jobs), batch)], repeats=3)
+
+
+def through_the_fabric(
+    model_dir: Path, work: list[Any], continuous: bool, clients: int, batch: int
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Path(tmp, "catalog.yaml")
         catalog.write_text(yaml.safe_dump({"models": [{"name": "gen", "source": str(model_dir), "cpus": 1,
-                                                        "limits": {"max_batch": 16}}]}))  # fmt: skip
+                                                        "limits": {"max_batch": batch}}]}))  # fmt: skip
         os.environ["NNFABRIC_CONTINUOUS_BATCHING"] = "1" if continuous else "0"
         fabric = EmbeddedFabric.start(catalog, redis_data_dir=str(Path(tmp, "redis")))
         try:
@@ -201,25 +217,31 @@ def main() -> None:
     parser.add_argument("--traces-only", action="store_true")
     parser.add_argument("--jobs", type=int, default=64)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--rate", type=float, default=8.0, help="jobs per second, all clients together")
+    parser.add_argument("--rate", type=float, default=40.0, help="jobs per second, all clients together")
+    parser.add_argument("--max-batch", type=int, default=16, help="the model's max_batch (jobs in one generation)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = random.Random(0)
     print(f"uptime before: {uptime()}")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp, "gpt2")
-        build_gpt2(model_dir, layers=4, width=128)
+        build_gpt2(model_dir, layers=args.layers, width=args.width)
         traces(model_dir, rng)
         if not args.traces_only:
             work = workload(args.jobs, args.clients, args.rate, rng)
-            found = {name: through_the_fabric(model_dir, work, on, args.clients)
+            made = sum(n for *_, n in work)
+            alone = {on: in_process(model_dir, work, on, args.max_batch) for on in (True, False)}
+            print(f"{args.jobs} generate jobs on the executor alone, in batches of {args.max_batch}: continuous "
+                  f"{made / alone[True]:.0f} new tokens/s of CPU, before {made / alone[False]:.0f}: "
+                  f"{alone[False] / alone[True]:.2f}x")  # fmt: skip
+            found = {name: through_the_fabric(model_dir, work, on, args.clients, args.max_batch)
                      for name, on in (("continuous batching", True), ("before (one generate per batch and length)", False))}  # fmt: skip
             plain_s, plain_tokens = plain_generate(model_dir, work)
             print(f"{args.jobs} generate jobs, prompts 4-40 tokens, 4-32 new tokens, Poisson {args.rate:g} jobs/s "
                   f"from {args.clients} clients:")  # fmt: skip
             for name, result in found.items():
-                # The tokens a job returns include its prompt: count only the new ones.
-                made = sum(n for *_, n in work)
                 print(f"  {name:<44} {made / result['wall']:7.1f} new tokens/s over {result['wall']:.1f} s; "
                       f"latency p50 {result['p50']:.2f} s, p95 {result['p95']:.2f} s")  # fmt: skip
             now, before = found["continuous batching"], found["before (one generate per batch and length)"]

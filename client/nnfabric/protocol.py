@@ -16,7 +16,7 @@ from typing import Any, Literal, NotRequired
 from typing_extensions import TypedDict
 
 JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
-EventType = Literal["queued", "running", "completed", "failed", "cancelled", "log"]
+EventType = Literal["queued", "running", "tokens", "completed", "failed", "cancelled", "log"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 
@@ -120,6 +120,8 @@ class JobEvent(TypedDict):
     node: NotRequired[int | None]
     trace: NotRequired[int | None]
     by: NotRequired[str]  # cancelled
+    step: NotRequired[int]  # tokens: the generation step (0: the token after the prompt)
+    tokens: NotRequired[list[int]]  # tokens: that step's token of each row (padding after a row's end)
 
 
 class ModelLimitsInfo(TypedDict):

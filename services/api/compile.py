@@ -148,6 +148,9 @@ class Detokenizer:
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text).ids)
 
+    def text(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
     def completion(self, row: list[int], prompt_width: int, pad_id: int | None) -> tuple[str, int, str]:
         """(text, tokens, finish reason) of one generated row after its (padded) prompt."""
         new = row[prompt_width:]

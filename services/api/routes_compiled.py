@@ -10,13 +10,12 @@ with 202 and its id, to follow like any other.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import json
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -162,7 +161,7 @@ def _sampling(temperature: float, top_p: float, seed: int | None) -> dict[str, A
     return options
 
 
-async def _generate(
+async def _generation(
     spec: ModelSpec,
     prompts: list[str],
     max_tokens: int,
@@ -170,10 +169,9 @@ async def _generate(
     extension: Extension | None,
     key: ApiKey,
     store: Store,
-    catalog: Any,
     settings: Settings,
-) -> tuple[str, list[tuple[str, int, str]], int] | JSONResponse:
-    """(job id, each prompt's (text, tokens, finish reason), prompt tokens)."""
+) -> tuple[dict[str, Any], bytes, Detokenizer]:
+    """The generation job's header and tensors, and the model's tokenizer."""
     tokenizer = await _tokenizer(spec, store)
     if extension is not None:
         await _resolve_saved(extension, key, store)
@@ -187,16 +185,110 @@ async def _generate(
                                       extension.interventions if extension else [], limits)  # fmt: skip
     except GraphError as exc:
         raise InvalidJob(exc) from None
-    job_id, data = await _run(header, blob, key, store, catalog, settings)
-    if isinstance(data, JSONResponse):
-        return data
+    return header, blob, tokenizer
+
+
+def _choices(data: bytes, prompts: list[str], tokenizer: Detokenizer) -> tuple[list[tuple[str, int, str]], int]:
+    """Each prompt's (text, tokens, finish reason) from the job's result, and the prompt tokens."""
     ids = next(iter(result_to_json(data)["values"].values()))
     rows, width = ids["shape"]
     flat = struct.unpack(f"<{rows * width}q", base64.b64decode(ids["data"]))
     counts = [tokenizer.count(p) for p in prompts]
     prompt_width = max(counts)
     choices = [tokenizer.completion(list(flat[r * width : (r + 1) * width]), prompt_width, None) for r in range(rows)]
-    return job_id, choices, sum(counts)
+    return choices, sum(counts)
+
+
+async def _generate(
+    spec: ModelSpec,
+    prompts: list[str],
+    max_tokens: int,
+    sampling: dict[str, Any],
+    extension: Extension | None,
+    key: ApiKey,
+    store: Store,
+    catalog: Any,
+    settings: Settings,
+) -> tuple[str, list[tuple[str, int, str]], int] | JSONResponse:
+    """(job id, each prompt's (text, tokens, finish reason), prompt tokens)."""
+    header, blob, tokenizer = await _generation(spec, prompts, max_tokens, sampling, extension, key, store, settings)
+    job_id, data = await _run(header, blob, key, store, catalog, settings)
+    if isinstance(data, JSONResponse):
+        return data
+    choices, prompt_tokens = _choices(data, prompts, tokenizer)
+    return job_id, choices, prompt_tokens
+
+
+Piece = tuple[int, str | None, str | None]  # (row, text piece or None, finish reason or None)
+Chunk = Callable[[int, str | None, str | None], dict[str, Any]]
+
+
+async def _streamed(
+    spec: ModelSpec,
+    prompts: list[str],
+    max_tokens: int,
+    sampling: dict[str, Any],
+    extension: Extension | None,
+    key: ApiKey,
+    store: Store,
+    catalog: Any,
+    settings: Settings,
+) -> tuple[str, AsyncIterator[Piece]]:
+    """Queue a generation that streams: its id, and its text as it is made: (row, piece, None)
+    as each step's tokens arrive (`tokens` events), then (row, None, finish reason) per row."""
+    sampling = {**sampling, "stream": True}
+    header, blob, tokenizer = await _generation(spec, prompts, max_tokens, sampling, extension, key, store, settings)
+    reply = await accept(header, blob, encode_envelope(header, blob), key, store, catalog, settings)
+    job_id = reply["id"]
+    deadline = settings.compiled_wait_s + spec.limits.timeout_s
+
+    async def pieces() -> AsyncIterator[Piece]:
+        made: list[list[int]] = [[] for _ in prompts]
+        sent = [""] * len(prompts)
+        ended = [False] * len(prompts)
+        cursor, start = "0-0", time.monotonic()
+        while time.monotonic() - start < deadline:
+            for event in await store.events(job_id, cursor, block_ms=1000):
+                cursor = event["id"]
+                if event["type"] == "tokens":
+                    for row, token in enumerate(event.get("tokens", [])[: len(prompts)]):
+                        if ended[row] or token == tokenizer.eos_id:
+                            ended[row] = True
+                            continue
+                        made[row].append(token)
+                        text = tokenizer.text(made[row])
+                        if text.startswith(sent[row]) and len(text) > len(sent[row]):
+                            yield row, text[len(sent[row]) :], None
+                            sent[row] = text
+                elif event["type"] == "completed":
+                    data = await store.result(job_id)
+                    if data is None:
+                        raise ApiError(404, "the result has expired")
+                    for row, (text, _, finish) in enumerate(_choices(data, prompts, tokenizer)[0]):
+                        if text.startswith(sent[row]) and len(text) > len(sent[row]):
+                            yield row, text[len(sent[row]) :], None  # what no event carried (a job run alone)
+                        yield row, None, finish
+                    return
+                elif event["type"] in TERMINAL:
+                    raise ApiError(422, str(event.get("message") or f"job {event['type']}"), node=event.get("node"))
+        raise ApiError(504, f"job {job_id} did not end within {deadline:g} s; follow it with GET /v1/jobs/{job_id}")
+
+    return job_id, pieces()
+
+
+async def _sse(first: list[dict[str, Any]], pieces: AsyncIterator[Piece], chunk: Chunk) -> AsyncIterator[bytes]:
+    """Server-sent events: each piece as a chunk the moment it is made, then [DONE]; a failure as
+    an `error` event (the status line went out with the first byte)."""
+    for item in first:
+        yield f"data: {json.dumps(item)}\n\n".encode()
+    try:
+        async for row, text, finish in pieces:
+            yield f"data: {json.dumps(chunk(row, text, finish))}\n\n".encode()
+    except ApiError as exc:
+        error = {"message": exc.message, "type": "job_failed" if exc.status == 422 else "timeout",
+                 "code": exc.status}  # fmt: skip
+        yield f"data: {json.dumps({'error': error})}\n\n".encode()
+    yield b"data: [DONE]\n\n"
 
 
 async def _resolve_saved(extension: Extension, key: ApiKey, store: Store) -> None:
@@ -227,19 +319,6 @@ def _usage(prompt_tokens: int, choices: list[tuple[str, int, str]]) -> dict[str,
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-async def _events(chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield f"data: {json.dumps(chunk)}\n\n".encode()
-        await asyncio.sleep(0)
-    yield b"data: [DONE]\n\n"
-
-
-def _pieces(text: str) -> list[str]:
-    """A finished text in small pieces, for clients that asked to stream."""
-    words = text.split(" ")
-    return [word if i == 0 else " " + word for i, word in enumerate(words)] if text else []
-
-
 @router.post(
     "/v1/completions",
     response_model=Completion,
@@ -254,22 +333,24 @@ async def completions(
     if not prompts or len(prompts) > 64:
         raise ApiError(422, "prompt must be a string or a list of 1..64 strings")
     sampling = _sampling(request.temperature, request.top_p, request.seed)
+    if request.stream:
+        job_id, pieces = await _streamed(spec, prompts, request.max_tokens, sampling, request.nnfabric, key, store,
+                                         catalog, settings)  # fmt: skip
+        base = {"id": f"cmpl-{job_id}", "object": "text_completion", "created": int(time.time()), "model": spec.name}
+
+        def chunk(row: int, text: str | None, finish: str | None) -> dict[str, Any]:
+            return {**base, "choices": [{"index": row, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+
+        return StreamingResponse(_sse([], pieces, chunk), media_type="text/event-stream")
     done = await _generate(spec, prompts, request.max_tokens, sampling, request.nnfabric, key, store, catalog,
                            settings)  # fmt: skip
     if isinstance(done, JSONResponse):
         return done
     job_id, choices, prompt_tokens = done
-    created = int(time.time())
-    base = {"id": f"cmpl-{job_id}", "object": "text_completion", "created": created, "model": spec.name}
-    if not request.stream:
-        return {**base, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-                                    for i, (text, _, finish) in enumerate(choices)],
-                "usage": _usage(prompt_tokens, choices)}  # fmt: skip
-    chunks = [{**base, "choices": [{"index": i, "text": piece, "finish_reason": None, "logprobs": None}]}
-              for i, (text, _, _) in enumerate(choices) for piece in _pieces(text)]  # fmt: skip
-    chunks += [{**base, "choices": [{"index": i, "text": "", "finish_reason": finish, "logprobs": None}]}
-               for i, (_, _, finish) in enumerate(choices)]  # fmt: skip
-    return StreamingResponse(_events(chunks), media_type="text/event-stream")
+    base = {"id": f"cmpl-{job_id}", "object": "text_completion", "created": int(time.time()), "model": spec.name}
+    return {**base, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+                                for i, (text, _, finish) in enumerate(choices)],
+            "usage": _usage(prompt_tokens, choices)}  # fmt: skip
 
 
 @router.post(
@@ -292,19 +373,24 @@ async def chat_completions(
         raise ApiError(422, f"the chat template could not render this conversation: {type(exc).__name__}") from None
     max_tokens = request.max_completion_tokens or request.max_tokens or 16
     sampling = _sampling(request.temperature, request.top_p, request.seed)
+    if request.stream:
+        job_id, pieces = await _streamed(spec, [prompt], max_tokens, sampling, request.nnfabric, key, store, catalog,
+                                         settings)  # fmt: skip
+        head = {"id": f"chatcmpl-{job_id}", "created": int(time.time()), "model": spec.name,
+                "object": "chat.completion.chunk"}  # fmt: skip
+
+        def chunk(row: int, text: str | None, finish: str | None) -> dict[str, Any]:
+            delta = {"content": text} if text is not None else {}
+            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        first = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+        return StreamingResponse(_sse(first, pieces, chunk), media_type="text/event-stream")
     done = await _generate(spec, [prompt], max_tokens, sampling, request.nnfabric, key, store, catalog, settings)
     if isinstance(done, JSONResponse):
         return done
     job_id, choices, prompt_tokens = done
     ((text, _, finish),) = choices
     base = {"id": f"chatcmpl-{job_id}", "created": int(time.time()), "model": spec.name}
-    if not request.stream:
-        return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                "usage": _usage(prompt_tokens, choices)}  # fmt: skip
-    head = {**base, "object": "chat.completion.chunk"}
-    chunks = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
-    chunks += [{**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-               for piece in _pieces(text)]  # fmt: skip
-    chunks += [{**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}]
-    return StreamingResponse(_events(chunks), media_type="text/event-stream")
+    return {**base, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": _usage(prompt_tokens, choices)}  # fmt: skip

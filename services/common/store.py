@@ -548,6 +548,14 @@ class Store:
         await self.redis.expire(_events(job_id), self.ttl_s)
         return _text(event_id)
 
+    async def tokens(self, steps: list[tuple[str, int, list[int]]]) -> None:
+        """Generation steps' new tokens, as `tokens` events on each job's stream (one round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, step, tokens in steps:
+                pipe.xadd(_events(job_id), {"type": "tokens", "data": json.dumps({"step": step, "tokens": tokens})})
+                pipe.expire(_events(job_id), self.ttl_s)
+            await pipe.execute()
+
     async def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None) -> list[JobEvent]:
         """Events after `after` (an event id), waiting up to block_ms for the first one."""
         reply = await self.redis.xread({_events(job_id): after}, count=100, block=block_ms)

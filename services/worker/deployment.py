@@ -11,6 +11,7 @@ events go to Redis; a replica answers the scheduler with each job's final state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -61,6 +62,8 @@ class ModelReplica:
         self._held = 0  # bytes of results kept in memory until Redis records them
         self.jobs_run = self.batches_run = 0
         self._started_early: set[str] = set()  # jobs marked running to join a generation that had ended
+        self._token_steps: list[list[tuple[str, int, list[int]]]] = []  # streamed tokens not yet sent
+        self._token_flush: asyncio.Future[None] | None = None  # the one task sending them, in order
         self.stages: Stages | None = None
         await self.store.set_model(self.spec.name, state="loading")
         try:
@@ -204,10 +207,11 @@ class ModelReplica:
                 )
 
             self.executor.on_outcome = ended
+            self.executor.on_tokens = lambda steps: loop.call_soon_threadsafe(self._publish_tokens, steps)
             try:
                 outcomes = await self._run_watched(jobs) if jobs else {}
             finally:
-                self.executor.on_outcome = None
+                self.executor.on_outcome = self.executor.on_tokens = None
             self.jobs_run += len(jobs)
             self.batches_run += 1 if jobs else 0
         await asyncio.sleep(0)  # the outcomes heard last are scheduled by now
@@ -278,10 +282,26 @@ class ModelReplica:
             return "cancelled"
         return "elsewhere" if found[0] == "running" else found[0]
 
+    def _publish_tokens(self, steps: list[tuple[str, int, list[int]]]) -> None:
+        """Send streamed tokens (on the event loop): one task sends them in order, several steps
+        in one round trip when it falls behind."""
+        self._token_steps.append(steps)
+        if self._token_flush is None or self._token_flush.done():
+            self._token_flush = asyncio.ensure_future(self._flush_tokens())
+
+    async def _flush_tokens(self) -> None:
+        while self._token_steps:
+            found = [step for steps in self._token_steps for step in steps]
+            self._token_steps.clear()
+            with contextlib.suppress(*_REDIS_DOWN):  # best effort: the job's result holds every token
+                await self.store.tokens(found)
+
     async def _settle(self, outcomes: dict[str, Outcome], runner: str) -> dict[str, str]:
         """Record every outcome of a batch (one round trip to Redis): "completed" with the result,
         "failed" with the reason, or "cancelled" where a cancel got there first. While Redis is
-        away the outcomes wait here (see `_recorded`)."""
+        away the outcomes wait here (see `_recorded`). A job's streamed tokens go first."""
+        if self._token_flush is not None and not self._token_flush.done():
+            await asyncio.shield(self._token_flush)
         changes: list[Transition] = []
         files: dict[str, str] = {}
         for job_id, outcome in outcomes.items():

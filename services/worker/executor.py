@@ -83,6 +83,7 @@ class BatchExecutor:
         self._join_lock = threading.Lock()
         # Told each job's outcome as soon as it is known (a generation's jobs end one by one).
         self.on_outcome: Any = None
+        self.on_tokens: Any = None  # told each generation step's tokens of jobs that stream
 
     def decode(self, payload: bytes) -> tuple[list[Graph], dict[str, torch.Tensor]]:
         """The same validation as the gateway's (one function, the same limits)."""
@@ -161,7 +162,9 @@ class BatchExecutor:
             if running is None:
                 return {}
             kind, generation = running
-            joining = [job for job in jobs if self._generation_kind(job) == kind]
+            # No more jobs at once than a batch may hold (its memory is sized for max_batch).
+            room = self.spec.limits.max_batch - generation.size()
+            joining = [job for job in jobs if self._generation_kind(job) == kind][: max(room, 0)]
             if not joining:
                 return {}
             futures: dict[str, Future[Outcome]] = {job[0]: Future() for job in joining}
@@ -196,6 +199,7 @@ class BatchExecutor:
             self._report(member.job_id, outcome, outcomes)
 
         generation = Generation(getattr(self.adapter, "inner", self.adapter), kind.endswith("+eager"), ended)
+        generation.on_tokens = lambda steps: self.on_tokens(steps) if self.on_tokens is not None else None
         generation.offer([self._member(job) for job in jobs])
         with self._join_lock:
             self.running = [job[0] for job in jobs]
@@ -308,11 +312,22 @@ class BatchExecutor:
         except StageLost:
             self._clean()
             raise
-        except Exception:
+        except Exception as exc:
             self._clean()
-            # Someone's job failed, or needs a run of its own (NeedsSolo): run each alone, so a
-            # failure stays with its owner.
-            alone: dict[str, Outcome] = {}
+            culprit = _owner(exc, offsets)
+            if culprit is not None and len(jobs) > 2:
+                # One job's node failed: it runs alone (its error is then its own, as alone) and
+                # the others share a pass again, so a failing job cannot make them all run alone.
+                job_id, graph, t = jobs[culprit]
+                self.running = [job_id]
+                alone = {job_id: self._run_one([graph], t)}
+                self.finished.update(alone)
+                rest = jobs[:culprit] + jobs[culprit + 1 :]
+                self.running = [job[0] for job in rest]
+                return {**alone, **self._run_merged(rest)}
+            # A job needs a run of its own (NeedsSolo), or the failure has no owner: each runs
+            # alone, so a failure stays with its owner.
+            alone = {}
             for job_id, graph, t in jobs:
                 self.running = [job_id]
                 alone[job_id] = self.finished[job_id] = self._run_one([graph], t)
@@ -359,6 +374,15 @@ class _Timed:
             return self._adapter.generate(batch, decodings, on_end)
         finally:
             self._executor.model_cpu_s += time.thread_time() - start
+
+
+def _owner(exc: BaseException, offsets: list[int]) -> int | None:
+    """The index of the merged job whose node raised `exc`, if a node of one did."""
+    node = exc.node if isinstance(exc, InterventionError) else None
+    if node is None:
+        return None
+    owners = [index for index, offset in enumerate(offsets) if offset <= node]
+    return owners[-1] if owners else None
 
 
 def _failed(exc: BaseException, start: float) -> Outcome:

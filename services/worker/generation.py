@@ -88,6 +88,7 @@ class Generation:
         self._pending: list[Member] = []
         self._lock = threading.Lock()
         self._open = True
+        self._count = 0  # jobs offered and not yet ended
         config = getattr(self.model, "generation_config", None)
         eos = getattr(config, "eos_token_id", None) if config is not None else None
         self.eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
@@ -96,6 +97,8 @@ class Generation:
         self.mask: torch.Tensor | None = None  # [rows, cache length]: 1 where a row's real token is
         self.steps = 0  # forward passes so far (the measure of what the generation cost)
         self._fresh: dict[int, torch.Tensor] = {}
+        # Told each step's new tokens of the jobs that asked to stream: [(job id, step, tokens)].
+        self.on_tokens: Callable[[list[tuple[str, int, list[int]]]], None] | None = None
         # As `generate` does: the model computes logits for the last position only, so a job's
         # reads of the head's output have the shape they have alone.
         parameters = inspect.signature(self.model.forward).parameters
@@ -109,7 +112,13 @@ class Generation:
             if not self._open:
                 return False
             self._pending.extend(members)
+            self._count += len(members)
             return True
+
+    def size(self) -> int:
+        """The jobs in it now and those about to join."""
+        with self._lock:
+            return self._count
 
     def _take(self) -> list[Member]:
         with self._lock:
@@ -264,6 +273,7 @@ class Generation:
     # -- tokens and ends ----------------------------------------------------------------------
     def _pick(self, members: list[Member], logits: torch.Tensor, starts: list[int]) -> None:
         leaving = []
+        streamed: list[tuple[str, int, list[int]]] = []
         greedy = logits.argmax(dim=-1).cpu()  # one read of the device per step for every greedy row
         for member, start in zip(members, starts, strict=False):
             rows = slice(start, start + member.size)
@@ -280,10 +290,14 @@ class Generation:
                 continue
             token = torch.where(member.finished_rows, torch.full_like(token, self.adapter.pad_id), token)
             member.tokens.append(token)
+            if member.graph.options.get("stream"):
+                streamed.append((member.job_id, len(member.tokens) - 1, token.tolist()))
             if self.eos.numel():
                 member.finished_rows = member.finished_rows | torch.isin(token, self.eos)
             if len(member.tokens) >= member.decoding.max_new_tokens or bool(member.finished_rows.all()):
                 leaving.append(member)
+        if streamed and self.on_tokens is not None:
+            self.on_tokens(streamed)  # before any job's end: its tokens come before its result
         for member in leaving:
             self._leave(member)
 
@@ -335,6 +349,8 @@ class Generation:
         finally:
             if run is not None:
                 run.__exit__(None, None, None)
+            with self._lock:
+                self._count -= 1
         self.ended(member, saved, failure)
 
     # -- the cache ------------------------------------------------------------------------------

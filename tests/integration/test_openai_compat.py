@@ -128,3 +128,34 @@ def test_steering_with_a_vector_an_earlier_job_saved(client, alice):
     with pytest.raises(openai.UnprocessableEntityError):  # not a name that job saved
         missing = {"interventions": [{"module": "transformer.h.0", "saved": {"job": tracer.job.id, "value": "x"}}]}
         client.completions.create(model="tiny-gpt2", prompt=CLEAN, max_tokens=2, extra_body={"nnfabric": missing})
+
+
+def test_streamed_tokens_are_events_of_the_job_as_each_step_makes_them(client, fabric, alice):
+    """`stream: true` sends each step's token as a `tokens` event of the job (what an HTTP caller
+    following the job sees) before its result, and the chunks are made from them."""
+    import asyncio
+
+    from services.common.store import Store
+
+    chunks = list(client.completions.create(model="tiny-gpt2", prompt=CLEAN, max_tokens=8, temperature=0, stream=True))
+    job_id = chunks[0].id.removeprefix("cmpl-")
+
+    async def events() -> list:
+        store = Store.from_url(fabric.settings.redis_url, 60)
+        try:
+            return await store.events(job_id)
+        finally:
+            await store.close()
+
+    found = asyncio.run(events())
+    kinds = [event["type"] for event in found]
+    steps = [event for event in found if event["type"] == "tokens"]
+    assert [event["step"] for event in steps] == list(range(8))
+    assert kinds.index("completed") > kinds.index("tokens")  # every token before the result
+    with alice.generate(CLEAN, max_new_tokens=8) as tracer:
+        out = tracer.output.save()
+    start = len(alice.tokenizer(CLEAN)["input_ids"])
+    assert [event["tokens"][0] for event in steps] == out.value[0, start:].tolist()
+    pieces = [chunk.choices[0].text for chunk in chunks if chunk.choices[0].text]
+    assert len(pieces) > 1 and "".join(pieces) == local_continuation(alice, CLEAN, 8)
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")

@@ -93,8 +93,10 @@ def test_one_failing_job_leaves_its_batch_mates_correct_and_the_model_clean(gpt2
         edited = plain_logits(gpt2, PROMPTS[0])
     finally:
         handle.remove()
-    assert torch.equal(logits_of(outcomes["good"]), edited)
-    assert torch.equal(logits_of(outcomes["other"]), plain_logits(gpt2, PROMPTS[2]))
+    # The others share a pass again without it (prompts of other lengths: equal to about 1e-7).
+    assert outcomes["good"].shared == outcomes["other"].shared == 2
+    assert torch.allclose(logits_of(outcomes["good"]), edited, atol=1e-5)
+    assert torch.allclose(logits_of(outcomes["other"]), plain_logits(gpt2, PROMPTS[2]), atol=1e-5)
     assert hooks_of(gpt2._module) == hooks_before
     assert all(p.grad is None for p in gpt2._module.parameters())
     again = ex.run([("after", job(PROMPTS[1]))])

@@ -129,9 +129,13 @@ def test_a_hostile_job_of_another_length_changes_nothing_of_its_batch_mates(kind
     short = _prompt(3, 99)
     prompts = [_prompt(n, seed) for seed, n in enumerate(LENGTHS)]
     jobs = [("hostile", _hostile_trace(layer, short, kind))] + [(str(i), _patch_job(layer, p, False)) for i, p in enumerate(prompts)]
-    outcomes = ex.run(jobs)
+    outcomes, sizes = _counted(model, lambda: ex.run(jobs))
     if kind == "past_its_length":
         assert not outcomes["hostile"].ok and "IndexError" in (outcomes["hostile"].error or "")
+        # It fails alone, as it would; the others share a pass again (they do not all run alone).
+        assert sizes == [len(jobs), 1, len(jobs) - 1]
+    else:
+        assert sizes == [len(jobs)]
     for i, ids in enumerate(prompts):
         _hidden, logits = unpack_result(outcomes[str(i)].result).values()
         _expected_hidden, expected_logits = _oracle(model, layer, ids)
@@ -257,3 +261,25 @@ def test_a_job_among_others_reads_its_own_keys_at_every_step(gpt2):
         weights = saved[step][1]
         assert weights.shape == expected.attentions[step][0].shape  # [1, heads, queries, its own keys]
         torch.testing.assert_close(weights, expected.attentions[step][0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_generation_takes_no_more_jobs_than_a_batch_may_hold(llama):
+    ex = BatchExecutor(ModelSpec(name="tiny", source="x", limits=ModelLimits(max_batch=2)), llama._module, llama.tokenizer)
+    running, _ = ex.prepare([("a", gen_job(llama, MIXED[1], 4)), ("b", gen_job(llama, MIXED[2], 4))])
+    later, _ = ex.prepare([("c", gen_job(llama, MIXED[0], 2))])
+    reached, go = threading.Event(), threading.Event()
+
+    def pass_begins(module, args, kwargs):  # type: ignore[no-untyped-def]
+        reached.set()
+        assert go.wait(60)
+
+    handle = llama._module.register_forward_pre_hook(pass_begins, with_kwargs=True)
+    thread = threading.Thread(target=lambda: ex.run_decoded(running))
+    try:
+        thread.start()
+        assert reached.wait(60)
+        assert ex.join(later) == {}  # full: it waits for a turn of its own
+    finally:
+        go.set()
+        handle.remove()
+        thread.join(timeout=120)

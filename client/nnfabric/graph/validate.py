@@ -249,4 +249,7 @@ OPTIONS: dict[str, type | tuple[type, ...]] = {
     # Run alone, never merged with other jobs: bit-identical to a solo run of the same job and
     # reproducible whoever else is queued (on a GPU a kernel's sums depend on the batch).
     "exact": bool,
+    # A generation sends each step's new tokens as `tokens` events on the job's stream while it
+    # runs (best effort: the result holds them all; a job that runs alone sends none).
+    "stream": bool,
 }

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-DECODING_OPTIONS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed"})
+DECODING_OPTIONS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "stream"})
 
 
 @dataclass
