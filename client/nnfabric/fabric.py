@@ -13,19 +13,49 @@ A local `LanguageModel(..., remote_name="gpt2")` runs the same block remotely to
 
 from __future__ import annotations
 
+import html
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .graph.tree import ModuleTree
 from .models import LanguageModel
+from .protocol import ModelInfo
 from .remote.config import connection_settings, default_fabric, set_default
+from .remote.display import html_table
 from .remote.http import FabricClient
 from .remote.job import Job
 
 
 class Fabric(FabricClient):
-    """A connection to one fabric with one API key (`nnfabric.connect()` makes one)."""
+    """A connection to one fabric with one API key (`nnfabric.connect()` makes one). Shown in a
+    notebook (or IPython), it lists the models it serves with their state and queue."""
+
+    def _catalog(self) -> tuple[list[ModelInfo], str | None]:
+        """The served models for a display, or the reason they could not be read (a display never raises)."""
+        try:
+            return self.models(), None
+        except Exception as exc:
+            return [], f"{type(exc).__name__}: {exc}"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        models, problem = self._catalog()
+        lines = [repr(self)]
+        lines += [f"  {m['name']}: {m['state']}, {m['replicas']} replica(s), {m['queue_depth']} queued" for m in models]
+        if problem:
+            lines.append(f"  models unknown: {problem}")
+        printer.text("\n".join(lines))
+
+    def _repr_html_(self) -> str:
+        models, problem = self._catalog()
+        head = "<tr><th>model</th><th>state</th><th>replicas</th><th>queued</th><th>dtype</th></tr>"
+        rows = "".join(
+            f"<tr><td><code>{html.escape(m['name'])}</code></td><td>{html.escape(m['state'])}</td>"
+            f"<td>{m['replicas']}</td><td>{m['queue_depth']}</td><td>{html.escape(m['dtype'])}</td></tr>"
+            for m in models
+        )
+        table = f"<table>{head}{rows}</table>" if models else f"<p>models unknown: {html.escape(problem or 'none')}</p>"
+        return html_table("nnfabric fabric", [("url", self.url)], table)
 
     def model(self, name: str) -> LanguageModel:
         """A thin LanguageModel for a hosted model: its module tree and tokenizer, no weights."""

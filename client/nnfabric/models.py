@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import html
 from typing import TYPE_CHECKING, Any
 
 from . import backends
@@ -72,7 +73,32 @@ class Model:
         return iter(self._envoy)
 
     def __repr__(self) -> str:
-        return self._tree.render()
+        """A summary line (architecture, where it runs), then every module path with its type."""
+        rows = dict(self._summary())
+        return f"{type(self).__name__} ({rows['architecture']}): runs {rows['runs']}\n{self._tree.render()}"
+
+    def _summary(self) -> list[tuple[str, str]]:
+        """(field, value) rows: what the model is and where its traces run."""
+        name = self._remote_name
+        if self._module is None:
+            where = f"on the fabric at {self._fabric.url}" if self._fabric is not None else "on the fabric"
+            runs = f"{where} as {name!r} (remote=True only: no weights here)"
+        else:
+            param = next(iter(self._module.parameters()), None)
+            runs = "here" if param is None else f"here ({param.device}, {str(param.dtype).removeprefix('torch.')})"
+            if name:
+                runs += f"; with remote=True on the fabric as {name!r}"
+        rows = [("architecture", self._tree.type_name), ("runs", runs)]
+        if name:
+            rows.insert(0, ("name", name))
+        return rows
+
+    def _repr_html_(self) -> str:
+        from .remote.display import html_table
+
+        tree = html.escape(self._tree.render())
+        modules = f"<details><summary>modules ({len(self._paths)} paths)</summary><pre>{tree}</pre></details>"
+        return html_table(f"nnfabric {type(self).__name__}", self._summary(), modules)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input", "inputs"):

@@ -23,7 +23,7 @@ class RemoteBackend:
 
     def run(self, request: JobRequest) -> Job:
         body = self.envelope(request)
-        job = Job(self.fabric, "", request)
+        job = Job(self.fabric, "", request, self.name)
         try:
             job.id = self.fabric.submit(body)["id"]
         except RemoteError as error:
@@ -38,7 +38,7 @@ class RemoteBackend:
         from ..remote.sweep import SocketSender
 
         bodies = [self.envelope(request) for request in requests]
-        jobs = [Job(self.fabric, "", request) for request in requests]
+        jobs = [Job(self.fabric, "", request, self.name) for request in requests]
 
         def job_ended(index: int, job_id: str | None, result: bytes | None, error: RemoteError | None) -> None:
             job = jobs[index]

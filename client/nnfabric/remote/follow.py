@@ -1,6 +1,6 @@
 """Following a job until it ends: its events on a websocket (resumed after the last event seen
 when the connection drops or the api restarts), polling its record where websockets are refused,
-and its state shown on the terminal meanwhile.
+and its state shown meanwhile (a line in a notebook, on a terminal).
 
 Usage::
 
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RemoteError
 from ..protocol import TERMINAL
+from .display import JobProgress, progress_mode
 
 if TYPE_CHECKING:
     from .http import FabricClient
@@ -26,16 +27,19 @@ class JobFollower:
     def __init__(self, client: FabricClient) -> None:
         self.client = client
 
-    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """The job's final event, followed until it ends."""
+    def wait(
+        self, job_id: str, timeout: float | None = None, model: str | None = None, show: bool = True
+    ) -> dict[str, Any]:
+        """The job's final event, followed until it ends (its state shown meanwhile: remote.display)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with _Progress(self.client.progress, job_id) as progress:
+        mode = progress_mode(self.client.progress) if show else None
+        with JobProgress(mode, job_id, model) as progress:
             final = self._follow(job_id, deadline, progress)
             if final is None:
                 final = self._poll(job_id, deadline, progress)
         return final
 
-    def _follow(self, job_id: str, deadline: float | None, progress: _Progress) -> dict[str, Any] | None:
+    def _follow(self, job_id: str, deadline: float | None, progress: JobProgress) -> dict[str, Any] | None:
         from websockets.exceptions import ConnectionClosed, InvalidStatus
         from websockets.sync.client import connect
 
@@ -81,7 +85,7 @@ class JobFollower:
                 pass  # refused or reset: the api may be restarting
             lost.wait(deadline)  # then resume from the last event seen: nothing is lost
 
-    def _poll(self, job_id: str, deadline: float | None, progress: _Progress) -> dict[str, Any]:
+    def _poll(self, job_id: str, deadline: float | None, progress: JobProgress) -> dict[str, Any]:
         delay = 0.05
         while True:
             job = self.client.retrying(lambda: self.client.status(job_id), job_id)
@@ -140,39 +144,6 @@ def _int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
-
-
-class _Progress:
-    """Queue position and state on the terminal, with rich; silent when not a terminal."""
-
-    def __init__(self, enabled: bool, job_id: str) -> None:
-        self.enabled = enabled
-        self.job_id = job_id
-        self._status: Any = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.console import Console
-
-            self._status = Console(stderr=True).status(f"job {self.job_id[:8]}: submitted")
-            self._status.start()
-        return self
-
-    def show(self, event: dict[str, Any]) -> None:
-        if self._status is None:
-            return
-        kind = event.get("type")
-        if kind == "queued":
-            text = f"queued, position {event.get('position')}"
-        elif kind == "log":
-            text = str(event.get("message"))
-        else:
-            text = str(kind)
-        self._status.update(f"job {self.job_id[:8]}: {text}")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._status is not None:
-            self._status.stop()
 
 
 def websocket_proxy(url: str) -> str | None:

@@ -14,7 +14,6 @@ job handle `remote.job`; the backend that runs traces on the fabric `backends.re
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -23,6 +22,7 @@ import httpx
 from ..errors import RemoteError
 from ..graph.ir import SourceLine
 from ..protocol import CancelReply, EditRecord, JobRecord, ModelInfo, ModelStructure, SubmitReply
+from .display import progress_mode
 from .follow import JobFollower, Lost, websocket_proxy
 
 T = TypeVar("T")
@@ -35,7 +35,8 @@ class FabricClient:
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        # None: show progress where someone watches (a notebook, a terminal); False: never (remote.display)
+        self.progress = progress
         # Results that came inline on a job's events websocket, until result() takes them.
         self._inline: dict[str, bytes] = {}
         # How long a wait rides out losing the api (a restart, a dropped connection).
@@ -100,7 +101,7 @@ class FabricClient:
                 received.size = 0  # the server sent it whole (a small result kept in Redis)
             total = received.size + int(response.headers.get("content-length") or 0)
             received.reserve(total)
-            if not self.progress or total < (4 << 20):
+            if progress_mode(self.progress) != "terminal" or total < (4 << 20):
                 for chunk in response.iter_bytes():
                     received.add(chunk)
                 return received.value()
@@ -130,16 +131,32 @@ class FabricClient:
         response = self.http.delete(f"/v1/models/{model}/edits/{edit_id}")
         raise_for(response)
 
-    def cancel(self, job_id: str) -> CancelReply:
-        response = self.http.delete(f"/v1/jobs/{job_id}")
+    def cancel(self, job_id: str, timeout: float | None = None) -> CancelReply:
+        response = self.http.delete(f"/v1/jobs/{job_id}", timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout)
         raise_for(response)
         return cast(CancelReply, response.json())
 
-    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+    def wait(
+        self, job_id: str, timeout: float | None = None, model: str | None = None, show: bool = True
+    ) -> dict[str, Any]:
         """Follow the job's events until it ends (websocket; polling where websockets are refused).
         A dropped connection or an api restart is ridden out: the stream resumes after the last
-        event seen, retrying for up to `reconnect_s` seconds without contact."""
-        return JobFollower(self).wait(job_id, timeout)
+        event seen, retrying for up to `reconnect_s` seconds without contact. `show=False`: no
+        progress line of its own (a sweep shows one bar for all its jobs)."""
+        return JobFollower(self).wait(job_id, timeout, model, show)
+
+    def cancel_quietly(self, job_ids: list[str]) -> list[str]:
+        """Cancel these jobs after an interrupt (Ctrl-C, a notebook's stop button): the ones this
+        cancelled. A job that already ended, or a fabric that does not answer in a few seconds,
+        is passed over: the user asked to stop, not to wait."""
+        cancelled = []
+        for job_id in job_ids:
+            try:
+                self.cancel(job_id, timeout=5.0)
+            except (RemoteError, httpx.HTTPError):
+                continue
+            cancelled.append(job_id)
+        return cancelled
 
     def keep_inline(self, job_id: str, data: str | bytes) -> None:
         """A result that came inline on the job's events, until `result()` takes it."""

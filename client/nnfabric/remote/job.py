@@ -5,14 +5,20 @@ Usage::
     job = tracer.job                 # a `blocking=False` trace returns at once with it
     job.wait(timeout=600)            # then the trace's saved proxies have their values
     nnfabric.job(job_id).result()    # from any process: {"hidden": tensor, ...}
+    job                              # in a notebook: a table of its id, model, state, position
+
+Interrupting a wait (Ctrl-C, a notebook's stop button) cancels the job on the fabric.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RemoteError
-from ..protocol import CancelReply, JobRecord
+from ..protocol import TERMINAL, CancelReply, JobRecord
+from .display import elapsed, html_table
 
 if TYPE_CHECKING:
     from ..backends import JobRequest
@@ -28,19 +34,66 @@ class Job:
         job.cancel()
 
     `nnfabric.job(job_id)` reattaches from another process (then `result()` is the way in).
+    Interrupting `wait()` (Ctrl-C, or a notebook's stop button) cancels the job on the fabric.
     """
 
-    def __init__(self, fabric: FabricClient, job_id: str, request: JobRequest | None = None) -> None:
+    def __init__(
+        self, fabric: FabricClient, job_id: str, request: JobRequest | None = None, model: str | None = None
+    ) -> None:
         self.fabric = fabric
         self.id = job_id
+        self.model = model
         self._request = request
         self._values: dict[str, Any] | None = None
+        self._record: JobRecord | None = None  # the last record read, for a display
+        self._state: str | None = None  # the last state known, for a repr that asks nothing
 
+    # -- display -----------------------------------------------------------------------------
     def __repr__(self) -> str:
-        return f"<nnfabric.Job {self.id}>"
+        """What is known without asking the fabric (a repr may run anywhere: a log, a traceback)."""
+        parts = [f"<nnfabric.Job {self.id}"]
+        if self.model:
+            parts.append(f"model={self.model}")
+        if self._state is not None:
+            parts.append(f"state={self._state}")
+        if self._state == "queued" and self._record is not None and self._record.get("position") is not None:
+            parts.append(f"position={self._record.get('position')}")
+        return " ".join(parts) + ">"
 
+    def _fresh(self) -> JobRecord | None:
+        """The job's state for a display: read again unless it has ended; None if unreadable."""
+        if self._record is None or self._record["state"] not in TERMINAL or self._state != self._record["state"]:
+            with contextlib.suppress(Exception):  # a display never raises: it shows what it last knew
+                self.status()
+        return self._record
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        self._fresh()
+        printer.text(repr(self))
+
+    def _repr_html_(self) -> str:
+        record = self._fresh()
+        rows = [("id", self.id), ("model", self.model or "?")]
+        if record is None:
+            rows.append(("state", "unknown (the fabric did not answer)"))
+        else:
+            rows.append(("state", record["state"]))
+            if record.get("position") is not None:
+                rows.append(("position", f"{record.get('position')} jobs ahead"))
+            started, finished = record.get("started"), record.get("finished")
+            if started is not None:
+                rows.append(("waited", elapsed(started - record["created"])))
+                rows.append(("ran", elapsed((finished or time.time()) - started)))
+            if record.get("error"):
+                rows.append(("error", str(record.get("error"))))
+        return html_table("nnfabric job", rows)
+
+    # -- state -------------------------------------------------------------------------------
     def status(self) -> JobRecord:
-        return self.fabric.status(self.id)
+        record = self.fabric.status(self.id)
+        self._record, self._state = record, record["state"]
+        self.model = self.model or record.get("model")
+        return record
 
     def cancel(self) -> CancelReply:
         return self.fabric.cancel(self.id)
@@ -49,7 +102,14 @@ class Job:
         """Wait until the job ends; raise RemoteError (at your line) if it failed."""
         if self._values is not None:
             return self
-        final = self.fabric.wait(self.id, timeout)
+        try:
+            final = self.fabric.wait(self.id, timeout, self.model)
+        except KeyboardInterrupt as interrupt:
+            # The user stopped waiting: stop the job too, as they would expect of a local run.
+            if self.fabric.cancel_quietly([self.id]):
+                interrupt.add_note(f"nnfabric: job {self.id} was cancelled on the fabric")
+            raise
+        self._state = final["type"]
         if final["type"] != "completed":
             node, trace = final.get("node"), final.get("trace")
             message = final.get("message") or f"job {final['type']}"

@@ -57,12 +57,20 @@ class SocketSender:
     def run(self, envelopes: list[bytes], ended: Ended) -> None:
         run = _Run(self, envelopes, ended)
         try:
-            run.over_socket()
-        except _SocketRefused:
-            run.connection_lost()
-        run.todo.extend(run.by_http)
-        run.over_http()
-        run.follow_orphans()
+            try:
+                run.over_socket()
+            except _SocketRefused:
+                run.connection_lost()
+            run.todo.extend(run.by_http)
+            run.over_http()
+            run.follow_orphans()
+        except KeyboardInterrupt as interrupt:
+            # Ctrl-C or a notebook's stop button: the sweep's jobs that are still queued or
+            # running stop too (jobs sent but not yet acknowledged have no id to cancel by).
+            cancelled = self.client.cancel_quietly(run.unfinished())
+            if cancelled:
+                interrupt.add_note(f"nnfabric: {len(cancelled)} of the sweep's jobs were cancelled on the fabric")
+            raise
 
 
 class _Run:
@@ -83,6 +91,11 @@ class _Run:
         self.paused_until = 0.0  # no sending before this (a Retry-After)
         self.held = False  # the key's cap is full: no sending until one of our jobs ends
         self.moved = False  # a job was answered on this connection
+        self.posted: deque[tuple[str, int]] = deque()  # sent over HTTP, not yet followed to its end
+
+    def unfinished(self) -> list[str]:
+        """The ids of accepted jobs whose end was not heard yet."""
+        return [*self.active, *self.orphans, *(job_id for job_id, _ in self.posted)]
 
     # -- the socket ----------------------------------------------------------------------------
     def over_socket(self) -> None:
@@ -245,7 +258,7 @@ class _Run:
     # -- without a socket ----------------------------------------------------------------------
     def over_http(self) -> None:
         """One POST per job, a window at a time; each followed as nnfabric follows any job."""
-        running: deque[tuple[str, int]] = deque()
+        running = self.posted
         while self.todo:
             index = self.todo.popleft()
             try:
@@ -259,20 +272,22 @@ class _Run:
                     continue
                 self.todo.appendleft(index)
                 if running:
-                    self._wait_http(*running.popleft())
+                    self._wait_http(*running[0])
+                    running.popleft()
                 else:
                     time.sleep(1.0)
         while running:
-            self._wait_http(*running.popleft())
+            self._wait_http(*running[0])
+            running.popleft()
 
     def follow_orphans(self) -> None:
         for job_id, index in list(self.orphans.items()):
             self._wait_http(job_id, index)
-        self.orphans.clear()
+            del self.orphans[job_id]
 
     def _wait_http(self, job_id: str, index: int) -> None:
         try:
-            event = self.client.wait(job_id)
+            event = self.client.wait(job_id, show=False)  # the sweep's bar shows it
         except RemoteError as error:  # its record is gone (expired) or the api refuses: this job's error
             self.ended(index, job_id, None, error)
             return

@@ -9,6 +9,7 @@ Usage::
                     model.transformer.h[layer].output[0][:, position] = clean[layer][:, position]
                     logits[layer, position] = model.lm_head.output[:, -1].save()
     # here every job has ended: saved values are filled in; one progress bar meanwhile
+    #   (a line in a notebook, a bar on a terminal; `model.sweep(progress=False)` shows none)
     sweep.failed                                        # [(index, error)] of jobs that failed
 
 On the fabric the jobs go over one connection, as many at once as the key may have active; each
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..backends import JobRequest, Remote
 from ..errors import InterventionError
+from ..remote.display import SweepProgress, progress_mode
 
 if TYPE_CHECKING:
     from ..remote.job import Job
@@ -34,7 +36,7 @@ class Sweep:
     def __init__(self, model: TracedModel, remote: Remote = True, progress: bool | None = None) -> None:
         self._model = model
         self.remote = remote
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = progress  # None: a bar where someone watches (notebook, terminal); False: none
         self._pending: list[tuple[JobRequest, list[Recording]]] = []
         self.jobs: list[Job | None] = []  # each trace's job on the fabric (None where run here), in order
         self.failed: list[tuple[int, InterventionError]] = []  # (index of the trace, its error)
@@ -60,7 +62,8 @@ class Sweep:
         if exc_type is not None or not pending:
             return
         requests = [request for request, _ in pending]
-        with _Bar(self.progress, len(requests)) as bar:
+        mode = progress_mode(self.progress)
+        with SweepProgress(mode, len(requests)) as bar:
 
             def ended(index: int, error: InterventionError | None) -> None:
                 if error is not None:
@@ -75,38 +78,7 @@ class Sweep:
                 recording.frame = None
                 recording.job = job if job is not None and job.id else None  # never accepted: no job
         self.failed.sort(key=lambda item: item[0])
-        if self.failed and self.progress:
+        if self.failed and mode is not None:
             index, error = self.failed[0]
             print(f"{len(self.failed)} of {len(requests)} jobs failed; the first (trace {index}): {error}",
                   file=sys.stderr)  # fmt: skip
-
-
-class _Bar:
-    """One progress bar for the whole sweep, with rich; silent when not a terminal."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
-        self.done = self.failed = 0
-        self._progress: Any = None
-
-    def __enter__(self) -> _Bar:
-        if self.enabled:
-            from rich.progress import Progress
-
-            self._progress = Progress(*Progress.get_default_columns(), transient=False)
-            self._task = self._progress.add_task(self._text(), total=self.total)
-            self._progress.start()
-        return self
-
-    def advance(self, failed: bool) -> None:
-        self.done += 1
-        self.failed += failed
-        if self._progress is not None:
-            self._progress.update(self._task, advance=1, description=self._text())
-
-    def _text(self) -> str:
-        return f"sweep: {self.done}/{self.total} jobs" + (f", {self.failed} failed" if self.failed else "")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.stop()
