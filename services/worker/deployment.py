@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from ray import serve
@@ -62,6 +62,7 @@ class ModelReplica:
         self._held = 0  # bytes of results kept in memory until Redis records them
         self.jobs_run = self.batches_run = 0
         self._started_early: set[str] = set()  # jobs marked running to join a generation that had ended
+        self._waiting = 0  # batches waiting for their turn on the model (no joining meanwhile)
         self._token_steps: list[list[tuple[str, int, list[int]]]] = []  # streamed tokens not yet sent
         self._token_flush: asyncio.Future[None] | None = None  # the one task sending them, in order
         self.stages: Stages | None = None
@@ -174,14 +175,20 @@ class ModelReplica:
         store = self.store
         states: dict[str, str] = {}
         joined: list[asyncio.Future[dict[str, str]]] = []
-        if self._turn.locked() and not abandoned.is_set() and not self.stuck:
-            # A generation running now takes this batch's generate jobs at its next step.
+        if self._turn.locked() and not abandoned.is_set() and not self.stuck and not self._waiting:
+            # A generation running now takes this batch's generate jobs at its next step (unless
+            # a batch already waits for the model: a stream of joiners must not starve it).
             decoded, joined = await self._join(decoded, size, runner, states)
         if not decoded:
             for found in await asyncio.gather(*joined):
                 states.update(found)
             return states
-        async with self._turn:
+        self._waiting += 1
+        try:
+            await self._turn.acquire()
+        finally:
+            self._waiting -= 1
+        async with _held(self._turn):
             if abandoned.is_set():
                 return states
             if self.stuck:  # the batch ahead of this one could not be stopped: this one never started
@@ -406,6 +413,15 @@ class ModelReplica:
 
     async def __del__(self) -> None:
         await self.store.replica_gone(self.spec.name, self.replica)
+
+
+@contextlib.asynccontextmanager
+async def _held(lock: asyncio.Lock) -> AsyncIterator[None]:
+    """A lock already acquired, released when the block ends."""
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def model_app(spec: ModelSpec, settings: Settings) -> Any:

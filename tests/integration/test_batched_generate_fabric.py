@@ -30,3 +30,22 @@ def test_generate_jobs_sent_together_to_the_fabric_equal_hugging_faces_generate(
         assert response.status_code == 200, response.text
         found = [v for v in unpack_result(response.content).values() if not v.is_floating_point()]
         assert torch.equal(found[0], jobs[name][1]), name
+
+
+def test_streamed_generations_yield_each_jobs_own_tokens_as_they_are_made(alice):
+    """Two generations with prompts of different lengths, sent together with stream=True: each
+    job's `tokens()` yields its own tokens step by step (never its batch-mate's), equal to a
+    local generation, and then its saved output is there as with `wait()`."""
+    prompts, news = ["Hi there", "The Eiffel Tower is in the city of"], [5, 7]
+    tracers = []
+    for prompt, new in zip(prompts, news, strict=True):
+        with alice.generate(prompt, max_new_tokens=new, remote=True, blocking=False, stream=True) as tracer:
+            out = tracer.output.save()
+        tracers.append((tracer, out))
+    for (tracer, out), prompt, new in zip(tracers, prompts, news, strict=True):
+        steps = list(tracer.job.tokens(timeout=120))
+        with alice.generate(prompt, max_new_tokens=new) as local:
+            expected = local.output.save()
+        start = len(alice.tokenizer(prompt)["input_ids"])
+        assert steps == [[token] for token in expected.value[0, start:].tolist()]
+        assert torch.equal(out.value, expected.value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RemoteError
@@ -26,13 +27,21 @@ class JobFollower:
 
     def __init__(self, client: FabricClient) -> None:
         self.client = client
+        self._on_event: Callable[[dict[str, Any]], None] | None = None
 
     def wait(
-        self, job_id: str, timeout: float | None = None, model: str | None = None, show: bool = True
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        model: str | None = None,
+        show: bool = True,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """The job's final event, followed until it ends (its state shown meanwhile: remote.display)."""
+        """The job's final event, followed until it ends (its state shown meanwhile: remote.display);
+        `on_event` hears every event on the way (a streaming generation's `tokens`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         mode = progress_mode(self.client.progress) if show else None
+        self._on_event = on_event
         with JobProgress(mode, job_id, model) as progress:
             final = self._follow(job_id, deadline, progress)
             if final is None:
@@ -63,6 +72,8 @@ class JobFollower:
                         event: dict[str, Any] = json.loads(ws.recv(timeout=remaining))
                         after = event["id"]
                         progress.show(event)
+                        if self._on_event is not None:
+                            self._on_event(event)
                         if event["type"] in TERMINAL:
                             final = dict(event)
                             if event.get("inline"):  # the result follows as one binary frame

@@ -137,13 +137,18 @@ class FabricClient:
         return cast(CancelReply, response.json())
 
     def wait(
-        self, job_id: str, timeout: float | None = None, model: str | None = None, show: bool = True
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        model: str | None = None,
+        show: bool = True,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Follow the job's events until it ends (websocket; polling where websockets are refused).
         A dropped connection or an api restart is ridden out: the stream resumes after the last
         event seen, retrying for up to `reconnect_s` seconds without contact. `show=False`: no
         progress line of its own (a sweep shows one bar for all its jobs)."""
-        return JobFollower(self).wait(job_id, timeout, model, show)
+        return JobFollower(self).wait(job_id, timeout, model, show, on_event)
 
     def cancel_quietly(self, job_ids: list[str]) -> list[str]:
         """Cancel these jobs after an interrupt (Ctrl-C, a notebook's stop button): the ones this

@@ -13,7 +13,10 @@ Interrupting a wait (Ctrl-C, a notebook's stop button) cancels the job on the fa
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RemoteError
@@ -31,6 +34,7 @@ class Job:
         job.status()          # {"state": "queued", "position": 3, ...}
         job.wait(timeout=60)  # until it ends; the trace's saved proxies then have their values
         job.result()          # {"hidden": tensor, ...}: saved values by their variable names
+        job.tokens()          # a generation sent with stream=True: each step's tokens as made
         job.cancel()
 
     `nnfabric.job(job_id)` reattaches from another process (then `result()` is the way in).
@@ -98,12 +102,12 @@ class Job:
     def cancel(self) -> CancelReply:
         return self.fabric.cancel(self.id)
 
-    def wait(self, timeout: float | None = None) -> Job:
+    def wait(self, timeout: float | None = None, on_event: Callable[[dict[str, Any]], None] | None = None) -> Job:
         """Wait until the job ends; raise RemoteError (at your line) if it failed."""
         if self._values is not None:
             return self
         try:
-            final = self.fabric.wait(self.id, timeout, self.model)
+            final = self.fabric.wait(self.id, timeout, self.model, on_event=on_event)
         except KeyboardInterrupt as interrupt:
             # The user stopped waiting: stop the job too, as they would expect of a local run.
             if self.fabric.cancel_quietly([self.id]):
@@ -117,6 +121,38 @@ class Job:
             raise RemoteError(f"{message} (job {self.id})", line, node, trace=trace)
         self.receive(self.fabric.result(self.id))
         return self
+
+    def tokens(self, timeout: float | None = None) -> Iterator[list[int]]:
+        """Each step's new token of each row, while the job generates (a generate job sent with
+        `stream=True`), then the job's end as `wait()` has it (saved values delivered, or
+        RemoteError). Only the job's own tokens: batch-mates' never reach it. A job that ran
+        alone (`exact=True`, a model split into stages) streams none: read its output.
+
+            with model.generate(prompt, max_new_tokens=20, remote=True, blocking=False, stream=True) as tracer:
+                out = tracer.output.save()
+            for step in tracer.job.tokens():
+                print(model.tokenizer.decode(step[0]), end="", flush=True)
+        """
+        arrived: queue.Queue[Any] = queue.Queue()
+        ended = object()
+
+        def follow() -> None:
+            try:
+                self.wait(timeout, lambda event: arrived.put(event["tokens"]) if event["type"] == "tokens" else None)
+                arrived.put(ended)
+            except BaseException as exc:  # handed to the caller's thread
+                arrived.put(exc)
+
+        threading.Thread(target=follow, name=f"nnfabric-tokens-{self.id}", daemon=True).start()
+        try:
+            while (item := arrived.get()) is not ended:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        except KeyboardInterrupt as interrupt:
+            if self.fabric.cancel_quietly([self.id]):
+                interrupt.add_note(f"nnfabric: job {self.id} was cancelled on the fabric")
+            raise
 
     def receive(self, data: bytes) -> None:
         """The job's result envelope (however it came): the trace's saved proxies get their values."""
