@@ -288,9 +288,9 @@ if terminal == '1' then
     local times = redis.call('HMGET', job, 'created', 'started', 'finished')
     local created, started, finished = tonumber(times[1]), tonumber(times[2]), tonumber(times[3])
     if created and started and finished then
+      -- Capped by length here; its TTL (a model gone from the catalog) is renewed by the sampler.
       redis.call('XADD', KEYS[8] .. model, 'MAXLEN', '~', ARGV[10], '*',
                  'w', tostring(started - created), 'r', tostring(finished - started))
-      redis.call('EXPIRE', KEYS[8] .. model, ttl)
     end
   end
   local key = redis.call('HGET', job, 'key')
@@ -820,6 +820,7 @@ class Store:
             pipe.ltrim(_history(model), -keep, -1)
             pipe.expire(_history(model), ttl_s)
             pipe.set(_history_state(model), json.dumps(state), ex=ttl_s)
+            pipe.expire(_timings(model), ttl_s)  # here, once a period, rather than on every job's end
             await pipe.execute()
 
     async def history(self, models: list[str], last: int = 0) -> dict[str, list[dict[str, Any]]]:

@@ -116,8 +116,8 @@ def test_history_memory_is_bounded_and_fades(redis_url):
         store = await _fresh(redis_url)
         settings = Settings(redis_url=redis_url, history_interval_s=1, history_s=5)
         sampler = HistorySampler(store, ["m"], settings, "s")
-        written = [await sampler.sample("m") for _ in range(8)]
         await jobs_with_times(store, "m", [(0.1, 0.1)], batch=1)
+        written = [await sampler.sample("m") for _ in range(8)]
         kept = (await store.history(["m"]))["m"]
         ttls = [await store.redis.ttl(key) for key in ("nnf:history:m", "nnf:history_state:m", "nnf:timings:m")]
         await store.close()
