@@ -211,6 +211,32 @@ class StatusPage(TypedDict):
     outcomes: dict[str, int]
 
 
+class ModelHistory(TypedDict):
+    """One model's samples, oldest first, as columns: entry i of every list is sample i.
+    Rates and percentiles are over the jobs that ended between sample i-1 and sample i (None:
+    no such job, or no sample before)."""
+
+    name: str
+    t: list[float]  # when sampled, on Redis's clock (Unix seconds)
+    queue_depth: list[int]
+    jobs_per_s: list[float | None]  # jobs that ended (any final state) per second
+    wait_p50_s: list[float | None]  # created to started
+    wait_p95_s: list[float | None]
+    run_p50_s: list[float | None]  # started to ended
+    run_p95_s: list[float | None]
+    batch_size: list[float | None]  # mean jobs per batch sent to a replica
+    replicas: list[int]  # live replicas
+
+
+class StatusHistory(TypedDict):
+    """GET /status/history.json: about an hour of each model's aggregates (no ids, no users)."""
+
+    interval_s: float  # seconds between samples
+    window_s: float  # how far back the history reaches
+    now: float  # Redis's clock when answered: the charts' right edge
+    models: list[ModelHistory]
+
+
 class ActivationsReply(TypedDict):
     job: str
     activations: dict[str, dict[str, Any]]  # prompt index -> module path -> {dtype, shape, data}

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     continuous_batching: bool = True
     # A dispatch counts as lost this long after the replica's own watchdog should have answered.
     dispatch_grace_s: float = 15.0
+    # The status page's history: every this many seconds one process (whichever scheduler takes the
+    # turn in Redis) records each model's queue depth, throughput, waits, batch sizes and replicas.
+    history_interval_s: float = 10.0
+    # How far back the history reaches; at most HISTORY_MAX_SAMPLES samples per model are kept
+    # whatever the interval, so Redis's memory for it stays bounded.
+    history_s: float = 3600.0
     # Where converted models (GGUF -> safetensors) are kept; a shared volume in a cluster.
     cache_dir: str = "~/.cache/nnfabric"
 

@@ -103,10 +103,31 @@ def _edit_payloads(user: str, model: str) -> str:
     return f"nnf:edit_payloads:{user}:{model}"
 
 
+def _stats(model: str) -> str:
+    return f"nnf:stats:{model}"
+
+
+def _timings(model: str) -> str:
+    return f"nnf:timings:{model}"
+
+
+def _history(model: str) -> str:
+    return f"nnf:history:{model}"
+
+
+def _history_state(model: str) -> str:
+    return f"nnf:history_state:{model}"
+
+
 _KEY_IDS = "nnf:key_ids"
 _HEARTBEAT = "nnf:heartbeat:"
 _RECENT = "nnf:recent"
 _OUTCOMES = "nnf:outcomes"
+_HISTORY_TURN = "nnf:history_turn"
+# Each model's (wait, run) of its last jobs to end, for the history's percentiles: a stream
+# trimmed to about this many entries, so a flood of jobs between two samples costs bounded memory
+# (the percentiles are then over the newest of them).
+TIMINGS_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,28 @@ class QueueEntry:
     stream_id: str
     job_id: str
     user: str
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """A model's counts since Redis was created (every api and scheduler adds to the same ones)."""
+
+    finished: int  # jobs that ended, in any final state
+    batches: int  # batches the schedulers sent to its replicas
+    batch_jobs: int  # jobs in those batches
+
+
+@dataclass(frozen=True)
+class ModelReading:
+    """A model's counters at one instant of Redis's clock (the history's sampler turns two
+    readings into rates)."""
+
+    at: float
+    stats: ModelStats
+    queue_depth: int
+    replicas: int
+    timings: list[tuple[float, float]]  # (wait, run) of the jobs that ended after the cursor
+    cursor: str
 
 
 def hash_key(key: str) -> str:
@@ -234,11 +277,22 @@ end
 -- A job starts once: a second dispatch of it (a scheduler took over) finds it started.
 if state == 'running' and current ~= 'queued' then return false end
 if ARGV[6] == '1' then redis.call('SET', result, ARGV[7], 'EX', ttl) end
-redis.call('HSET', job, unpack(ARGV, 10))
+redis.call('HSET', job, unpack(ARGV, 11))
 if state == 'running' then redis.call('HINCRBY', job, 'attempts', 1) end
 if terminal == '1' then
   local model = redis.call('HGET', job, 'model')
-  if model then redis.call('ZREM', ARGV[8] .. model, id) end
+  if model then
+    redis.call('ZREM', ARGV[8] .. model, id)
+    -- The status page's history: jobs ended per model, and each started job's wait and run.
+    redis.call('HINCRBY', KEYS[7] .. model, 'finished', 1)
+    local times = redis.call('HMGET', job, 'created', 'started', 'finished')
+    local created, started, finished = tonumber(times[1]), tonumber(times[2]), tonumber(times[3])
+    if created and started and finished then
+      -- Capped by length here; its TTL (a model gone from the catalog) is renewed by the sampler.
+      redis.call('XADD', KEYS[8] .. model, 'MAXLEN', '~', ARGV[10], '*',
+                 'w', tostring(started - created), 'r', tostring(finished - started))
+    end
+  end
   local key = redis.call('HGET', job, 'key')
   if key then redis.call('SREM', KEYS[6] .. key, id) end
   redis.call('DEL', payload)
@@ -524,7 +578,8 @@ class Store:
             mapping["runner"] = change.runner
         flat = [_text(item) for pair in mapping.items() for item in pair]
         job_id = change.job_id
-        keys = [_job(job_id), _events(job_id), _payload(job_id), _result(job_id), _OUTCOMES, _active("")]
+        keys = [_job(job_id), _events(job_id), _payload(job_id), _result(job_id), _OUTCOMES, _active(""),
+                _stats(""), _timings("")]  # fmt: skip
         args: list[str | int | bytes] = [
             job_id,
             state,
@@ -532,7 +587,7 @@ class Store:
             json.dumps(change.data or {}),
             self.ttl_s,
         ]
-        return keys, [*args, int(result is not None), result or b"", _queued(""), change.runner, *flat]
+        return keys, [*args, int(result is not None), result or b"", _queued(""), change.runner, TIMINGS_KEPT, *flat]
 
     async def requeue(self, job_id: str, model: str, reason: str) -> bool:
         """Put a job that has not ended back in its queue (in its original place) to run again;
@@ -693,9 +748,14 @@ class Store:
         return found
 
     async def dequeued(self, model: str, job_ids: list[str]) -> None:
-        """The jobs left the queue for a replica: they no longer count in others' positions."""
+        """The jobs left the queue for a replica, as one batch: they no longer count in others'
+        positions, and the batch counts in the model's batch sizes."""
         if job_ids:
-            await self.redis.zrem(_queued(model), *job_ids)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(_queued(model), *job_ids)
+                pipe.hincrby(_stats(model), "batches", 1)
+                pipe.hincrby(_stats(model), "batch_jobs", len(job_ids))
+                await pipe.execute()
 
     async def queue_depth(self, model: str) -> tuple[int, float | None]:
         """(jobs waiting, seconds the oldest has waited)."""
@@ -716,6 +776,68 @@ class Store:
 
     async def outcomes(self) -> dict[str, int]:
         return {k: int(v) for k, v in _decode_hash(await self.redis.hgetall(_OUTCOMES)).items()}
+
+    # -- the status page's history (services/scheduler/history.py writes it) ---------------------
+    async def now(self) -> float:
+        """Redis's clock: one clock for every process that samples or reads the history."""
+        seconds, micros = await self.redis.time()
+        return int(seconds) + int(micros) / 1e6
+
+    async def model_stats(self, model: str) -> ModelStats:
+        """The model's counts since Redis was created: jobs ended, batches sent and their jobs."""
+        values = await self.redis.hmget(_stats(model), ["finished", "batches", "batch_jobs"])
+        finished, batches, batch_jobs = (int(v or 0) for v in values)
+        return ModelStats(finished, batches, batch_jobs)
+
+    async def read_model(self, model: str, after: str | None) -> ModelReading:
+        """One instant of the model's counters (one round trip), with the (wait, run) of its jobs
+        that ended after the timings cursor `after` (None: none; the cursor starts at the newest)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.hmget(_stats(model), ["finished", "batches", "batch_jobs"])
+            pipe.zcard(_queued(model))
+            pipe.zremrangebyscore(_replicas(model), "-inf", time.time())
+            pipe.zcard(_replicas(model))
+            if after is None:
+                pipe.xrevrange(_timings(model), count=1)
+            else:
+                pipe.xrange(_timings(model), min="(" + after, count=TIMINGS_KEPT)
+            clock, counts, depth, _, replicas, entries = await pipe.execute()
+        timings = [] if after is None else [(float(f[b"w"]), float(f[b"r"])) for _, f in entries]
+        cursor = _text(entries[-1][0]) if entries else (after or "0-0")
+        finished, batches, batch_jobs = (int(v or 0) for v in counts)
+        return ModelReading(int(clock[0]) + int(clock[1]) / 1e6, ModelStats(finished, batches, batch_jobs),
+                            int(depth), int(replicas), timings, cursor)  # fmt: skip
+
+    async def take_history_turn(self, owner: str, period_s: float) -> bool:
+        """Whether `owner` records the next sample: the first to ask in each period does, so any
+        number of schedulers (or restarts) write one sample a period between them."""
+        return bool(await self.redis.set(_HISTORY_TURN, owner, nx=True, px=max(1, int(period_s * 1000))))
+
+    async def history_state(self, model: str) -> dict[str, Any] | None:
+        """What the last sample of the model was computed from (its counters and cursor)."""
+        raw = await self.redis.get(_history_state(model))
+        return None if raw is None else cast(dict[str, Any], json.loads(raw))
+
+    async def add_history(self, model: str, sample: dict[str, Any], state: dict[str, Any], keep: int,
+                          ttl_s: int) -> None:  # fmt: skip
+        """Append a sample, keep the newest `keep`, and let a model that is no longer sampled
+        (gone from the catalog) fade after `ttl_s`."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(_history(model), json.dumps(sample))
+            pipe.ltrim(_history(model), -keep, -1)
+            pipe.expire(_history(model), ttl_s)
+            pipe.set(_history_state(model), json.dumps(state), ex=ttl_s)
+            pipe.expire(_timings(model), ttl_s)  # here, once a period, rather than on every job's end
+            await pipe.execute()
+
+    async def history(self, models: list[str], last: int = 0) -> dict[str, list[dict[str, Any]]]:
+        """Each model's samples, oldest first (only the newest `last` if given): one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.lrange(_history(model), -last if last else 0, -1)
+            replies = await pipe.execute()
+        return {model: [json.loads(raw) for raw in reply] for model, reply in zip(models, replies, strict=True)}
 
     async def heartbeat(self, component: str, ttl_s: int = 10) -> None:
         await self.redis.set(_HEARTBEAT + component, time.time(), ex=ttl_s)

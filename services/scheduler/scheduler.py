@@ -19,6 +19,8 @@ A Redis outage stalls nothing for longer than it lasts: what was waiting for Red
 requeues) is done the moment it answers, and a dispatch's deadline does not run meanwhile (the
 replica waits for Redis to start or record its jobs; giving up on it would run them twice).
 
+Every scheduler also offers to sample the status page's history (history.py); one per period does.
+
 Fair share: waiting jobs are queued per user, and a batch takes one job from each user in
 turn, starting after the user served first last time; a user with 100 jobs waits behind a
 user with 1 only for that one job.
@@ -41,6 +43,7 @@ from ..common.catalog import Catalog, ModelSpec
 from ..common.result_store import ResultStore
 from ..common.settings import Settings
 from ..common.store import QueueEntry, Store
+from .history import HistorySampler
 
 log = logging.getLogger("nnfabric.scheduler")
 
@@ -139,9 +142,12 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self.outages = _Outages()
         self._live_until: dict[str, float] = {}  # model -> until when a replica is known to answer
+        # The status page's history: every scheduler offers, one per period samples (history.py).
+        self.history = HistorySampler(store, [spec.name for spec in catalog.models], settings, self.name)
 
     async def run(self) -> None:
         await self._until_redis_answers(self._start)
+        sampling = asyncio.create_task(self.history.run(self._stopping))
         last_care = 0.0
         reading: asyncio.Task[None] | None = None
         while not self._stopping.is_set():
@@ -172,7 +178,7 @@ class Scheduler:
                 await asyncio.sleep(_REDIS_RETRY_S)
         if reading is not None:
             reading.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(sampling, *self._tasks, return_exceptions=True)
 
     async def _care(self) -> None:
         """Once a second: say we are alive, take over dead schedulers' entries, enforce deadlines,

@@ -38,6 +38,7 @@ def start_fabric(tmp: Path, model_dir: Path) -> EmbeddedFabric:
         redis_data_dir=str(tmp / "redis"),
         result_store_dir=str(tmp / "results"),
         result_store_min_bytes=1 << 20,  # results from 1 MiB up go to disk, so the tests see both paths
+        history_interval_s=1.0,  # the status page's history: a sample a second, so its test waits seconds
     )
     try:
         fabric.keys = asyncio.run(_make_keys(fabric.settings.redis_url))  # type: ignore[attr-defined]

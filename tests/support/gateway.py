@@ -75,7 +75,8 @@ def start_gateway(folder: Path, model) -> Gateway:  # type: ignore[no-untyped-de
     port = free_port()
     env = {**os.environ, "NNFABRIC_REDIS_URL": redis.url, "NNFABRIC_CATALOG": str(catalog),
            "NNFABRIC_MAX_ENVELOPE_BYTES": str(ENVELOPE_LIMIT), "NNFABRIC_COMPILED_WAIT_S": "1",
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
+           # The checkout's services, and the client the tests import (a worktree's, not the venv's install).
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "error"],

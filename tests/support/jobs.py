@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import httpx
 from nnfabric.graph import Graph, Invoke, Node, Ref
@@ -59,14 +60,15 @@ def job(fabric, job_id: str) -> dict:
     raise AssertionError(response.text)
 
 
-def wait_for(predicate, timeout: float = 120, what: str = "condition"):
+def wait_for(predicate, timeout: float = 120, what: str | Callable[[], str] = "condition"):
+    """`predicate()` once it is true; `what` (or what it returns: the state seen last) names it if it never is."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = predicate()
         if found:
             return found
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what if isinstance(what, str) else what()}")
 
 
 def replica_pids(fabric, model: str = "tiny-gpt2") -> list[int]:

@@ -4,6 +4,7 @@ and the RayService against KubeRay's CRD, and check the facts that matter."""
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +276,86 @@ def test_a_staged_model_gets_pods_of_its_stage_shape_and_a_placement_group_per_r
         assert [{k: float(v) for k, v in b.items()} for b in deployment["placement_group_bundles"]] == wanted[
             "placement_group_bundles"
         ]
+
+
+# The parts of the Prometheus Operator's ServiceMonitor (monitoring.coreos.com/v1) the chart
+# writes, as its API reference describes them: kubernetes-validate has no schema for the CRD.
+SERVICE_MONITOR = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {"type": "object", "additionalProperties": False,
+                             "properties": {"matchLabels": {"type": "object",
+                                                            "additionalProperties": {"type": "string"}}}},
+                "namespaceSelector": {"type": "object", "additionalProperties": False,
+                                      "properties": {"matchNames": {"type": "array", "items": {"type": "string"}},
+                                                     "any": {"type": "boolean"}}},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False, "required": ["port"],
+                    "properties": {"port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
+                                   "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
+                                   "scrapeTimeout": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"}}}},
+            },
+        },
+    },
+}  # fmt: skip
+
+
+def test_the_dashboard_ships_for_grafanas_sidecar_and_the_service_monitor_is_off_by_default():
+    docs = render({"secrets": {"password": "pw"}})
+    assert not find(docs, "ServiceMonitor")
+    (dashboard,) = find(docs, "ConfigMap", "-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["namespace"] == "research"
+    (text,) = dashboard["data"].values()
+    assert json.loads(text) == json.loads((CHART / "dashboards" / "nnfabric.json").read_text())
+    # Configurable for other sidecar setups, and can be left out.
+    custom = {"labels": {"dashboards": "nnfabric"}, "annotations": {"grafana_folder": "ml"}, "namespace": "grafana"}
+    (moved,) = find(render({"secrets": {"password": "pw"}, "monitoring": {"grafanaDashboard": custom}}),
+                    "ConfigMap", "-dashboard")  # fmt: skip
+    assert moved["metadata"]["labels"]["dashboards"] == "nnfabric"
+    assert moved["metadata"]["annotations"] == {"grafana_folder": "ml"} and moved["metadata"]["namespace"] == "grafana"
+    off = render({"secrets": {"password": "pw"}, "monitoring": {"grafanaDashboard": {"enabled": False}}})
+    assert not find(off, "ConfigMap", "-dashboard")
+
+
+def test_the_service_monitor_scrapes_the_api_services_metrics(tmp_path):
+    from services.api.app import create_app
+    from services.common.settings import Settings
+
+    values = {"secrets": {"password": "pw"},
+              "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}}}  # fmt: skip
+    docs = render(values)
+    (monitor,) = find(docs, "ServiceMonitor")
+    jsonschema.validate(monitor, SERVICE_MONITOR)
+    # Its metadata is ordinary ObjectMeta: validated as such.
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": monitor["metadata"]}, "1.37.0",
+                                 strict=True)  # fmt: skip
+    for doc in docs:
+        if doc["kind"] == "RayService":
+            rayservice_validator().validate(doc)
+        elif doc["kind"] != "ServiceMonitor":
+            kubernetes_validate.validate(doc, "1.37.0", strict=True)
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # It selects exactly the api's Service, in the release's namespace, on a port that Service has.
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [d for d in find(docs, "Service") if selector.items() <= d["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in services] == ["fab-nnfabric-api"]
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == ["research"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in services[0]["spec"]["ports"]}
+    # ... whose path is the api's real metrics route.
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(find(docs, "ConfigMap", "-catalog")[0]["data"]["catalog.yaml"])
+    routes = set(create_app(Settings(catalog=str(catalog))).openapi()["paths"])
+    assert endpoint["path"] == "/metrics" and endpoint["path"] in routes
+    # The Service's port reaches the api container's port named in the Deployment.
+    api = find(docs, "Deployment", "-api")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert services[0]["spec"]["ports"][0]["targetPort"] in {p["name"] for p in api["ports"]}

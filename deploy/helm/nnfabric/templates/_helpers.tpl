@@ -37,6 +37,8 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.settings.batchHoldMs | quote }}
 - name: NNFABRIC_RAY_NAMESPACE
   value: {{ .Values.settings.rayNamespace | quote }}
+- name: NNFABRIC_HISTORY_INTERVAL_S
+  value: {{ .Values.settings.historyIntervalS | quote }}
 {{- if .Values.modelCache.enabled }}
 # Large results go to the shared volume (replicas write, the api streams them, schedulers sweep).
 - name: NNFABRIC_RESULT_STORE_DIR
