@@ -246,18 +246,20 @@ async def _streamed(
         made: list[list[int]] = [[] for _ in prompts]
         sent = [""] * len(prompts)
         ended = [False] * len(prompts)
-        cursor, start = "0-0", time.monotonic()
+        cursor, start, step = "0-0", time.monotonic(), 0
         while time.monotonic() - start < deadline:
             for event in await store.events(job_id, cursor, block_ms=1000):
                 cursor = event["id"]
-                if event["type"] == "tokens":
+                if event["type"] == "tokens" and event.get("step") == step:  # a run again repeats none
+                    step += 1
                     for row, token in enumerate(event.get("tokens", [])[: len(prompts)]):
                         if ended[row] or token == tokenizer.eos_id:
                             ended[row] = True
                             continue
                         made[row].append(token)
                         text = tokenizer.text(made[row])
-                        if text.startswith(sent[row]) and len(text) > len(sent[row]):
+                        # A character split over tokens decodes as U+FFFD until its last byte comes.
+                        if text.startswith(sent[row]) and len(text) > len(sent[row]) and not text.endswith("\ufffd"):
                             yield row, text[len(sent[row]) :], None
                             sent[row] = text
                 elif event["type"] == "completed":
@@ -287,6 +289,9 @@ async def _sse(first: list[dict[str, Any]], pieces: AsyncIterator[Piece], chunk:
     except ApiError as exc:
         error = {"message": exc.message, "type": "job_failed" if exc.status == 422 else "timeout",
                  "code": exc.status}  # fmt: skip
+        yield f"data: {json.dumps({'error': error})}\n\n".encode()
+    except Exception as exc:  # Redis away mid-stream...: the client still hears why, then [DONE]
+        error = {"message": f"the stream broke off: {type(exc).__name__}", "type": "server_error", "code": 503}
         yield f"data: {json.dumps({'error': error})}\n\n".encode()
     yield b"data: [DONE]\n\n"
 

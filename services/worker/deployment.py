@@ -203,22 +203,7 @@ class ModelReplica:
                     jobs.append(job)
                 else:
                     states[job[0]] = await self._not_started(job[0])
-            # A generation's jobs end one by one: each is recorded the moment it ends, not when
-            # the last job (perhaps one that joined later) does.
-            early: dict[str, asyncio.Future[dict[str, str]]] = {}
-            loop = asyncio.get_running_loop()
-
-            def ended(job_id: str, outcome: Outcome) -> None:
-                loop.call_soon_threadsafe(
-                    lambda: early.setdefault(job_id, asyncio.ensure_future(self._settle({job_id: outcome}, runner)))
-                )
-
-            self.executor.on_outcome = ended
-            self.executor.on_tokens = lambda steps: loop.call_soon_threadsafe(self._publish_tokens, steps)
-            try:
-                outcomes = await self._run_watched(jobs) if jobs else {}
-            finally:
-                self.executor.on_outcome = self.executor.on_tokens = None
+            outcomes, early = await self._run_reporting(jobs, runner)
             self.jobs_run += len(jobs)
             self.batches_run += 1 if jobs else 0
         await asyncio.sleep(0)  # the outcomes heard last are scheduled by now
@@ -230,6 +215,26 @@ class ModelReplica:
         for found in await asyncio.gather(*joined):
             states.update(found)
         return states
+
+    async def _run_reporting(
+        self, jobs: list[Decoded], runner: str
+    ) -> tuple[dict[str, Outcome], dict[str, asyncio.Future[dict[str, str]]]]:
+        """Run the batch; a generation's jobs end one by one, and each is recorded the moment it
+        ends (the settlements returned), not when the last job (perhaps a later joiner) does."""
+        early: dict[str, asyncio.Future[dict[str, str]]] = {}
+        loop = asyncio.get_running_loop()
+
+        def ended(job_id: str, outcome: Outcome) -> None:
+            loop.call_soon_threadsafe(
+                lambda: early.setdefault(job_id, asyncio.ensure_future(self._settle({job_id: outcome}, runner)))
+            )
+
+        self.executor.on_outcome = ended
+        self.executor.on_tokens = lambda steps: loop.call_soon_threadsafe(self._publish_tokens, steps)
+        try:
+            return (await self._run_watched(jobs) if jobs else {}), early
+        finally:
+            self.executor.on_outcome = self.executor.on_tokens = None
 
     async def _join(
         self, decoded: list[Decoded], size: int, runner: str, states: dict[str, str]
@@ -255,7 +260,8 @@ class ModelReplica:
             rest = [*rest, *late]
             self._started_early.update(job[0] for job in late)
         self.jobs_run += len(futures)
-        limit = self.spec.limits.timeout_s * (len(futures) + 1) + self.settings.watchdog_margin_s
+        # Its own time, the generation's rest, and a run alone after it if it must leave (NeedsSolo).
+        limit = self.spec.limits.timeout_s * (len(futures) + 3) + self.settings.watchdog_margin_s
 
         async def settle(job_id: str, future: Any) -> dict[str, str]:
             try:
@@ -300,8 +306,10 @@ class ModelReplica:
         while self._token_steps:
             found = [step for steps in self._token_steps for step in steps]
             self._token_steps.clear()
-            with contextlib.suppress(*_REDIS_DOWN):  # best effort: the job's result holds every token
+            try:
                 await self.store.tokens(found)
+            except Exception as exc:  # best effort: the job's result holds every token
+                log.warning("replica of %s: streamed tokens not sent: %s", self.spec.name, exc)
 
     async def _settle(self, outcomes: dict[str, Outcome], runner: str) -> dict[str, str]:
         """Record every outcome of a batch (one round trip to Redis): "completed" with the result,

@@ -28,7 +28,7 @@ from nnfabric.graph.codec import decode_request
 from nnfabric.graph.ir import Graph, Node, TensorRef
 from nnfabric.graph.leaves import map_leaves
 from nnfabric.graph.merging import job_prefix, merge
-from nnfabric.graph.tree import ModuleTree
+from nnfabric.graph.tree import ModuleTree, split_source
 from nnfabric.graph.validate import GraphError
 from nnfabric.runtime.adapters import CausalLMAdapter
 from nnfabric.runtime.decoding import DECODING_OPTIONS
@@ -76,6 +76,7 @@ class BatchExecutor:
         settings = settings or Settings()
         self.limits = limits_for(spec, settings)
         self.continuous = settings.continuous_batching
+        self._custom_decoding = _adds_processors(getattr(model, "generation_config", None))
         self.running: list[str] = []  # the jobs of the run in progress
         self.finished: dict[str, Outcome] = {}  # outcomes of the current batch so far
         self.generation: tuple[str, Generation] | None = None  # the running generation, and its kind
@@ -145,7 +146,10 @@ class BatchExecutor:
         if not isinstance(getattr(self.adapter, "inner", self.adapter), CausalLMAdapter):
             return None
         kind = _merge_kind(graphs[0])
-        if kind != "generate":
+        if kind != "generate" or self._custom_decoding or any(_reads_source(node) for node in graphs[0].nodes):
+            # A model whose generation config adds logits processors (repetition penalty...), or
+            # a job reading inside a forward (`.source`: one rewrite of a module serves one
+            # interleaver), uses Hugging Face's `generate` on the merged graph instead.
             return None
         return kind + "+eager" if reads_attention_weights(graphs[0], self.model) else kind
 
@@ -162,6 +166,8 @@ class BatchExecutor:
             if running is None:
                 return {}
             kind, generation = running
+            if time.monotonic() - generation.started > self.spec.limits.timeout_s:
+                return {}  # an old generation drains: no run lasts past its batch's watchdog
             # No more jobs at once than a batch may hold (its memory is sized for max_batch).
             room = self.spec.limits.max_batch - generation.size()
             joining = [job for job in jobs if self._generation_kind(job) == kind][: max(room, 0)]
@@ -199,7 +205,7 @@ class BatchExecutor:
             self._report(member.job_id, outcome, outcomes)
 
         generation = Generation(getattr(self.adapter, "inner", self.adapter), kind.endswith("+eager"), ended)
-        generation.on_tokens = lambda steps: self.on_tokens(steps) if self.on_tokens is not None else None
+        generation.on_tokens = self._tokens
         generation.offer([self._member(job) for job in jobs])
         with self._join_lock:
             self.running = [job[0] for job in jobs]
@@ -218,6 +224,11 @@ class BatchExecutor:
                 self.running.append(member.job_id)
             self._report(member.job_id, self._run_one([member.graph], member.tensors), outcomes)
         return outcomes
+
+    def _tokens(self, steps: list[tuple[str, int, list[int]]]) -> None:
+        heard = self.on_tokens  # read once: the replica may unset it meanwhile
+        if heard is not None:
+            heard(steps)
 
     def _report(self, job_id: str, outcome: Outcome, outcomes: dict[str, Outcome]) -> None:
         """A job's outcome, the moment it has one: to the batch that joined it, or to this one's."""
@@ -374,6 +385,30 @@ class _Timed:
             return self._adapter.generate(batch, decodings, on_end)
         finally:
             self._executor.model_cpu_s += time.thread_time() - start
+
+
+def _reads_source(node: Node) -> bool:
+    return node.op in ("output", "input", "inputs", "set_output", "set_input", "set_inputs") and (
+        split_source(str(node.args[0])) is not None
+    )
+
+
+# Generation-config settings that make `generate` add logits processors of its own (their
+# defaults mean none); the continuous generation picks tokens with the job's decoding only.
+_PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "renormalize_logits": False, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "typical_p": 1.0, "min_p": None,
+    "guidance_scale": None, "watermarking_config": None, "diversity_penalty": 0.0,
+}  # fmt: skip
+
+
+def _adds_processors(config: Any) -> bool:
+    if config is None:
+        return False
+    return any(getattr(config, name, default) not in (default, None) for name, default in _PROCESSOR_DEFAULTS.items())
 
 
 def _owner(exc: BaseException, offsets: list[int]) -> int | None:

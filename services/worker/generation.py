@@ -96,6 +96,7 @@ class Generation:
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [rows, cache length]: 1 where a row's real token is
         self.steps = 0  # forward passes so far (the measure of what the generation cost)
+        self.started = time.monotonic()
         self._fresh: dict[int, torch.Tensor] = {}
         # Told each step's new tokens of the jobs that asked to stream: [(job id, step, tokens)].
         self.on_tokens: Callable[[list[tuple[str, int, list[int]]]], None] | None = None
@@ -175,12 +176,21 @@ class Generation:
         input_ids, attention_mask = torch.cat(ids), torch.cat(mask)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True}
         if self.adapter.takes_position_ids:
-            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            # As `generate` numbers them (padding at position 1), so even a padded column reads
+            # as it does in the job's own `generate`.
+            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         from transformers import DynamicCache
 
         cache = kwargs[self._cache_name] = DynamicCache()
-        logits = self._forward(ready, offset, kwargs)
-        self._join_cache(cache, attention_mask, ready)
+        try:
+            logits = self._forward(ready, offset, kwargs)
+            self._join_cache(cache, attention_mask, ready)
+        except Exception as exc:
+            # The joiners' own pass failed (a prompt too long for the model...); the running jobs
+            # never saw it. One joiner: its own error; several: each runs alone to find out whose.
+            for member in ready:
+                self._close(member, exc if len(ready) == 1 else NeedsSolo(f"a shared prefill failed: {exc}"))
+            return
         self._pick(ready, logits, [0, *_cumulative([m.size for m in ready])])
 
     def _prepare(self, member: Member) -> None:
@@ -263,7 +273,15 @@ class Generation:
         if self.adapter.takes_position_ids:
             kwargs["position_ids"] = (self.mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
         members = list(self.members)
-        logits = self._forward(members, size, kwargs)
+        try:
+            logits = self._forward(members, size, kwargs)
+        except Exception as exc:
+            # The shared step failed, and whose input caused it is not known (a position past the
+            # model's limit, out of memory...): every job runs again alone, where an error is its own.
+            self.members, self.cache, self.mask = [], None, None
+            for member in members:
+                self._close(member, NeedsSolo(f"a shared step failed: {exc}"))
+            return
         self._pick(members, logits, [0, *_cumulative([m.size for m in members])])
 
     def _seen(self, member: Member) -> int:
@@ -388,7 +406,9 @@ class Generation:
         index = torch.tensor(keep)
         mask = self.mask[index]
         seen = mask.any(dim=0).nonzero()
-        drop = int(seen[0]) if seen.numel() else 0
+        # Columns no remaining row attends to, but never into a job's own (masked) prompt columns.
+        own = max(self._seen(m) for m in self.members) - 1 if self.members else 0
+        drop = max(0, min(int(seen[0]) if seen.numel() else 0, mask.shape[1] - own))
         for layer in _layers(self.cache):
             device_index = index.to(layer.keys.device)
             layer.keys = layer.keys.index_select(0, device_index)[:, :, drop:]

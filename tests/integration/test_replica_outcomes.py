@@ -33,6 +33,7 @@ def _replica(redis_url: str, results: Path, **settings: object):  # type: ignore
     replica.replica = "r1"
     replica._recordings = set()
     replica._held = 0
+    replica._token_steps, replica._token_flush = [], None
     return replica
 
 

@@ -157,7 +157,9 @@ class FakeFabric:
             raise ConnectionError("the fabric is away")
         return dict(self.record)
 
-    def wait(self, job_id: str, timeout: float | None = None, model: str | None = None) -> dict[str, Any]:
+    def wait(
+        self, job_id: str, timeout: float | None = None, model: str | None = None, on_event: Any = None
+    ) -> dict[str, Any]:
         if self.interrupt:
             raise KeyboardInterrupt
         return {"type": "failed", "message": "boom"}

@@ -283,3 +283,90 @@ def test_a_generation_takes_no_more_jobs_than_a_batch_may_hold(llama):
         go.set()
         handle.remove()
         thread.join(timeout=120)
+
+
+def _source_job(ids: list[int]) -> bytes:
+    """Reads inside a module's forward: the attention call's weights (`.source`), and an MLP op's
+    output, edited at the job's last token."""
+    g = Graph()
+    g.invokes.append(Invoke(args=[ids]))
+    call = "transformer.h.0.attn.source.attention_interface_0"
+    g.saves.append(g.add(Node("getitem", [Ref(g.add(Node("output", [call, 0, 0])).id), 1])).id)
+    act = g.add(Node("output", ["transformer.h.1.mlp.source.self_act_0", 0, 0]))
+    g.add(Node("setitem", [Ref(act.id), (slice(None), -1), 0.0]))
+    final = g.add(Node("output", ["", 0, 0]))
+    g.saves.append(g.add(Node("getattr", [Ref(final.id), "logits"])).id)
+    return pack_request(g, {})
+
+
+def test_source_reads_and_edits_in_a_mixed_batch_see_the_jobs_own_tokens(gpt2):
+    """`.source` values of jobs of different lengths sharing a pass: the attention weights are
+    [heads, its tokens, its tokens] and an edit at -1 hits its own last token, as hand-written
+    hooks on the plain model (eager attention, `output_attentions`) find alone."""
+    model = gpt2._module
+    ex = BatchExecutor(ModelSpec(name="tiny", source="x", limits=ModelLimits()), model, None)
+    prompts = [_prompt(n, seed) for seed, n in enumerate(LENGTHS)]
+    outcomes, sizes = _counted(model, lambda: ex.run([(str(i), _source_job(p)) for i, p in enumerate(prompts)]))
+    assert sizes == [len(prompts)]
+    current = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        for i, ids in enumerate(prompts):
+            weights, logits = unpack_result(outcomes[str(i)].result).values()
+            act = model.transformer.h[1].mlp.act
+            handle = act.register_forward_hook(lambda m, a, o: o.index_fill(1, torch.tensor([o.shape[1] - 1]), 0.0))
+            try:
+                with torch.no_grad():
+                    expected = model(torch.tensor([ids]), output_attentions=True)
+            finally:
+                handle.remove()
+            assert weights.shape == (1, 4, len(ids), len(ids)) == expected.attentions[0].shape
+            torch.testing.assert_close(weights, expected.attentions[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(logits, expected.logits, atol=1e-5, rtol=1e-4)
+    finally:
+        model.set_attn_implementation(current)
+
+
+def test_a_joiner_whose_prefill_fails_fails_alone_and_leaves_the_model_clean(gpt2):
+    """A joiner's prompt too long for the model (130 tokens, 128 positions): the running job
+    goes on to its solo result, the joiner hears its own error, and no hook is left behind."""
+    from tests.support.oracles import hooks_of
+
+    model = gpt2._module
+    ex = executor(gpt2)
+    before = hooks_of(model)
+    running, _ = ex.prepare([("long", gen_job(gpt2, MIXED[1], 12))])
+    late, _ = ex.prepare([("bad", pack_request(_too_long(), {}))])
+    finished: dict = {}
+    reached, go = threading.Event(), threading.Event()
+    passes = [0]
+
+    def pass_begins(module, args, kwargs):  # type: ignore[no-untyped-def]
+        passes[0] += 1
+        if passes[0] == 3:
+            reached.set()
+            assert go.wait(60)
+
+    handle = model.register_forward_pre_hook(pass_begins, with_kwargs=True)
+    thread = threading.Thread(target=lambda: finished.update(ex.run_decoded(running)))
+    try:
+        thread.start()
+        assert reached.wait(60)
+        futures = ex.join(late)
+        go.set()
+        failed = futures["bad"].result(timeout=120)
+        thread.join(timeout=120)
+    finally:
+        go.set()
+        handle.remove()
+    assert not failed.ok and "index out of range" in (failed.error or "")
+    ids, _ = values(finished["long"])
+    assert torch.equal(ids, hf_generate(gpt2, MIXED[1], 12))
+    assert hooks_of(model) == before
+
+
+def _too_long() -> Graph:
+    g = Graph(kind="generate", options={"max_new_tokens": 2})
+    g.invokes.append(Invoke(args=[[3] * 130]))
+    g.saves.append(g.add(Node("model_output", [])).id)
+    return g

@@ -135,10 +135,16 @@ class Job:
         """
         arrived: queue.Queue[Any] = queue.Queue()
         ended = object()
+        steps = [0]
+
+        def heard(event: dict[str, Any]) -> None:
+            if event["type"] == "tokens" and event.get("step") == steps[0]:  # a job run again repeats none
+                steps[0] += 1
+                arrived.put(event["tokens"])
 
         def follow() -> None:
             try:
-                self.wait(timeout, lambda event: arrived.put(event["tokens"]) if event["type"] == "tokens" else None)
+                self.wait(timeout, heard)
                 arrived.put(ended)
             except BaseException as exc:  # handed to the caller's thread
                 arrived.put(exc)

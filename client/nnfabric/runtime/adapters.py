@@ -86,6 +86,22 @@ class ModuleAdapter:
         raise TypeError("generate() needs a language model; use trace() for a plain module")
 
 
+_HEADS = ("num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "n_kv_heads", "multi_query_group_num")
+
+
+def _config_ints(config: Any, depth: int = 0) -> dict[str, int]:
+    """Every integer a model config names, sub-configs (a text config...) included."""
+    found: dict[str, int] = {}
+    items = config.items() if isinstance(config, dict) else vars(config).items() if config is not None else []
+    for name, value in items:
+        if isinstance(value, int) and not isinstance(value, bool):
+            found.setdefault(name, value)
+        elif depth < 3 and (isinstance(value, dict) or hasattr(value, "to_dict")):
+            for inner, number in _config_ints(value, depth + 1).items():
+                found.setdefault(inner, number)
+    return found
+
+
 def _row_widths(jobs: list[tuple[int, int]], per_invoke: list[Any], widths: list[int]) -> list[int]:
     """Each row's job width, in the batch's row order."""
     found = []
@@ -236,11 +252,19 @@ class CausalLMAdapter:
     def model_sizes(self) -> set[int]:
         """Every size the model's weights and config name (computed once)."""
         if self._sizes is None:
-            found = {int(n) for p in self.root.parameters() for n in p.shape}
+            tensors = [*self.root.parameters(), *self.root.buffers()]
+            found = {int(n) for t in tensors for n in t.shape}
             config = getattr(self.root, "config", None)
-            for value in (vars(config) if config is not None else {}).values():
-                if isinstance(value, int) and not isinstance(value, bool):
-                    found.add(value)
+            numbers = _config_ints(config)
+            found |= set(numbers.values())
+            # Per-head sizes appear in no weight's shape: hidden / heads, and its rotary part.
+            for width in (numbers.get(k) for k in ("hidden_size", "n_embd", "d_model", "embed_dim", "dim")):
+                for heads in (numbers.get(k) for k in _HEADS):
+                    if width and heads and width % heads == 0:
+                        found |= {width // heads, width // heads // 2}
+                        factor = getattr(config, "partial_rotary_factor", None)
+                        if isinstance(factor, float):
+                            found.add(int(width // heads * factor))
             self._sizes = found
         return self._sizes
 

@@ -172,10 +172,8 @@ class Interleaver:
         self.grad_threads: list[_Thread] = [_Thread() for _ in graph.invokes]
         self.fired: set[EventKey] = set()
         self.live: set[EventKey] = set()
-        self.step = 0
-        self.counts: dict[tuple[str, str], int] = {}
-        self.bypass = False
-        self.ending = False
+        self.step, self.counts = 0, cast(dict[tuple[str, str], int], {})
+        self.bypass = self.ending = False
         self.final_output: Any = None
         self.columns: dict[int, int] = {}  # invoke -> columns of the generated ids that are its job's
         self.last_step: dict[int, int] = {}  # invoke -> its job's last generation step (merged runs)
@@ -188,7 +186,8 @@ class Interleaver:
         self._calls = [n for n in self.nodes if n.op == "backward"]
         self._grad_state: dict[str, Any] = {}
         self._row_base: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
-        self._keep: list[Any] = []
+        self._keep: list[Any] = []  # views handed out, and (`_read`) the ids of the values they view
+        self._read: set[int] = set()
         self._handles: list[Any] = []
         self._instrumented = contextlib.ExitStack()  # modules whose forward `.source` reads run rewritten
         self.wanted: set[ModuleEvent] = set()
@@ -664,6 +663,10 @@ class Interleaver:
             if value.dim() == 0 or value.shape[0] != self.batch_size:
                 if not self.isolated:
                     return value
+                if value.dim() > 1 and value.shape[0] > self.batch_size and value.shape[0] % self.batch_size == 0:
+                    # Rows of every job flattened together (a router's [batch x tokens, experts]):
+                    # not this job's to read merged.
+                    raise NeedsSolo(f"a value of shape {tuple(value.shape)} mixes every job's rows")
                 # Every row's value: this job reads a copy, and writing into it needs a solo run.
                 copy = value.clone()
                 self._shared.add(_storage(copy))
@@ -673,6 +676,7 @@ class Interleaver:
             if window is not None:
                 view = window.cut(view)
             self._row_base[id(view)] = (value, rows)
+            self._read.add(id(value))
             self._keep.append(view)
             return view
         if isinstance(value, tuple):
@@ -694,8 +698,8 @@ class Interleaver:
 
     def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """A copy of a module's value to write into: one per forward pass for all jobs sharing it."""
-        if self.fresh is not None and self.fresh.get(id(tensor)) is tensor:
-            return tensor
+        if self.fresh is not None and self.fresh.get(id(tensor)) is tensor and id(tensor) not in self._read:
+            return tensor  # another job's copy this pass, which this job has not read: write into it
         copy = tensor.clone()
         if self.fresh is not None:
             self.fresh[id(copy)] = copy
