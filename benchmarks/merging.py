@@ -212,6 +212,24 @@ def plain_generate(model_dir: Path, work: list[Any]) -> tuple[float, int]:
     return time.perf_counter() - start, sum(n for *_, n in work)
 
 
+def hf_continuous(model_dir: Path, work: list[Any]) -> tuple[float, int] | str:
+    """Hugging Face's own continuous batching (`generate_batch`, a paged cache and paged eager
+    attention) on the same prompts, in process: CPU seconds and new tokens (the longest
+    max_new_tokens for all: one generation config serves every request), or why it could not run."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="paged|eager").eval()
+        longest = max(n for *_, n in work)
+        config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=-1, pad_token_id=1,
+                                  num_blocks=256, block_size=32, max_batch_tokens=512)  # fmt: skip
+        start = time.process_time()
+        model.generate_batch(inputs=[ids for _, _, ids, _ in work], generation_config=config, warmup=False)
+        return time.process_time() - start, longest * len(work)
+    except Exception as exc:  # an API that moves between transformers releases
+        return f"{type(exc).__name__}: {exc}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--traces-only", action="store_true")
@@ -239,11 +257,17 @@ def main() -> None:
             found = {name: through_the_fabric(model_dir, work, on, args.clients, args.max_batch)
                      for name, on in (("continuous batching", True), ("before (one generate per batch and length)", False))}  # fmt: skip
             plain_s, plain_tokens = plain_generate(model_dir, work)
+            paged = hf_continuous(model_dir, work)
             print(f"{args.jobs} generate jobs, prompts 4-40 tokens, 4-32 new tokens, Poisson {args.rate:g} jobs/s "
                   f"from {args.clients} clients:")  # fmt: skip
             for name, result in found.items():
                 print(f"  {name:<44} {made / result['wall']:7.1f} new tokens/s over {result['wall']:.1f} s; "
                       f"latency p50 {result['p50']:.2f} s, p95 {result['p95']:.2f} s")  # fmt: skip
+            if isinstance(paged, str):
+                print(f"  Hugging Face generate_batch (paged): could not run: {paged}")
+            else:
+                print(f"  Hugging Face generate_batch (paged cache), in process, all at once: {paged[1] / paged[0]:7.1f} "
+                      f"new tokens/s of CPU ({paged[0]:.2f} s)")  # fmt: skip
             now, before = found["continuous batching"], found["before (one generate per batch and length)"]
             print(f"  plain batched HF generate, in process, all at once: {plain_tokens / plain_s:7.1f} new tokens/s "
                   f"({plain_s:.2f} s; no arrivals, no interventions, no isolation)")  # fmt: skip
