@@ -129,7 +129,8 @@ class ModelReplica:
             outcomes = dict(self.executor.finished)
             message = (f"the job ran past its time limit ({limit:g} s) inside one operation that could not be "
                        "interrupted; the replica that ran it is being replaced")  # fmt: skip
-            for job_id in self.executor.running:
+            own = {job[0] for job in jobs}  # jobs that joined from other batches are theirs to settle
+            for job_id in [job_id for job_id in list(self.executor.running) if job_id in own]:
                 outcomes[job_id] = Outcome(error=message, seconds=watchdog_s)
             return outcomes
 
