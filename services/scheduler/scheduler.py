@@ -316,6 +316,11 @@ class Scheduler:
                 raise
             if not batch:
                 continue
+            # Out of the queue before the batch's task starts: its first step is then the call to
+            # the replica, so batches reach replicas in the order they were taken (a user's jobs
+            # keep their order even with two batches in flight).
+            taken_ids = [e.job_id for e in batch]
+            await self._until_redis_answers(lambda: self.store.dequeued(name, taken_ids))  # noqa: B023 (awaited here)
             ahead = queue.in_flight  # batches that may run before this one on the same replica
             queue.in_flight += 1
             task = asyncio.create_task(self._run_batch(name, batch, ahead))
@@ -352,7 +357,6 @@ class Scheduler:
         queue = self.queues[name]
         job_ids = [e.job_id for e in batch]
         try:
-            await self._until_redis_answers(lambda: self.store.dequeued(name, job_ids))
             try:
                 waiting = ahead * queue.spec.limits.timeout_s * (queue.spec.limits.max_batch + 1)
                 states = await self._dispatched(queue.spec, job_ids, self._dispatch_timeout(queue.spec, len(batch)) + waiting)
