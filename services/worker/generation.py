@@ -30,6 +30,7 @@ the model's batch dimension as the job boundary (docs/architecture.md: "Merging"
 from __future__ import annotations
 
 import inspect
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -191,7 +192,7 @@ class Generation:
             for member in ready:
                 self._close(member, exc if len(ready) == 1 else NeedsSolo(f"a shared prefill failed: {exc}"))
             return
-        self._pick(ready, logits, [0, *_cumulative([m.size for m in ready])])
+        self._pick(ready, logits)
 
     def _prepare(self, member: Member) -> None:
         graph = member.graph
@@ -282,14 +283,16 @@ class Generation:
             for member in members:
                 self._close(member, NeedsSolo(f"a shared step failed: {exc}"))
             return
-        self._pick(members, logits, [0, *_cumulative([m.size for m in members])])
+        self._pick(members, logits)
 
     def _seen(self, member: Member) -> int:
         """The keys the job sees at the next step, alone: its prompt and every token fed since."""
         return member.width + len(member.tokens)
 
     # -- tokens and ends ----------------------------------------------------------------------
-    def _pick(self, members: list[Member], logits: torch.Tensor, starts: list[int]) -> None:
+    def _pick(self, members: list[Member], logits: torch.Tensor) -> None:
+        """Each job's token from its own rows of the pass's last-position logits (in row order)."""
+        starts = [0, *itertools.accumulate(m.size for m in members)]
         leaving = []
         streamed: list[tuple[str, int, list[int]]] = []
         greedy = logits.argmax(dim=-1).cpu()  # one read of the device per step for every greedy row
@@ -427,11 +430,3 @@ def _pad_layers(cache: Any, columns: int) -> None:
     for layer in _layers(cache):
         layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, columns, 0))
         layer.values = torch.nn.functional.pad(layer.values, (0, 0, columns, 0))
-
-
-def _cumulative(sizes: list[int]) -> list[int]:
-    found, total = [], 0
-    for size in sizes:
-        total += size
-        found.append(total)
-    return found

@@ -27,7 +27,6 @@ class JobFollower:
 
     def __init__(self, client: FabricClient) -> None:
         self.client = client
-        self._on_event: Callable[[dict[str, Any]], None] | None = None
 
     def wait(
         self,
@@ -41,14 +40,19 @@ class JobFollower:
         `on_event` hears every event on the way (a streaming generation's `tokens`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         mode = progress_mode(self.client.progress) if show else None
-        self._on_event = on_event
         with JobProgress(mode, job_id, model) as progress:
-            final = self._follow(job_id, deadline, progress)
+            final = self._follow(job_id, deadline, progress, on_event)
             if final is None:
                 final = self._poll(job_id, deadline, progress)
         return final
 
-    def _follow(self, job_id: str, deadline: float | None, progress: JobProgress) -> dict[str, Any] | None:
+    def _follow(
+        self,
+        job_id: str,
+        deadline: float | None,
+        progress: JobProgress,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any] | None:
         from websockets.exceptions import ConnectionClosed, InvalidStatus
         from websockets.sync.client import connect
 
@@ -72,8 +76,8 @@ class JobFollower:
                         event: dict[str, Any] = json.loads(ws.recv(timeout=remaining))
                         after = event["id"]
                         progress.show(event)
-                        if self._on_event is not None:
-                            self._on_event(event)
+                        if on_event is not None:
+                            on_event(event)
                         if event["type"] in TERMINAL:
                             final = dict(event)
                             if event.get("inline"):  # the result follows as one binary frame
