@@ -153,26 +153,30 @@ def through_the_fabric(
         fabric = EmbeddedFabric.start(catalog, redis_data_dir=str(Path(tmp, "redis")))
         try:
             fabric.wait_ready()
-            key = new_key(fabric.settings.redis_url, "bench")
-            warm = FabricClient(fabric.url, key, progress=False)
+            keys = [new_key(fabric.settings.redis_url, f"client{i}") for i in range(clients)]  # a user each
+            warm = FabricClient(fabric.url, keys[0], progress=False)
             _wait(warm, warm.submit(generate_job([5, 6, 7], 2, "gen"))["id"])
             latencies: list[float] = []
             tokens = [0]
             lock = threading.Lock()
+            failures: list[BaseException] = []
             start = time.monotonic() + 0.5
 
             def client(index: int) -> None:
                 mine = [job for job in work if job[0] == index]
                 pending: list[tuple[str, float]] = []
-                fabric_client = FabricClient(fabric.url, key, progress=False)
-                for _, at, ids, new in mine:
-                    time.sleep(max(0.0, start + at - time.monotonic()))  # the job's arrival (the workload's clock)
-                    pending.append((fabric_client.submit(generate_job(ids, new, "gen"))["id"], time.monotonic()))
-                for job_id, sent in pending:
-                    made = _wait(fabric_client, job_id)
-                    with lock:
-                        latencies.append(made[1] - sent)
-                        tokens[0] += made[0]
+                fabric_client = FabricClient(fabric.url, keys[index], progress=False)
+                try:
+                    for _, at, ids, new in mine:
+                        time.sleep(max(0.0, start + at - time.monotonic()))  # the job's arrival (the workload's clock)
+                        pending.append((fabric_client.submit(generate_job(ids, new, "gen"))["id"], time.monotonic()))
+                    for job_id, sent in pending:
+                        made = _wait(fabric_client, job_id)
+                        with lock:
+                            latencies.append(made[1] - sent)
+                            tokens[0] += made[0]
+                except BaseException as exc:  # reported after the run, not lost in a thread
+                    failures.append(exc)
 
             threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
             for thread in threads:
@@ -180,6 +184,8 @@ def through_the_fabric(
             for thread in threads:
                 thread.join()
             wall = time.monotonic() - start
+            if failures:
+                raise RuntimeError(f"{len(failures)} client(s) failed; the first: {failures[0]!r}")
         finally:
             fabric.stop()
     latencies.sort()
